@@ -1,0 +1,52 @@
+"""The eight representations of Composer §3.1 and the one registry of their extractors.
+
+The names are part of the on-disk format (shard column names, manifest keys): ``caption``,
+``semantics``, ``palette``, ``sketch``, ``instances``, ``depth``, ``intensity``, ``mask``.
+``mask`` is generated at training and inference time (see ``pipelines/conditions/mask.py``),
+never extracted, so the decomposition job refuses it.
+"""
+
+from __future__ import annotations
+
+from pipelines.conditions.base import ColumnSpec, Extractor, ExtractorConfig, ExtractorUnavailable
+from pipelines.conditions.caption import CaptionExtractor
+from pipelines.conditions.depth import DepthExtractor
+from pipelines.conditions.instances import InstancesExtractor
+from pipelines.conditions.intensity import IntensityExtractor
+from pipelines.conditions.mask import MaskGenerator
+from pipelines.conditions.palette import PaletteExtractor
+from pipelines.conditions.semantics import SemanticsExtractor
+from pipelines.conditions.sketch import SketchExtractor
+
+REGISTRY: dict[str, type[Extractor]] = {
+    "caption": CaptionExtractor,
+    "semantics": SemanticsExtractor,
+    "palette": PaletteExtractor,
+    "sketch": SketchExtractor,
+    "instances": InstancesExtractor,
+    "depth": DepthExtractor,
+    "intensity": IntensityExtractor,
+    "mask": MaskGenerator,
+}
+CONDITION_NAMES: tuple[str, ...] = tuple(REGISTRY)
+EXTRACTED_NAMES: tuple[str, ...] = tuple(n for n, c in REGISTRY.items() if c.extracted)
+
+
+def get_extractor(name: str) -> type[Extractor]:
+    """The extractor class registered under ``name``; ``ValueError`` lists the valid names."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown condition {name!r}; known conditions: {', '.join(CONDITION_NAMES)}") from None
+
+
+__all__ = [
+    "CONDITION_NAMES",
+    "EXTRACTED_NAMES",
+    "REGISTRY",
+    "ColumnSpec",
+    "Extractor",
+    "ExtractorConfig",
+    "ExtractorUnavailable",
+    "get_extractor",
+]
