@@ -191,10 +191,14 @@ def to_dict(cfg: Any, outputs_only: bool = False) -> dict[str, Any]:
     return out
 
 
+def hash_data(data: Any) -> str:
+    """sha256 (first 16 hex digits) of JSON-able data, key order ignored."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def config_hash(cfg: Any) -> str:
-    """sha256 (first 16 hex digits) of the output-affecting part of a config."""
-    blob = json.dumps(to_dict(cfg, outputs_only=True), sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    """``hash_data`` of the output-affecting part of a config (``resource()`` fields left out)."""
+    return hash_data(to_dict(cfg, outputs_only=True))
 
 
 def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:

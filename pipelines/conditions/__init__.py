@@ -37,7 +37,9 @@ def get_extractor(name: str) -> type[Extractor]:
     try:
         return REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown condition {name!r}; known conditions: {', '.join(CONDITION_NAMES)}") from None
+        raise ValueError(
+            f"unknown condition {name!r}; known conditions: {', '.join(CONDITION_NAMES)}"
+        ) from None
 
 
 __all__ = [

@@ -126,7 +126,8 @@ class Extractor(ABC):
 
     # -- execution ---------------------------------------------------------------------------
     def setup(self) -> None:
-        """Load weights; called once per actor before the first batch."""
+        """Load weights; called once per actor before the first batch (no-op for numpy extractors)."""
+        return None
 
     def torch_device(self) -> str:
         if self.config.device != "auto":
@@ -135,13 +136,18 @@ class Extractor(ABC):
 
         return "cuda" if self.config.num_gpus > 0 and torch.cuda.is_available() else "cpu"
 
+    def prepare(self) -> None:
+        """Check availability and load weights once; raises ``ExtractorUnavailable`` with the reason."""
+        if self._ready:
+            return
+        reason = self.unavailable_reason()
+        if reason:
+            raise ExtractorUnavailable(f"{self.name}: {reason}")
+        self.setup()
+        self._ready = True
+
     def __call__(self, batch: Batch) -> Batch:
-        if not self._ready:
-            reason = self.unavailable_reason()
-            if reason:
-                raise ExtractorUnavailable(f"{self.name}: {reason}")
-            self.setup()
-            self._ready = True
+        self.prepare()
         out = self.extract(batch)
         self._check(out, len(batch["image"]))
         return out
@@ -173,7 +179,9 @@ def resolve_weights(path_or_repo: str, what: str) -> str:
     if os.path.isdir(path_or_repo):
         return path_or_repo
     if os.path.exists(path_or_repo):
-        raise ExtractorUnavailable(f"{what}: {path_or_repo!r} is a file; give the directory holding the weights")
+        raise ExtractorUnavailable(
+            f"{what}: {path_or_repo!r} is a file; give the directory holding the weights"
+        )
     from huggingface_hub import snapshot_download
 
     try:

@@ -22,7 +22,9 @@ def make_batch(n: int = 4, resolution: int = 32, seed: int = 0, with_gt: bool = 
     inst = np.zeros((n, r, r), np.uint8)
     depth = np.zeros((n, r, r), np.uint8)
     for i in range(n):
-        base = rng.uniform(0, 255, (3,)) * (0.5 + 0.5 * xx[..., None]) + rng.uniform(0, 60, (3,)) * yy[..., None]
+        base = (
+            rng.uniform(0, 255, (3,)) * (0.5 + 0.5 * xx[..., None]) + rng.uniform(0, 60, (3,)) * yy[..., None]
+        )
         img = base.astype(np.float32)
         for k in range(1, 3):
             y0, x0 = rng.integers(0, r // 2, 2)
@@ -45,7 +47,9 @@ def _take(batch: Batch, i: int) -> Batch:
     return {k: v[i : i + 1] for k, v in batch.items()}
 
 
-def assert_contract(extractor: Extractor, batch: Batch, atol: float = 0.0, map_tol_frac: float = 0.0) -> Batch:
+def assert_contract(
+    extractor: Extractor, batch: Batch, atol: float = 0.0, map_tol_frac: float = 0.0
+) -> Batch:
     """Run the contract on ``extractor`` and return its output for ``batch``.
 
     ``atol``: allowed absolute difference for float outputs between a batched and a single call
@@ -85,7 +89,10 @@ def assert_contract(extractor: Extractor, batch: Batch, atol: float = 0.0, map_t
                 np.testing.assert_array_equal(joined, out[s.name], err_msg=f"{s.name}: batch != singles")
         else:
             np.testing.assert_allclose(
-                joined.astype(np.float32), out[s.name].astype(np.float32), atol=atol, rtol=0,
+                joined.astype(np.float32),
+                out[s.name].astype(np.float32),
+                atol=atol,
+                rtol=0,
                 err_msg=f"{s.name}: batch of {n} != {n} single calls",
             )
     return out

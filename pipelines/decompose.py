@@ -1,0 +1,494 @@
+"""The decomposition job (Composer §3.1): image datasets → condition-feature shards, on Ray Data.
+
+    plan units (driver) → read → decode → one actor stage per extractor → write parts
+      → finalize each complete shard (driver): shards/<name>.parquet + its state, atomically
+      → errors.parquet, manifest.json, preview.png
+
+Resumability: a shard is done when its state file ``.recompose/state/<name>.json`` exists and
+records the same input digest and extractor fingerprints as the current run. A rerun skips done
+shards, recomputes shards whose state is missing (killed mid-run), and for shards whose
+fingerprints differ recomputes only the changed conditions and merges them into the shard.
+Because every file is written to a temporary name and renamed, and shard contents are sorted and
+deterministic, an interrupted-then-resumed run ends with the same manifest as a clean one.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines import shards as S
+from pipelines.conditions import EXTRACTED_NAMES, REGISTRY, Extractor, get_extractor
+from pipelines.conditions.caption import CaptionConfig
+from pipelines.conditions.depth import DepthConfig
+from pipelines.conditions.instances import InstancesConfig
+from pipelines.conditions.intensity import IntensityConfig
+from pipelines.conditions.palette import PaletteConfig
+from pipelines.conditions.semantics import SemanticsConfig
+from pipelines.conditions.sketch import SketchConfig
+from pipelines.config import ConfigError, config_hash, hash_data, nested, resource, to_dict
+from pipelines.decode import DecodeConfig
+from pipelines.sources import Format, Plan, WorkUnit, plan
+
+MANIFEST_FORMAT = "recompose.decompose/1"
+STATE_DIR = ".recompose"
+
+
+@dataclass(frozen=True)
+class DecomposeConfig:
+    input: str = ""  # folder, .tar/.parquet file, or a folder of tars/parquet files
+    # The output directory (shards/, errors.parquet, manifest.json). Where the output goes does
+    # not change what is written, so it stays out of the config hash (like a resource).
+    output: str = resource("")
+    format: Format = "auto"  # auto: tars → webdataset, parquet with an image column → parquet, else folder
+    conditions: tuple[str, ...] = ()  # empty: every extracted condition this config can run
+    resolution: int = 64  # stored side length; Composer's base model works at 64×64
+    shard_size: int = 1000  # inputs per output shard: the unit of resumption
+    captions: str | None = None  # CSV/Parquet of key → caption for folder inputs
+    image_column: str | None = None  # parquet: the encoded-image column (auto-detected if unset)
+    caption_column: str | None = None  # parquet: the caption column (auto-detected if unset)
+    write_webdataset: bool = False  # also write shards/<name>.tar (webdataset) next to each parquet
+    read_num_cpus: float = resource(0.5)  # CPUs per read task
+    progress: bool = resource(True)  # progress bar and summary on stderr
+    decode: DecodeConfig = nested(DecodeConfig)
+    caption: CaptionConfig = nested(CaptionConfig)
+    semantics: SemanticsConfig = nested(SemanticsConfig)
+    palette: PaletteConfig = nested(PaletteConfig)
+    sketch: SketchConfig = nested(SketchConfig)
+    instances: InstancesConfig = nested(InstancesConfig)
+    depth: DepthConfig = nested(DepthConfig)
+    intensity: IntensityConfig = nested(IntensityConfig)
+
+    def __post_init__(self) -> None:
+        if self.resolution < 8:
+            raise ValueError(f"resolution must be >= 8, got {self.resolution}")
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
+        for name in self.conditions:
+            get_extractor(name)  # unknown names raise, listing the valid ones
+            if not REGISTRY[name].extracted:
+                raise ValueError(
+                    f"condition {name!r} is not extracted: it is generated at training and inference time "
+                    "(pipelines/conditions/mask.py); extracted conditions: " + ", ".join(EXTRACTED_NAMES)
+                )
+
+    def base_hash(self, kind: str) -> str:
+        """Hash of everything that decides the rows and the stored image (not the conditions)."""
+        d = to_dict(self, outputs_only=True)
+        keep = {
+            k: d[k]
+            for k in ("shard_size", "resolution", "captions", "image_column", "caption_column", "decode")
+        }
+        keep.update(input=os.path.abspath(self.input), format=kind)
+        return hash_data(keep)
+
+
+def build_extractors(cfg: DecomposeConfig, has_gt: bool) -> tuple[dict[str, Extractor], dict[str, str]]:
+    """The extractors this run uses, and the reasons of the ones it cannot run."""
+    wanted = cfg.conditions or EXTRACTED_NAMES
+    chosen: dict[str, Extractor] = {}
+    unavailable: dict[str, str] = {}
+    for name in EXTRACTED_NAMES:
+        if name not in wanted:
+            continue
+        ext = get_extractor(name)(getattr(cfg, name), cfg.resolution, has_gt)
+        reason = ext.unavailable_reason()
+        if reason:
+            if cfg.conditions:
+                raise ConfigError(f"condition {name!r} was requested but is unavailable: {reason}")
+            unavailable[name] = reason
+        else:
+            chosen[name] = ext
+    if not chosen:
+        raise ConfigError(
+            "no condition can be extracted with this config: "
+            + "; ".join(f"{k}: {v}" for k, v in unavailable.items())
+        )
+    return chosen, unavailable
+
+
+@dataclass
+class _Pending:
+    unit: WorkUnit
+    todo: tuple[str, ...]  # conditions to compute
+    fresh: bool  # no usable previous shard: compute everything
+
+
+class _Job:
+    def __init__(self, cfg: DecomposeConfig):
+        if not cfg.input or not cfg.output:
+            raise ConfigError("both input and output are required")
+        self.cfg = cfg
+        self.out = Path(cfg.output)
+        self.state = self.out / STATE_DIR
+        self.plan: Plan = plan(cfg.input, cfg.format, cfg.shard_size, cfg.captions, cfg.image_column)
+        self.extractors, self.unavailable = build_extractors(cfg, self.plan.has_ground_truth)
+        self.fingerprints = {n: e.fingerprint() for n, e in self.extractors.items()}
+        self.specs = {n: e.columns() for n, e in self.extractors.items()}
+        self.schema = S.shard_schema(cfg.resolution, self.specs, self.fingerprints)
+        self.base = cfg.base_hash(self.plan.kind)
+        self.computed: Counter[str] = Counter()
+        self.log = sys.stderr if cfg.progress else open(os.devnull, "w")  # noqa: SIM115
+
+    # -- state ---------------------------------------------------------------------------------
+    def _check_output(self) -> None:
+        job = self.state / "job.json"
+        if job.is_file():
+            prev = json.loads(job.read_text())
+            if prev.get("base_hash") != self.base:
+                raise ConfigError(
+                    f"{self.out} holds a decomposition of another input or decode setting "
+                    f"(base hash {prev.get('base_hash')} != {self.base}); choose a new --output "
+                    "or remove the old one yourself"
+                )
+        elif self.out.exists() and any(p.name != STATE_DIR for p in self.out.iterdir()):
+            raise ConfigError(
+                f"{self.out} exists, is not empty and is not a recompose decomposition; choose a new --output"
+            )
+        S.write_json({"base_hash": self.base, "input": os.path.abspath(self.cfg.input)}, job)
+
+    def _unit_state(self, unit: WorkUnit) -> dict[str, Any] | None:
+        p = self.state / "state" / f"{unit.shard}.json"
+        if not p.is_file():
+            return None
+        st = json.loads(p.read_text())
+        if st.get("unit") != unit.digest() or not (self.out / st["path"]).is_file():
+            return None
+        return st
+
+    def pending(self) -> list[_Pending]:
+        todo_all = tuple(self.extractors)
+        out = []
+        for unit in self.plan.units:
+            st = self._unit_state(unit)
+            if st is None:
+                out.append(_Pending(unit, todo_all, True))
+                continue
+            old = st["fingerprints"]
+            if old == self.fingerprints:
+                continue
+            todo = tuple(n for n in todo_all if old.get(n) != self.fingerprints[n])
+            removed = set(old) - set(self.fingerprints)
+            # A row that failed in a recomputed or removed extractor has no stored columns to
+            # merge with, so such a shard is recomputed whole.
+            fresh = bool(set(st["error_stages"]) & (set(todo) | removed))
+            out.append(_Pending(unit, todo_all if fresh else todo, fresh))
+        return out
+
+    # -- run -----------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.state.mkdir(parents=True, exist_ok=True)
+        lock = open(self.state / "lock", "w")  # noqa: SIM115 - held for the whole run
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"another decomposition is writing to {self.out}") from None
+        self._check_output()
+        for name, why in self.unavailable.items():
+            print(f"[decompose] skipping {name}: {why}", file=self.log)
+        t0 = time.time()
+        pend = self.pending()
+        done_before = len(self.plan.units) - len(pend)
+        print(
+            f"[decompose] {self.plan.inputs} inputs in {len(self.plan.units)} shards ({self.plan.kind}); "
+            f"{done_before} shards already done, {len(pend)} to compute; conditions: {', '.join(self.extractors)}",
+            file=self.log,
+        )
+        updates = [p for p in pend if not p.fresh and not p.todo]
+        for p in updates:  # only removed conditions: no compute, rewrite in place
+            self._finalize(p, [])
+        work = [p for p in pend if p.todo]
+        if work:
+            self._execute(work)
+        summary = self._write_outputs()
+        summary.update(
+            elapsed_s=round(time.time() - t0, 3),
+            shards_computed=len(work),
+            shards_reused=done_before,
+            computed=dict(self.computed),
+        )
+        self._print_summary(summary)
+        lock.close()
+        return summary
+
+    def _execute(self, work: list[_Pending]) -> None:
+        import ray
+        from tqdm import tqdm
+
+        from pipelines.stages import ExtractorStage, decode_batch, read_rows, write_parts
+
+        if not ray.is_initialized():
+            ray.init(log_to_driver=False, configure_logging=False)
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        staging = self.state / "staging"
+        for p in work:
+            shutil.rmtree(staging / p.unit.shard, ignore_errors=True)
+        cfg = self.cfg
+        items = [{"unit": p.unit.to_item()["unit"], "todo": ",".join(p.todo)} for p in work]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds = ds.flat_map(
+            read_rows,
+            fn_kwargs={
+                "root": self.plan.root,
+                "image_column": cfg.image_column,
+                "caption_column": cfg.caption_column,
+            },
+            num_cpus=cfg.read_num_cpus,
+        )
+        ds = ds.map_batches(
+            decode_batch,
+            fn_kwargs={"resolution": cfg.resolution, "cfg": cfg.decode},
+            batch_size=cfg.decode.batch_size,
+            num_cpus=cfg.decode.num_cpus,
+            batch_format="numpy",
+        )
+        for name, ext in self.extractors.items():
+            if not any(name in p.todo for p in work):
+                continue
+            res = ext.resources()
+            ds = ds.map_batches(
+                ExtractorStage,
+                fn_constructor_kwargs={
+                    "name": name,
+                    "config": getattr(cfg, name),
+                    "resolution": cfg.resolution,
+                    "has_ground_truth": self.plan.has_ground_truth,
+                },
+                batch_size=res["batch_size"],
+                concurrency=res["concurrency"],
+                num_cpus=res["num_cpus"],
+                num_gpus=res["num_gpus"] or None,
+                batch_format="numpy",
+            )
+        columns = [s.name for specs in self.specs.values() for s in specs]
+        ds = ds.map_batches(
+            write_parts,
+            fn_kwargs={"staging": str(staging), "columns": columns},
+            batch_format="numpy",
+            num_cpus=0.5,
+        )
+
+        expected = {p.unit.shard: len(p.unit.members) for p in work}
+        by_name = {p.unit.shard: p for p in work}
+        got: Counter[str] = Counter()
+        total = sum(expected.values())
+        bar = tqdm(
+            total=total, unit="img", desc="decompose", file=self.log, mininterval=1.0, dynamic_ncols=True
+        )
+        finished = 0
+        for row in ds.iter_rows():
+            shard, n = row["shard"], int(row["rows"])
+            got[shard] += n
+            bar.update(n)
+            if got[shard] == expected[shard]:
+                self._finalize(by_name[shard], self._parts(staging / shard))
+                finished += 1
+                bar.set_postfix(shards=f"{finished}/{len(work)}")
+                if os.environ.get("RECOMPOSE_TEST_KILL_AFTER_SHARDS") == str(finished):
+                    os.kill(os.getpid(), 9)  # tests: a real SIGKILL between two shard commits
+            elif got[shard] > expected[shard]:
+                raise RuntimeError(f"shard {shard}: {got[shard]} rows for {expected[shard]} inputs")
+        bar.close()
+        missing = [s for s in expected if got[s] != expected[s]]
+        if missing:
+            raise RuntimeError(f"shards {missing[:5]} did not receive all their rows; rerun to resume")
+
+    @staticmethod
+    def _parts(folder: Path) -> list[Path]:
+        return sorted(folder.glob("part-*.parquet"))
+
+    # -- finalize ------------------------------------------------------------------------------
+    def _finalize(self, p: _Pending, parts: list[Path]) -> None:
+        unit, n = p.unit, len(p.unit.members)
+        rows: dict[str, Any] = {}
+        if parts:
+            t = pa.concat_tables([pq.read_table(f) for f in parts])
+            t = t.take(pa.compute.sort_indices(t, [("index", "ascending")]))
+            if t.column("index").to_pylist() != list(range(n)):
+                raise RuntimeError(f"shard {unit.shard}: staged rows do not cover inputs 0..{n - 1}")
+            rows = {c: t.column(c) for c in t.column_names}
+        err_rows = self._errors_from(rows, unit) if rows else _empty_errors()
+        if p.fresh:
+            errors = err_rows
+            good = [i for i in range(n) if i not in set(errors["index"])]
+            data = self._arrays(rows, good, p.todo)
+            data.update({c: np.array(rows[c].to_pylist(), object)[good] for c in ("key", "source", "text")})
+        else:
+            old_state = self._unit_state(unit)
+            old_err = pq.read_table(self.state / "errors" / f"{unit.shard}.parquet").to_pydict()
+            # Re-read rows bring their read/decode errors again; keep the old ones only without parts.
+            again = ("read", "decode") if parts else ()
+            keep = [i for i, s in enumerate(old_err["stage"]) if s not in p.todo and s not in again]
+            errors = {k: [old_err[k][i] for i in keep] + list(err_rows[k]) for k in err_rows}
+            order = sorted(range(len(errors["index"])), key=lambda i: errors["index"][i])
+            errors = {k: [v[i] for i in order] for k, v in errors.items()}
+            bad = set(errors["index"])
+            old_bad = set(old_err["index"])
+            old_good = [i for i in range(n) if i not in old_bad]
+            good = [i for i in range(n) if i not in bad]
+            pos = {idx: j for j, idx in enumerate(old_good)}
+            if not set(good) <= set(pos) or old_state is None:
+                raise RuntimeError(
+                    f"shard {unit.shard}: cannot merge an update; delete its state to recompute"
+                )
+            old = S.read_shard(self.out / old_state["path"])
+            sel = [pos[i] for i in good]
+            data = {k: v[sel] for k, v in old.items()}
+            data.update(self._arrays(rows, good, p.todo))
+        for name in p.todo:
+            self.computed[name] += len(good)
+        table = S.build_table(self.schema, data)
+        path = self.out / "shards" / f"{unit.shard}.parquet"
+        S.write_parquet(table, path)
+        if self.cfg.write_webdataset:
+            from pipelines.webdataset_out import write_tar
+
+            write_tar(table, path.with_suffix(".tar"))
+        S.write_parquet(S.errors_table(errors), self.state / "errors" / f"{unit.shard}.parquet")
+        S.write_json(
+            {
+                "unit": unit.digest(),
+                "path": f"shards/{unit.shard}.parquet",
+                "inputs": n,
+                "rows": len(good),
+                "errors": len(errors["index"]),
+                "error_stages": sorted(set(errors["stage"])),
+                "sha256": S.sha256_file(path),
+                "fingerprints": self.fingerprints,
+            },
+            self.state / "state" / f"{unit.shard}.json",
+        )
+        shutil.rmtree(self.state / "staging" / unit.shard, ignore_errors=True)
+
+    def _arrays(self, rows: dict[str, Any], good: list[int], todo: tuple[str, ...]) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        if not rows:
+            return out
+        r = self.cfg.resolution
+        take = pa.array(good, pa.int64())
+
+        def col(name: str, shape: tuple[int, ...]) -> np.ndarray:
+            c = (
+                rows[name].combine_chunks().take(take)
+                if isinstance(rows[name], pa.ChunkedArray)
+                else rows[name].take(take)
+            )
+            return c.flatten().to_numpy(zero_copy_only=False).reshape(len(good), *shape)
+
+        out["image"] = col("image", (r, r, 3))
+        for name in todo:
+            for s in self.specs[name]:
+                out[s.name] = col(s.name, s.shape)
+        return out
+
+    @staticmethod
+    def _errors_from(rows: dict[str, Any], unit: WorkUnit) -> dict[str, list[Any]]:
+        stage = rows["err_stage"].to_pylist()
+        bad = [i for i, s in enumerate(stage) if s]
+        pick = {c: rows[c].to_pylist() for c in ("key", "source", "err_type", "err_msg")}
+        return {
+            "key": [pick["key"][i] for i in bad],
+            "source": [pick["source"][i] for i in bad],
+            "stage": [stage[i] for i in bad],
+            "error_type": [pick["err_type"][i] for i in bad],
+            "message": [pick["err_msg"][i] for i in bad],
+            "shard": [unit.shard] * len(bad),
+            "index": bad,
+        }
+
+    # -- outputs -------------------------------------------------------------------------------
+    def _write_outputs(self) -> dict[str, Any]:
+        entries, errs = [], []
+        for unit in self.plan.units:
+            st = self._unit_state(unit)
+            if st is None or st["fingerprints"] != self.fingerprints:
+                raise RuntimeError(f"shard {unit.shard} is not complete; rerun to resume")
+            entries.append({k: st[k] for k in ("path", "inputs", "rows", "errors", "sha256")})
+            errs.append(pq.read_table(self.state / "errors" / f"{unit.shard}.parquet"))
+        errors = pa.concat_tables(errs) if errs else S.errors_table(_empty_errors())
+        S.write_parquet(errors, self.out / "errors.parquet")
+        totals = {
+            "inputs": sum(e["inputs"] for e in entries),
+            "rows": sum(e["rows"] for e in entries),
+            "errors": sum(e["errors"] for e in entries),
+            "skipped_upstream": self.plan.skipped,
+        }
+        assert totals["inputs"] == totals["rows"] + totals["errors"]
+        by_stage = Counter(errors.column("stage").to_pylist())
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "shard_format": S.SHARD_FORMAT,
+            "input_format": self.plan.kind,
+            "resolution": self.cfg.resolution,
+            "config_hash": config_hash(self.cfg),
+            "base_hash": self.base,
+            "extractors": {n: e.describe() for n, e in self.extractors.items()},
+            "unavailable": self.unavailable,
+            "shards": entries,
+            "totals": totals,
+            "errors_by_stage": dict(sorted(by_stage.items())),
+        }
+        S.write_json(manifest, self.out / "manifest.json")
+        preview = None
+        if totals["rows"]:
+            from pipelines.preview import write_preview
+
+            first = next(e for e in entries if e["rows"])
+            preview = str(self.out / "preview.png")
+            write_preview(self.out / first["path"], preview)
+        return {
+            "output": str(self.out),
+            "manifest": str(self.out / "manifest.json"),
+            "preview": preview,
+            **totals,
+            "errors_by_stage": manifest["errors_by_stage"],
+        }
+
+    def _print_summary(self, s: dict[str, Any]) -> None:
+        rate = (sum(self.computed.values()) and s["rows"] / s["elapsed_s"]) if s["elapsed_s"] else 0
+        lines = [
+            f"[decompose] done in {s['elapsed_s']:.1f}s: {s['inputs']} inputs = {s['rows']} rows + {s['errors']} errors"
+            + (
+                f" ({rate:.1f} img/s)"
+                if s["shards_computed"]
+                else " (nothing to do: all shards were complete)"
+            ),
+            f"[decompose] shards computed {s['shards_computed']}, reused {s['shards_reused']}; "
+            f"rows computed per condition: {s['computed'] or '{}'}",
+        ]
+        if s["errors_by_stage"]:
+            lines.append(
+                f"[decompose] errors by stage: {s['errors_by_stage']} (see {self.out / 'errors.parquet'})"
+            )
+        if s["skipped_upstream"]:
+            lines.append(f"[decompose] skipped upstream (img2dataset status): {s['skipped_upstream']}")
+        lines.append(
+            f"[decompose] manifest: {s['manifest']}" + (f"  preview: {s['preview']}" if s["preview"] else "")
+        )
+        print("\n".join(lines), file=self.log)
+
+
+def _empty_errors() -> dict[str, list[Any]]:
+    return {f.name: [] for f in S.ERRORS_SCHEMA}
+
+
+def run_decompose(cfg: DecomposeConfig) -> dict[str, Any]:
+    """Run (or resume) the decomposition described by ``cfg``; returns the summary."""
+    return _Job(cfg).run()
+
+
+__all__ = ["DecomposeConfig", "build_extractors", "run_decompose"]

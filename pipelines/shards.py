@@ -1,0 +1,179 @@
+"""The shard format: how rows become Parquet columns, written atomically, and read back.
+
+``shards/<name>.parquet`` holds one row per successfully decomposed input:
+
+    key     string   the input's key (file path without extension, tar key, parquet key)
+    source  string   where it came from (relative path, ``tar:key`` or ``file.parquet#row``)
+    text    string   the caption text ("" when the source has none)
+    image   fixed_size_list<uint8>[R*R*3]    the image at the stored resolution, RGB
+    <cond>  fixed_size_list<halffloat>[D]    vectors (semantics, palette)
+            fixed_size_list<uint8>[R*R]      maps (sketch, instances, depth, intensity)
+            struct<field: fixed_size_list…>  multi-output conditions (caption)
+
+Every list field carries ``shape`` (JSON) in its field metadata so readers restore arrays without
+knowing the resolution; the schema metadata ``recompose`` holds the format id, the resolution
+and each condition's extractor fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.conditions.base import ColumnSpec
+
+SHARD_FORMAT = "recompose.shards/1"
+_ARROW = {"float16": pa.float16(), "uint8": pa.uint8()}
+
+
+def list_field(name: str, dtype: str, shape: Sequence[int]) -> pa.Field:
+    size = int(np.prod(shape))
+    return pa.field(
+        name, pa.list_(_ARROW[dtype], size), nullable=False, metadata={"shape": json.dumps(list(shape))}
+    )
+
+
+def list_array(a: np.ndarray) -> pa.FixedSizeListArray:
+    """(N, *shape) array → fixed-size-list array of N rows."""
+    flat = np.ascontiguousarray(a).reshape(len(a), -1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
+
+
+def condition_fields(name: str, specs: Sequence[ColumnSpec]) -> pa.Field:
+    """The on-disk field of one condition: a list column, or a struct of its dotted outputs."""
+    if len(specs) == 1 and specs[0].name == name:
+        return list_field(name, specs[0].dtype, specs[0].shape)
+    subs = [list_field(s.name.split(".", 1)[1], s.dtype, s.shape) for s in specs]
+    return pa.field(name, pa.struct(subs), nullable=False)
+
+
+def condition_array(field: pa.Field, arrays: dict[str, np.ndarray]) -> pa.Array:
+    name = field.name
+    if pa.types.is_struct(field.type):
+        children = [list_array(arrays[f"{name}.{sub.name}"]) for sub in field.type]
+        return pa.StructArray.from_arrays(children, fields=list(field.type))
+    return list_array(arrays[name])
+
+
+def shard_schema(
+    resolution: int, conditions: dict[str, Sequence[ColumnSpec]], fingerprints: dict[str, str]
+) -> pa.Schema:
+    fields = [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+        list_field("image", "uint8", (resolution, resolution, 3)),
+    ]
+    fields += [condition_fields(n, specs) for n, specs in conditions.items()]
+    meta = {"format": SHARD_FORMAT, "resolution": resolution, "conditions": fingerprints}
+    return pa.schema(fields, metadata={"recompose": json.dumps(meta, sort_keys=True)})
+
+
+def build_table(schema: pa.Schema, rows: dict[str, np.ndarray]) -> pa.Table:
+    """Rows as numpy arrays (flat dotted names for struct fields) → a table of ``schema``."""
+    cols = []
+    for field in schema:
+        if field.name in ("key", "source", "text"):
+            cols.append(pa.array([str(v) for v in rows[field.name]], pa.string()))
+        elif field.name == "image":
+            cols.append(list_array(rows["image"]))
+        else:
+            cols.append(condition_array(field, rows))
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def _shape(field: pa.Field) -> tuple[int, ...]:
+    return tuple(json.loads(field.metadata[b"shape"]))
+
+
+def to_numpy(table: pa.Table) -> dict[str, Any]:
+    """A shard table → ``{"key": [...], "image": (N,R,R,3), "caption.clip_tokens": (N,L,D), …}``."""
+    out: dict[str, Any] = {}
+    n = table.num_rows
+    for field in table.schema:
+        col = table.column(field.name).combine_chunks()
+        if pa.types.is_fixed_size_list(field.type):
+            out[field.name] = col.flatten().to_numpy(zero_copy_only=False).reshape(n, *_shape(field))
+        elif pa.types.is_struct(field.type):
+            for i, sub in enumerate(field.type):
+                flat = col.field(i).flatten().to_numpy(zero_copy_only=False)
+                out[f"{field.name}.{sub.name}"] = flat.reshape(n, *_shape(sub))
+        else:
+            out[field.name] = np.array(col.to_pylist(), dtype=object)
+    return out
+
+
+def read_shard(path: str | Path, columns: Iterable[str] | None = None) -> dict[str, Any]:
+    """Read a shard (only ``columns`` if given) into numpy arrays; see ``to_numpy``."""
+    return to_numpy(pq.read_table(path, columns=list(columns) if columns is not None else None))
+
+
+def shard_metadata(path: str | Path) -> dict[str, Any]:
+    return json.loads(pq.read_schema(path).metadata[b"recompose"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic, deterministic writes
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_parquet(table: pa.Table, path: str | Path) -> None:
+    """Write ``table`` to ``path`` atomically (temporary name in the same folder, then rename)."""
+    _atomic(Path(path), lambda f: pq.write_table(table, f, compression="zstd", row_group_size=1024))
+
+
+def write_json(obj: Any, path: str | Path) -> None:
+    data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+    _atomic(Path(path), lambda f: f.write(data))
+
+
+def write_bytes(data: bytes, path: str | Path) -> None:
+    _atomic(Path(path), lambda f: f.write(data))
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+ERRORS_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string()),
+        pa.field("source", pa.string()),
+        pa.field("stage", pa.string()),
+        pa.field("error_type", pa.string()),
+        pa.field("message", pa.string()),
+        pa.field("shard", pa.string()),
+        pa.field("index", pa.int64()),
+    ]
+)
+
+
+def errors_table(rows: dict[str, Sequence[Any]]) -> pa.Table:
+    return pa.Table.from_pydict({f.name: list(rows[f.name]) for f in ERRORS_SCHEMA}, schema=ERRORS_SCHEMA)
