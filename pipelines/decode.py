@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipelines.config import resource
+from pipelines.sources import error_message
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,10 @@ def decode_image(data: bytes, resolution: int, cfg: DecodeConfig) -> np.ndarray:
         raise ValueError("empty file (0 bytes)")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        im = Image.open(io.BytesIO(data))
+        try:
+            im = Image.open(io.BytesIO(data))
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+            raise ImageTooLarge(f"decompression bomb refused by Pillow: {e}") from None
         w, h = im.size
         if w * h > cfg.max_pixels:
             raise ImageTooLarge(f"{w}x{h} = {w * h} pixels exceeds max_pixels={cfg.max_pixels}")
@@ -129,8 +133,8 @@ def decode_batch(batch: dict[str, np.ndarray], resolution: int, cfg: DecodeConfi
                 gt_inst[i], gt_depth[i] = decode_map(gi, r), decode_map(gd, r)
                 has_gt[i] = True
         except Exception as e:  # noqa: BLE001 - every failure is recorded for this row
-            stage[i], etype[i], emsg[i] = "decode", type(e).__name__, str(e)[:1000] or repr(e)
-    out = {k: batch[k] for k in ("shard", "index", "key", "source", "text")}
+            stage[i], etype[i], emsg[i] = "decode", type(e).__name__, error_message(e)
+    out = {k: batch[k] for k in ("shard", "index", "key", "source", "text", "todo")}
     out.update(image=image, gt_instances=gt_inst, gt_depth=gt_depth, has_gt=has_gt)
     out.update(
         err_stage=np.array(stage, object), err_type=np.array(etype, object), err_msg=np.array(emsg, object)

@@ -119,6 +119,35 @@ def build_extractors(cfg: DecomposeConfig, has_gt: bool) -> tuple[dict[str, Extr
     return chosen, unavailable
 
 
+def fit_to_cluster(
+    stages: dict[str, dict[str, Any]], cluster: dict[str, float], log
+) -> dict[str, dict[str, Any]]:
+    """Scale the actors' CPU reservations down when they cannot all be placed at once.
+
+    Every actor stage must be running for the stream to flow; on a laptop the configured
+    reservations (1 CPU per actor) may exceed the machine, which would stall the job. Only the
+    reservations shrink — what the job computes is unchanged. Missing GPUs are a clear error.
+    """
+    gpus = cluster.get("GPU", 0.0)
+    for name, r in stages.items():
+        if r["num_gpus"] and r["num_gpus"] * r["concurrency"] > gpus:
+            raise ConfigError(
+                f"{name} asks for {r['concurrency']} actor(s) x {r['num_gpus']} GPU but the Ray cluster has "
+                f"{gpus:g} GPU(s); lower {name}.concurrency / {name}.num_gpus or add GPU nodes"
+            )
+    cpus = cluster.get("CPU", 1.0)
+    need = sum(r["num_cpus"] * r["concurrency"] for r in stages.values())
+    budget = max(cpus - 1.0, cpus * 0.5)  # the rest runs the read, decode and write tasks
+    if need <= budget:
+        return stages
+    scale = budget / need
+    print(
+        f"[decompose] actors reserve {need:g} CPUs on a {cpus:g}-CPU cluster: scaling reservations by {scale:.2f}",
+        file=log,
+    )
+    return {n: {**r, "num_cpus": r["num_cpus"] * scale} for n, r in stages.items()}
+
+
 @dataclass
 class _Pending:
     unit: WorkUnit
@@ -228,7 +257,8 @@ class _Job:
         import ray
         from tqdm import tqdm
 
-        from pipelines.stages import ExtractorStage, decode_batch, read_rows, write_parts
+        from pipelines.decode import decode_batch
+        from pipelines.stages import ExtractorStage, read_rows, write_parts
 
         if not ray.is_initialized():
             ray.init(log_to_driver=False, configure_logging=False)
@@ -256,10 +286,8 @@ class _Job:
             num_cpus=cfg.decode.num_cpus,
             batch_format="numpy",
         )
-        for name, ext in self.extractors.items():
-            if not any(name in p.todo for p in work):
-                continue
-            res = ext.resources()
+        stages = {n: e.resources() for n, e in self.extractors.items() if any(n in p.todo for p in work)}
+        for name, res in fit_to_cluster(stages, ray.cluster_resources(), self.log).items():
             ds = ds.map_batches(
                 ExtractorStage,
                 fn_constructor_kwargs={
@@ -269,12 +297,12 @@ class _Job:
                     "has_ground_truth": self.plan.has_ground_truth,
                 },
                 batch_size=res["batch_size"],
-                concurrency=res["concurrency"],
+                compute=ray.data.ActorPoolStrategy(size=res["concurrency"]),
                 num_cpus=res["num_cpus"],
                 num_gpus=res["num_gpus"] or None,
                 batch_format="numpy",
             )
-        columns = [s.name for specs in self.specs.values() for s in specs]
+        columns = [s.name for name in stages for s in self.specs[name]]
         ds = ds.map_batches(
             write_parts,
             fn_kwargs={"staging": str(staging), "columns": columns},

@@ -44,7 +44,7 @@ def list_field(name: str, dtype: str, shape: Sequence[int]) -> pa.Field:
 
 def list_array(a: np.ndarray) -> pa.FixedSizeListArray:
     """(N, *shape) array → fixed-size-list array of N rows."""
-    flat = np.ascontiguousarray(a).reshape(len(a), -1)
+    flat = np.ascontiguousarray(a).reshape(len(a), int(np.prod(a.shape[1:])))
     return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
 
 

@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import tarfile
 from collections import Counter
 from collections.abc import Iterator
@@ -283,8 +284,18 @@ def _row(unit: WorkUnit, index: int, key: str, source: str, **kw: Any) -> dict[s
     return row
 
 
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def error_message(e: BaseException) -> str:
+    """A deterministic, bounded message for an error record (object addresses removed)."""
+    return _ADDRESS.sub("", str(e) or repr(e))[:1000]
+
+
 def _error(unit: WorkUnit, index: int, key: str, source: str, e: BaseException) -> dict[str, Any]:
-    return _row(unit, index, key, source, err_stage="read", err_type=type(e).__name__, err_msg=str(e)[:1000])
+    return _row(
+        unit, index, key, source, err_stage="read", err_type=type(e).__name__, err_msg=error_message(e)
+    )
 
 
 def read_unit(

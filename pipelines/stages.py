@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from pipelines.conditions import ExtractorConfig, get_extractor
 from pipelines.shards import list_array, write_parquet
-from pipelines.sources import WorkUnit, read_unit
+from pipelines.sources import WorkUnit, error_message, read_unit
 
 EXTRACTOR_INPUTS = ("image", "text", "gt_instances", "gt_depth", "has_gt")
 
@@ -59,7 +59,7 @@ class ExtractorStage:
                             self.extractor({k: batch[k][i : i + 1] for k in EXTRACTOR_INPUTS}),
                         )
                     except Exception as e:  # noqa: BLE001
-                        stage[i], etype[i], emsg[i] = name, type(e).__name__, str(e)[:1000] or repr(e)
+                        stage[i], etype[i], emsg[i] = name, type(e).__name__, error_message(e)
         batch = dict(batch)
         batch.update(out, err_stage=stage, err_type=etype, err_msg=emsg)
         return batch

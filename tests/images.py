@@ -58,7 +58,9 @@ def rgba_png() -> bytes:
 
 
 def palette_png() -> bytes:
-    return encode(Image.new("RGB", (24, 24), BLUE).convert("P"), "PNG")
+    return encode(
+        Image.new("RGB", (24, 24), BLUE).convert("P", palette=Image.Palette.ADAPTIVE, colors=4), "PNG"
+    )
 
 
 def one_pixel() -> bytes:

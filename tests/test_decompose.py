@@ -228,13 +228,19 @@ def test_version_bump_recomputes_only_that_condition(tmp_path, ray_local, monkey
             np.testing.assert_array_equal(new[k][c], old[k][c])
 
     # A changed extractor setting is a new fingerprint too: only sketch is recomputed.
-    s = run_decompose(cfg(tmp_path / "in", out, shard_size=8, **{"sketch.low_threshold": 20}))
+    s = run_decompose(
+        cfg(tmp_path / "in", out, shard_size=8, **{"sketch.low_threshold": 10, "sketch.high_threshold": 20})
+    )
     assert s["computed"] == {"sketch": first["rows"]}
     assert any((all_rows(out)[k]["sketch"] != old[k]["sketch"]).any() for k in old)
     # A condition added later is computed alone and merged in.
     s = run_decompose(
         cfg(
-            tmp_path / "in", out, conditions=FAST + ",instances", shard_size=8, **{"sketch.low_threshold": 20}
+            tmp_path / "in",
+            out,
+            conditions=FAST + ",instances",
+            shard_size=8,
+            **{"sketch.low_threshold": 10, "sketch.high_threshold": 20},
         )
     )
     assert s["computed"] == {"instances": first["rows"]}

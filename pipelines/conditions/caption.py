@@ -1,0 +1,228 @@
+"""``caption``: sentence and token embeddings of the caption text, Composer §3.1.
+
+Composer embeds the caption with CLIP's text tower, both as one sentence vector (a global
+condition) and as per-token states (cross-attention context). eDiffi and Imagen show that a T5
+encoder's token states help text fidelity, so T5 can be stored next to (or instead of) CLIP:
+
+    caption.clip_sentence (D,)                  the pooled, projected open_clip text embedding
+    caption.clip_tokens   (L, W)                final hidden states (after ln_final, before the
+                                                projection); L = context length, W = text width
+    caption.t5_sentence   (D_t5,)               attention-mask-weighted mean of the token states
+    caption.t5_tokens     (t5_max_length, D_t5) T5 encoder states, padding positions zeroed
+
+All float16. Weights come from disk only: ``clip_model`` as in ``semantics``
+(``local-dir:/path`` or ``hf-hub:org/repo`` from the local cache), ``t5_model`` a directory holding
+a ``T5EncoderModel`` checkpoint and its tokenizer, or a repo id already in the Hugging Face cache.
+
+With no weights configured the extractor is unavailable, and that is not a dead end: the
+decomposition job stores the caption text itself in the ``text`` column, and the trainable text
+encoder of the embedded default configuration learns from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from pipelines.conditions.base import (
+    Batch,
+    ColumnSpec,
+    Extractor,
+    ExtractorConfig,
+    ExtractorUnavailable,
+    resolve_weights,
+)
+from pipelines.conditions.semantics import (
+    HF_HUB,
+    LOCAL_DIR,
+    check_open_clip_spec,
+    no_clip_model_reason,
+    open_clip_model_cfg,
+    resolve_open_clip,
+)
+from pipelines.config import resource
+
+ENCODERS = ("clip", "t5")
+# The T5 that eDiffi and DeepFloyd IF use; only named in messages.
+SUGGESTED_T5 = "google/t5-v1_1-xxl"
+
+
+@dataclass(frozen=True)
+class CaptionConfig(ExtractorConfig):
+    encoders: tuple[Literal["clip", "t5"], ...] = ("clip",)  # Composer uses CLIP; add "t5" as eDiffi does
+    clip_model: str | None = None  # open_clip weights, 'local-dir:/path' or 'hf-hub:org/repo' (cache only)
+    t5_model: str | None = None  # T5 encoder + tokenizer directory, or a repo id in the HF cache
+    t5_max_length: int = 77  # T5 tokens kept per caption; 77 matches CLIP's context for equal cost
+    batch_size: int = resource(64)  # text encoders are cheap per row; 64 keeps a T5-XXL batch in memory
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        unknown = [e for e in self.encoders if e not in ENCODERS]
+        if unknown:
+            raise ValueError(f"caption.encoders: unknown encoder(s) {unknown}; valid: {list(ENCODERS)}")
+        if not self.encoders:
+            raise ValueError(f"caption.encoders is empty; choose one or more of {list(ENCODERS)}")
+        if len(set(self.encoders)) != len(self.encoders):
+            raise ValueError(f"caption.encoders names an encoder twice: {list(self.encoders)}")
+        check_open_clip_spec(self.clip_model, "caption.clip_model")
+        if self.t5_model is not None and self.t5_model.startswith((LOCAL_DIR, HF_HUB)):
+            raise ValueError(
+                f"caption.t5_model takes a directory or a repo id (as transformers' from_pretrained), "
+                f"without open_clip's prefix; got {self.t5_model!r}"
+            )
+        if self.t5_max_length < 1:
+            raise ValueError(f"caption.t5_max_length must be >= 1, got {self.t5_max_length}")
+
+
+def _resolve_t5(spec: str) -> str:
+    """The local directory holding the T5 checkpoint ``spec``; never downloads."""
+    path = resolve_weights(os.path.expanduser(spec), "caption.t5_model")
+    root = Path(path)
+    if not (root / "config.json").is_file():
+        raise ExtractorUnavailable(
+            f"caption.t5_model: {path!r} has no config.json; expected a transformers T5 checkpoint"
+        )
+    if not any(root.glob("*.safetensors")) and not any(root.glob("*.bin")):
+        raise ExtractorUnavailable(f"caption.t5_model: {path!r} holds config.json but no weights file")
+    return path
+
+
+class CaptionExtractor(Extractor):
+    """CLIP and/or T5 embeddings of ``batch["text"]``; see the module docstring for the columns."""
+
+    name = "caption"
+    version = "1"
+    config_cls = CaptionConfig
+    config: CaptionConfig
+
+    def __init__(self, config: CaptionConfig, resolution: int, has_ground_truth: bool = False):
+        super().__init__(config, resolution, has_ground_truth)
+        self._dirs: dict[str, str] = {}
+        self._schema: list[ColumnSpec] | None = None
+        self._models: dict[str, Any] = {}
+        self._tokenizers: dict[str, Any] = {}
+        self._device: Any = None
+
+    def _dir(self, encoder: str) -> str:
+        """The resolved weights directory of ``encoder``; ``ExtractorUnavailable`` says why not."""
+        if encoder not in self._dirs:
+            c = self.config
+            if encoder == "clip":
+                if c.clip_model is None:
+                    raise ExtractorUnavailable(no_clip_model_reason("caption.clip_model"))
+                self._dirs[encoder] = resolve_open_clip(c.clip_model, "caption.clip_model")
+            else:
+                if c.t5_model is None:
+                    raise ExtractorUnavailable(
+                        f"no T5 weights configured; set caption.t5_model to a directory holding a T5 "
+                        f"encoder checkpoint and tokenizer, or a repo id in the local Hugging Face cache "
+                        f"(or drop 't5' from caption.encoders). Nothing is downloaded here: on a machine "
+                        f"with internet run `huggingface-cli download {SUGGESTED_T5}` and copy the cache over"
+                    )
+                self._dirs[encoder] = _resolve_t5(c.t5_model)
+        return self._dirs[encoder]
+
+    def unavailable_reason(self) -> str | None:
+        try:
+            for encoder in self.config.encoders:
+                self._dir(encoder)
+                if (
+                    encoder == "clip"
+                    and "hf_model_name" in open_clip_model_cfg(self._dir("clip"))["text_cfg"]
+                ):
+                    # HFTextEncoder exposes no per-token states through forward_intermediates.
+                    return "caption.clip_model has a Hugging Face text tower (hf_model_name), which is not supported"
+        except ExtractorUnavailable as e:
+            return str(e)
+        return None
+
+    def columns(self) -> list[ColumnSpec]:
+        if self._schema is None:
+            specs = []
+            if "clip" in self.config.encoders:
+                cfg = open_clip_model_cfg(self._dir("clip"))
+                text = cfg["text_cfg"]
+                width, length = int(text["width"]), int(text.get("context_length", 77))
+                dim = width if text.get("proj_type") == "none" else int(cfg["embed_dim"])
+                specs += [
+                    ColumnSpec(
+                        "caption.clip_sentence", "float16", (dim,), "pooled, projected CLIP text embedding"
+                    ),
+                    ColumnSpec(
+                        "caption.clip_tokens", "float16", (length, width), "CLIP text final hidden states"
+                    ),
+                ]
+            if "t5" in self.config.encoders:
+                with open(Path(self._dir("t5")) / "config.json", encoding="utf-8") as f:
+                    d_model = int(json.load(f)["d_model"])
+                n = self.config.t5_max_length
+                specs += [
+                    ColumnSpec(
+                        "caption.t5_sentence", "float16", (d_model,), "masked mean of T5 encoder states"
+                    ),
+                    ColumnSpec(
+                        "caption.t5_tokens", "float16", (n, d_model), "T5 encoder states, padding zeroed"
+                    ),
+                ]
+            self._schema = specs
+        return self._schema
+
+    def setup(self) -> None:
+        import torch
+
+        self._device = torch.device(self.torch_device())
+        if "clip" in self.config.encoders:
+            import open_clip
+
+            name = f"{LOCAL_DIR}{self._dir('clip')}"
+            model = open_clip.create_model(name, device=self._device, require_pretrained=True)
+            model.visual = None  # only the text tower runs here; free the image tower's memory
+            self._models["clip"] = model.eval()
+            self._tokenizers["clip"] = open_clip.get_tokenizer(name)
+        if "t5" in self.config.encoders:
+            from transformers import AutoTokenizer, T5EncoderModel
+
+            path = self._dir("t5")
+            self._tokenizers["t5"] = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            # float32: T5 v1.1 overflows in float16, and checkpoints are stored in mixed dtypes.
+            model = T5EncoderModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+            self._models["t5"] = model.to(self._device).eval()
+
+    def extract(self, batch: Batch) -> Batch:
+        import torch
+
+        texts = [str(t) for t in batch["text"]]
+        out: Batch = {}
+        with torch.no_grad():
+            if "clip" in self.config.encoders:
+                ids = self._tokenizers["clip"](texts).to(self._device)
+                # One forward gives both: the last block's output through ln_final (the token
+                # states) and the pooled, projected sentence embedding.
+                res = self._models["clip"].forward_intermediates(
+                    text=ids, text_indices=1, normalize_intermediates=True, normalize=False
+                )
+                out["caption.clip_sentence"] = _f16(res["text_features"])
+                out["caption.clip_tokens"] = _f16(res["text_intermediates"][-1])
+            if "t5" in self.config.encoders:
+                enc = self._tokenizers["t5"](
+                    texts,
+                    padding="max_length",  # a fixed length keeps batches and single rows identical
+                    max_length=self.config.t5_max_length,
+                    truncation=True,
+                    return_tensors="pt",
+                ).to(self._device)
+                states = self._models["t5"](input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+                mask = enc["attention_mask"].unsqueeze(-1).float()
+                tokens = states.last_hidden_state.float() * mask
+                out["caption.t5_sentence"] = _f16(tokens.sum(1) / mask.sum(1).clamp(min=1.0))
+                out["caption.t5_tokens"] = _f16(tokens)
+        return out
+
+
+def _f16(x: Any) -> np.ndarray:
+    return x.float().cpu().numpy().astype(np.float16)
