@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -187,8 +188,17 @@ def test_kill_then_resume_matches_clean_run_and_rerun_does_nothing(tmp_path, ray
         "shard_size=4",
     ]
     env = dict(os.environ, RECOMPOSE_TEST_KILL_AFTER_SHARDS="3")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -9, proc.stderr[-2000:]  # really killed, mid-run
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        _, err = proc.communicate(timeout=300)
+    finally:
+        try:  # the killed driver's local Ray processes are in its session: end them too
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == -9, err[-2000:]  # really killed, mid-run
     assert not (killed / "manifest.json").exists()
     done = list((killed / ".recompose" / "state").glob("*.json"))
     assert len(done) == 3, done

@@ -1,0 +1,55 @@
+"""Every registered extractor passes the contract, configured the way the job configures it."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipelines.conditions import CONDITION_NAMES, EXTRACTED_NAMES, REGISTRY, get_extractor
+from pipelines.config import load_config
+from pipelines.decompose import DecomposeConfig
+from tests.conditions.contract import assert_contract, make_batch
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """Tiny random-init models in the real formats, for the extractors that need weights."""
+    from tests.fixtures.tiny_clip import make_tiny_open_clip
+
+    d = tmp_path_factory.mktemp("weights")
+    clip = make_tiny_open_clip(d / "clip")
+    return {"caption.clip_model": clip, "semantics.clip_model": clip}
+
+
+def test_the_eight_names_are_the_on_disk_format():
+    assert CONDITION_NAMES == (
+        "caption",
+        "semantics",
+        "palette",
+        "sketch",
+        "instances",
+        "depth",
+        "intensity",
+        "mask",
+    )
+    assert EXTRACTED_NAMES == CONDITION_NAMES[:-1]
+    assert (
+        REGISTRY["mask"].extracted is False
+        and REGISTRY["mask"](REGISTRY["mask"].config_cls(), 32).columns() == []
+    )
+
+
+def test_unknown_name_lists_the_known_ones():
+    with pytest.raises(ValueError, match="known conditions: caption, semantics"):
+        get_extractor("colour")
+
+
+@pytest.mark.parametrize("name", EXTRACTED_NAMES)
+def test_every_extractor_meets_the_contract(name, weights):
+    cfg = load_config(DecomposeConfig, values={"input": "x", "output": "y", **weights})
+    cls = get_extractor(name)
+    ext = cls(getattr(cfg, name), 32, has_ground_truth=True)
+    assert ext.name == name and ext.version and ext.unavailable_reason() is None
+    assert isinstance(ext.config, cls.config_cls)
+    assert 0 <= ext.resources()["num_gpus"]
+    tol = 2e-3 if name in ("caption", "semantics") else 0.0
+    assert_contract(ext, make_batch(3, 32, with_gt=True), atol=tol)
