@@ -15,6 +15,7 @@ deterministic, an interrupted-then-resumed run ends with the same manifest as a 
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import os
 import shutil
@@ -169,7 +170,7 @@ class _Job:
         self.schema = S.shard_schema(cfg.resolution, self.specs, self.fingerprints)
         self.base = cfg.base_hash(self.plan.kind)
         self.computed: Counter[str] = Counter()
-        self.log = sys.stderr if cfg.progress else open(os.devnull, "w")  # noqa: SIM115
+        self.log = sys.stderr if cfg.progress else io.StringIO()
 
     # -- state ---------------------------------------------------------------------------------
     def _check_output(self) -> None:
@@ -246,6 +247,7 @@ class _Job:
         summary.update(
             elapsed_s=round(time.time() - t0, 3),
             shards_computed=len(work),
+            inputs_processed=sum(len(p.unit.members) for p in work),
             shards_reused=done_before,
             computed=dict(self.computed),
         )
@@ -487,7 +489,7 @@ class _Job:
         }
 
     def _print_summary(self, s: dict[str, Any]) -> None:
-        rate = (sum(self.computed.values()) and s["rows"] / s["elapsed_s"]) if s["elapsed_s"] else 0
+        rate = s["inputs_processed"] / s["elapsed_s"] if s["elapsed_s"] else 0.0
         lines = [
             f"[decompose] done in {s['elapsed_s']:.1f}s: {s['inputs']} inputs = {s['rows']} rows + {s['errors']} errors"
             + (

@@ -1,4 +1,3 @@
-import socket
 import warnings
 
 import numpy as np
@@ -20,23 +19,6 @@ def annotators(tmp_path_factory):
     write_pidinet(d)
     write_hed(d)
     return d
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Records (and refuses) every socket connection; the test asserts there were none."""
-    attempts = []
-
-    def refuse(self, address, *args, **kwargs):
-        attempts.append(address)
-        raise OSError(f"network access in a test: {address}")
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
-    # Name lookup comes first (and fails here anyway, with no network): refuse it too.
-    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: refuse(None, host))
-    return attempts
 
 
 def test_contract_canny():
