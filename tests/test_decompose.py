@@ -268,3 +268,20 @@ def test_refuses_foreign_output_and_other_input(tmp_path, ray_local):
     run_decompose(cfg(tmp_path / "in", tmp_path / "out", conditions="intensity"))
     with pytest.raises(ConfigError, match="another input"):
         run_decompose(cfg(tmp_path / "in2", tmp_path / "out", conditions="intensity"))
+
+
+def test_folder_captions_from_a_csv_file(tmp_path, ray_local):
+    images.write_folder(tmp_path / "in", n_good=3, with_bad=False)
+    for t in (tmp_path / "in").rglob("*.txt"):
+        t.unlink()
+    (tmp_path / "caps.csv").write_text('key,caption\ngood00,"a red, square"\nsub/good01,second\n')
+    s = run_decompose(
+        cfg(tmp_path / "in", tmp_path / "out", conditions="intensity", captions=str(tmp_path / "caps.csv"))
+    )
+    rows = all_rows(tmp_path / "out")
+    assert s["rows"] == 3
+    assert (rows["good00"]["text"], rows["sub/good01"]["text"], rows["good02"]["text"]) == (
+        "a red, square",
+        "second",
+        "",
+    )
