@@ -285,3 +285,20 @@ def test_folder_captions_from_a_csv_file(tmp_path, ray_local):
         "second",
         "",
     )
+
+
+DATA = Path(__file__).parent / "data" / "img2dataset"  # made by the real img2dataset: see make_img2dataset.py
+
+
+@pytest.mark.parametrize("layout", ["webdataset", "parquet"])
+def test_real_img2dataset_output(tmp_path, ray_local, layout):
+    s = run_decompose(cfg(DATA / layout, tmp_path / "out", conditions="intensity,palette"))
+    man = _manifest(tmp_path / "out")
+    assert man["input_format"] == layout
+    # 8 urls: 6 downloaded, one 404 and one undecodable body, which img2dataset itself reports.
+    assert man["totals"]["skipped_upstream"] == {"failed_to_download": 1, "failed_to_resize": 1}
+    assert (s["inputs"], s["rows"], s["errors"]) == (6, 6, 0)
+    rows = all_rows(tmp_path / "out")
+    assert sorted(rows) == ["000000", "000001", "000002", "000003", "000004", "000010"]
+    assert rows["000010"]["text"] == "picture number 5"
+    assert rows["000000"]["image"].shape == (32, 32, 3)
