@@ -174,6 +174,7 @@ class _Job:
 
     # -- state ---------------------------------------------------------------------------------
     def _check_output(self) -> None:
+        """Refuse a directory that holds anything else; runs before anything is created in it."""
         job = self.state / "job.json"
         if job.is_file():
             prev = json.loads(job.read_text())
@@ -187,7 +188,6 @@ class _Job:
             raise ConfigError(
                 f"{self.out} exists, is not empty and is not a recompose decomposition; choose a new --output"
             )
-        S.write_json({"base_hash": self.base, "input": os.path.abspath(self.cfg.input)}, job)
 
     def _unit_state(self, unit: WorkUnit) -> dict[str, Any] | None:
         p = self.state / "state" / f"{unit.shard}.json"
@@ -219,14 +219,17 @@ class _Job:
 
     # -- run -----------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        self.out.mkdir(parents=True, exist_ok=True)
+        self._check_output()
         self.state.mkdir(parents=True, exist_ok=True)
         lock = open(self.state / "lock", "w")  # noqa: SIM115 - held for the whole run
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ConfigError(f"another decomposition is writing to {self.out}") from None
-        self._check_output()
+        self._check_output()  # again, now that no other run can write job.json
+        S.write_json(
+            {"base_hash": self.base, "input": os.path.abspath(self.cfg.input)}, self.state / "job.json"
+        )
         for name, why in self.unavailable.items():
             print(f"[decompose] skipping {name}: {why}", file=self.log)
         t0 = time.time()

@@ -238,9 +238,8 @@ def test_version_bump_recomputes_only_that_condition(tmp_path, ray_local, monkey
             np.testing.assert_array_equal(new[k][c], old[k][c])
 
     # A changed extractor setting is a new fingerprint too: only sketch is recomputed.
-    s = run_decompose(
-        cfg(tmp_path / "in", out, shard_size=8, **{"sketch.low_threshold": 10, "sketch.high_threshold": 20})
-    )
+    thresholds = {"sketch.low_threshold": 10, "sketch.high_threshold": 20}
+    s = run_decompose(cfg(tmp_path / "in", out, shard_size=8, **thresholds))
     assert s["computed"] == {"sketch": first["rows"]}
     assert any((all_rows(out)[k]["sketch"] != old[k]["sketch"]).any() for k in old)
     # A condition added later is computed alone and merged in.
@@ -250,11 +249,16 @@ def test_version_bump_recomputes_only_that_condition(tmp_path, ray_local, monkey
             out,
             conditions=FAST + ",instances",
             shard_size=8,
-            **{"sketch.low_threshold": 10, "sketch.high_threshold": 20},
+            **thresholds,
         )
     )
     assert s["computed"] == {"instances": first["rows"]}
     assert "instances" in read_shard(next((out / "shards").glob("*.parquet")))
+    # Dropping it again rewrites the shards without the column and computes nothing.
+    s = run_decompose(cfg(tmp_path / "in", out, shard_size=8, **thresholds))
+    assert s["computed"] == {} and s["errors"] == first["errors"]
+    assert "instances" not in read_shard(next((out / "shards").glob("*.parquet")))
+    assert set(_manifest(out)["extractors"]) == {"palette", "sketch", "intensity"}
 
 
 def test_refuses_foreign_output_and_other_input(tmp_path, ray_local):
@@ -264,7 +268,7 @@ def test_refuses_foreign_output_and_other_input(tmp_path, ray_local):
     (tmp_path / "foreign" / "precious.txt").write_text("keep me")
     with pytest.raises(ConfigError, match="not a recompose decomposition"):
         run_decompose(cfg(tmp_path / "in", tmp_path / "foreign"))
-    assert (tmp_path / "foreign" / "precious.txt").read_text() == "keep me"
+    assert [p.name for p in (tmp_path / "foreign").iterdir()] == ["precious.txt"]
     run_decompose(cfg(tmp_path / "in", tmp_path / "out", conditions="intensity"))
     with pytest.raises(ConfigError, match="another input"):
         run_decompose(cfg(tmp_path / "in2", tmp_path / "out", conditions="intensity"))
