@@ -114,13 +114,19 @@ def decode_map(data: bytes, resolution: int) -> np.ndarray:
     return resize_center_crop(im, resolution, Image.Resampling.NEAREST)
 
 
-def decode_batch(batch: dict[str, np.ndarray], resolution: int, cfg: DecodeConfig) -> dict[str, np.ndarray]:
-    """The Ray Data decode stage: bytes columns in, image/GT arrays out, errors per row."""
+def decode_batch(
+    batch: dict[str, np.ndarray], resolution: int, cfg: DecodeConfig, with_gt: bool = False
+) -> dict[str, np.ndarray]:
+    """The Ray Data decode stage: bytes columns in, image (and GT) arrays out, errors per row.
+
+    ``with_gt``: the source carries ground-truth maps (the synthetic set); otherwise the GT
+    columns are left out rather than carried as zeros through every later stage.
+    """
     n = len(batch["key"])
     r = resolution
     image = np.zeros((n, r, r, 3), np.uint8)
-    gt_inst = np.zeros((n, r, r), np.uint8)
-    gt_depth = np.zeros((n, r, r), np.uint8)
+    gt_inst = np.zeros((n, r, r) if with_gt else (n, 0, 0), np.uint8)
+    gt_depth = np.zeros_like(gt_inst)
     has_gt = np.zeros((n,), bool)
     stage, etype, emsg = (list(batch[c]) for c in ("err_stage", "err_type", "err_msg"))
     for i in range(n):
@@ -129,13 +135,15 @@ def decode_batch(batch: dict[str, np.ndarray], resolution: int, cfg: DecodeConfi
         try:
             image[i] = decode_image(batch["data"][i], r, cfg)
             gi, gd = batch["gt_instances_png"][i], batch["gt_depth_png"][i]
-            if gi and gd:
+            if with_gt and gi and gd:
                 gt_inst[i], gt_depth[i] = decode_map(gi, r), decode_map(gd, r)
                 has_gt[i] = True
         except Exception as e:  # noqa: BLE001 - every failure is recorded for this row
             stage[i], etype[i], emsg[i] = "decode", type(e).__name__, error_message(e)
     out = {k: batch[k] for k in ("shard", "index", "key", "source", "text", "todo")}
-    out.update(image=image, gt_instances=gt_inst, gt_depth=gt_depth, has_gt=has_gt)
+    out.update(image=image, has_gt=has_gt)
+    if with_gt:
+        out.update(gt_instances=gt_inst, gt_depth=gt_depth)
     out.update(
         err_stage=np.array(stage, object), err_type=np.array(etype, object), err_msg=np.array(emsg, object)
     )

@@ -63,6 +63,7 @@ class DecomposeConfig:
     write_webdataset: bool = False  # also write shards/<name>.tar (webdataset) next to each parquet
     read_num_cpus: float = resource(0.5)  # CPUs per read task
     progress: bool = resource(True)  # progress bar and summary on stderr
+    data_stats: bool = resource(False)  # print Ray Data's per-operator timing at the end (tuning)
     decode: DecodeConfig = nested(DecodeConfig)
     caption: CaptionConfig = nested(CaptionConfig)
     semantics: SemanticsConfig = nested(SemanticsConfig)
@@ -138,7 +139,7 @@ def fit_to_cluster(
             )
     cpus = cluster.get("CPU", 1.0)
     need = sum(r["num_cpus"] * r["concurrency"] for r in stages.values())
-    budget = max(cpus - 1.0, cpus * 0.5)  # the rest runs the read, decode and write tasks
+    budget = cpus * 0.5  # the other half runs the read, decode and write tasks
     if need <= budget:
         return stages
     scale = budget / need
@@ -263,7 +264,7 @@ class _Job:
         from tqdm import tqdm
 
         from pipelines.decode import decode_batch
-        from pipelines.stages import ExtractorStage, read_rows, write_parts
+        from pipelines.stages import ExtractorStage, read_rows, unfused, write_parts
 
         if not ray.is_initialized():
             ray.init(log_to_driver=False, configure_logging=False)
@@ -286,10 +287,15 @@ class _Job:
         )
         ds = ds.map_batches(
             decode_batch,
-            fn_kwargs={"resolution": cfg.resolution, "cfg": cfg.decode},
+            fn_kwargs={
+                "resolution": cfg.resolution,
+                "cfg": cfg.decode,
+                "with_gt": self.plan.has_ground_truth,
+            },
             batch_size=cfg.decode.batch_size,
             num_cpus=cfg.decode.num_cpus,
             batch_format="numpy",
+            ray_remote_args_fn=unfused,
         )
         stages = {n: e.resources() for n, e in self.extractors.items() if any(n in p.todo for p in work)}
         for name, res in fit_to_cluster(stages, ray.cluster_resources(), self.log).items():
@@ -336,6 +342,8 @@ class _Job:
             elif got[shard] > expected[shard]:
                 raise RuntimeError(f"shard {shard}: {got[shard]} rows for {expected[shard]} inputs")
         bar.close()
+        if cfg.data_stats:
+            print(ds.stats(), file=self.log)
         missing = [s for s in expected if got[s] != expected[s]]
         if missing:
             raise RuntimeError(f"shards {missing[:5]} did not receive all their rows; rerun to resume")
@@ -412,20 +420,10 @@ class _Job:
         if not rows:
             return out
         r = self.cfg.resolution
-        take = pa.array(good, pa.int64())
-
-        def col(name: str, shape: tuple[int, ...]) -> np.ndarray:
-            c = (
-                rows[name].combine_chunks().take(take)
-                if isinstance(rows[name], pa.ChunkedArray)
-                else rows[name].take(take)
-            )
-            return c.flatten().to_numpy(zero_copy_only=False).reshape(len(good), *shape)
-
-        out["image"] = col("image", (r, r, 3))
+        out["image"] = S.from_binary(rows["image"], np.uint8, (r, r, 3))[good]
         for name in todo:
-            for s in self.specs[name]:
-                out[s.name] = col(s.name, s.shape)
+            for spec in self.specs[name]:
+                out[spec.name] = S.from_binary(rows[spec.name], spec.dtype, spec.shape)[good]
         return out
 
     @staticmethod

@@ -5,14 +5,19 @@
     key     string   the input's key (file path without extension, tar key, parquet key)
     source  string   where it came from (relative path, ``tar:key`` or ``file.parquet#row``)
     text    string   the caption text ("" when the source has none)
-    image   fixed_size_list<uint8>[R*R*3]    the image at the stored resolution, RGB
+    image   fixed_size_binary[R*R*3]         the image at the stored resolution, RGB uint8
     <cond>  fixed_size_list<halffloat>[D]    vectors (semantics, palette)
-            fixed_size_list<uint8>[R*R]      maps (sketch, instances, depth, intensity)
-            struct<field: fixed_size_list…>  multi-output conditions (caption)
+            fixed_size_binary[R*R]           maps (sketch, instances, depth, intensity), uint8
+            struct<field: …>                 multi-output conditions (caption; token matrices
+                                             are float16 bytes, sentence vectors float16 lists)
 
-Every list field carries ``shape`` (JSON) in its field metadata so readers restore arrays without
-knowing the resolution; the schema metadata ``recompose`` holds the format id, the resolution
-and each condition's extractor fingerprint.
+1-D tensors are fixed-size lists any Parquet reader sees as numbers. Tensors of two or more
+dimensions are their row-major bytes in a ``fixed_size_binary`` column: Parquet stores a list's
+every element with its own repetition level, which made a 256×256 image ~20× slower to write and
+~10× slower to read than the same bytes as one value. Every tensor field carries ``shape`` (JSON)
+and ``dtype`` in its field metadata, so ``to_numpy`` restores arrays without knowing the
+resolution; the schema metadata ``recompose`` holds the format id, the resolution and each
+condition's extractor fingerprint.
 """
 
 from __future__ import annotations
@@ -36,16 +41,39 @@ _ARROW = {"float16": pa.float16(), "uint8": pa.uint8()}
 
 
 def list_field(name: str, dtype: str, shape: Sequence[int]) -> pa.Field:
-    size = int(np.prod(shape))
-    return pa.field(
-        name, pa.list_(_ARROW[dtype], size), nullable=False, metadata={"shape": json.dumps(list(shape))}
-    )
+    """The field of a per-row tensor: a fixed-size list if 1-D, else fixed-size row-major bytes."""
+    meta = {"shape": json.dumps(list(shape)), "dtype": dtype}
+    if len(shape) == 1:
+        return pa.field(name, pa.list_(_ARROW[dtype], int(shape[0])), nullable=False, metadata=meta)
+    width = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return pa.field(name, pa.binary(width), nullable=False, metadata=meta)
 
 
-def list_array(a: np.ndarray) -> pa.FixedSizeListArray:
-    """(N, *shape) array → fixed-size-list array of N rows."""
-    flat = np.ascontiguousarray(a).reshape(len(a), int(np.prod(a.shape[1:])))
-    return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
+def list_array(a: np.ndarray) -> pa.Array:
+    """(N, *shape) array → N rows: a fixed-size list array if 1-D per row, else fixed-size bytes."""
+    flat = np.ascontiguousarray(a)
+    if flat.ndim == 2:
+        return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
+    return binary_array(flat)
+
+
+def binary_array(a: np.ndarray) -> pa.FixedSizeBinaryArray:
+    """(N, ...) array → N fixed-size binary values holding each row's bytes (zero-copy)."""
+    flat = np.ascontiguousarray(a)
+    width = int(np.prod(flat.shape[1:])) * flat.itemsize
+    data = pa.py_buffer(flat.reshape(-1).view(np.uint8)) if flat.size else pa.py_buffer(b"")
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(flat), [None, data])
+
+
+def from_binary(col: pa.Array | pa.ChunkedArray, dtype: str | np.dtype, shape: Sequence[int]) -> np.ndarray:
+    """Fixed-size binary rows → (N, *shape) array of ``dtype`` (a read-only view when possible)."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    n, width = len(col), col.type.byte_width
+    if n == 0:
+        return np.zeros((0, *shape), dtype)
+    raw = np.frombuffer(col.buffers()[1], np.uint8, count=n * width, offset=col.offset * width)
+    return raw.view(dtype).reshape(n, *shape)
 
 
 def condition_fields(name: str, specs: Sequence[ColumnSpec]) -> pa.Field:
@@ -91,25 +119,29 @@ def build_table(schema: pa.Schema, rows: dict[str, np.ndarray]) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=schema)
 
 
-def _shape(field: pa.Field) -> tuple[int, ...]:
-    return tuple(json.loads(field.metadata[b"shape"]))
-
-
 def to_numpy(table: pa.Table) -> dict[str, Any]:
     """A shard table → ``{"key": [...], "image": (N,R,R,3), "caption.clip_tokens": (N,L,D), …}``."""
     out: dict[str, Any] = {}
-    n = table.num_rows
     for field in table.schema:
-        col = table.column(field.name).combine_chunks()
-        if pa.types.is_fixed_size_list(field.type):
-            out[field.name] = col.flatten().to_numpy(zero_copy_only=False).reshape(n, *_shape(field))
-        elif pa.types.is_struct(field.type):
+        col = table.column(field.name)
+        if pa.types.is_struct(field.type):
+            col = col.combine_chunks()
             for i, sub in enumerate(field.type):
-                flat = col.field(i).flatten().to_numpy(zero_copy_only=False)
-                out[f"{field.name}.{sub.name}"] = flat.reshape(n, *_shape(sub))
+                out[f"{field.name}.{sub.name}"] = _tensor(sub, col.field(i))
+        elif field.metadata and b"shape" in field.metadata:
+            out[field.name] = _tensor(field, col)
         else:
             out[field.name] = np.array(col.to_pylist(), dtype=object)
     return out
+
+
+def _tensor(field: pa.Field, col: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    shape = tuple(json.loads(field.metadata[b"shape"]))
+    if pa.types.is_fixed_size_binary(field.type):
+        return from_binary(col, field.metadata[b"dtype"].decode(), shape)
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), *shape)
 
 
 def read_shard(path: str | Path, columns: Iterable[str] | None = None) -> dict[str, Any]:
@@ -140,9 +172,9 @@ def _atomic(path: Path, write) -> None:
         raise
 
 
-def write_parquet(table: pa.Table, path: str | Path) -> None:
+def write_parquet(table: pa.Table, path: str | Path, compression: str = "zstd") -> None:
     """Write ``table`` to ``path`` atomically (temporary name in the same folder, then rename)."""
-    _atomic(Path(path), lambda f: pq.write_table(table, f, compression="zstd", row_group_size=1024))
+    _atomic(Path(path), lambda f: pq.write_table(table, f, compression=compression, row_group_size=1024))
 
 
 def write_json(obj: Any, path: str | Path) -> None:

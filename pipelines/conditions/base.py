@@ -5,9 +5,10 @@ batch to a batch:
 
     input  batch: "image"        (B, H, W, 3) uint8 RGB at the stored resolution
                   "text"         (B,) object  caption strings ("" when the source has none)
-                  "gt_instances" (B, H, W) uint8 ground-truth instance ids (0 = background)
-                  "gt_depth"     (B, H, W) uint8 ground-truth depth, 255 = nearest
                   "has_gt"       (B,) bool    whether the row carries ground truth (synthetic set)
+                  "gt_instances" (B, H, W) uint8 ground-truth instance ids (0 = background) and
+                  "gt_depth"     (B, H, W) uint8 ground-truth depth, 255 = nearest — both only
+                                 when the source carries ground truth: read them for has_gt rows
     output batch: one array per declared ``ColumnSpec``, shape (B, *spec.shape), dtype spec.dtype
 
 Outputs must be deterministic and batch-invariant (a batch of N equals N single calls), and no

@@ -70,6 +70,10 @@ class InstancesConfig(ExtractorConfig):
     # cluster: regions below this fraction of the image are speckle, not instances (0.002 of
     # 256x256 is 131 pixels, about an 11x11 square).
     min_area_frac: float = 0.002
+    # Clustering runs on the image area-resized to at most this side and the id map is scaled
+    # back (nearest): the cost is per pixel, and Composer's base model reads maps at 64x64.
+    # Raise it for finer region boundaries at high stored resolutions.
+    cluster_resolution: int = 64
     batch_size: int = resource(16)  # a Mask2Former forward at 384 px; the fallback is per image
 
     def __post_init__(self) -> None:
@@ -82,6 +86,8 @@ class InstancesConfig(ExtractorConfig):
             raise ValueError(f"clusters must be in [2, 64], got {self.clusters}")
         if self.kmeans_iters < 1:
             raise ValueError(f"kmeans_iters must be >= 1, got {self.kmeans_iters}")
+        if self.cluster_resolution < 16:
+            raise ValueError(f"cluster_resolution must be >= 16, got {self.cluster_resolution}")
         if not 0.0 <= self.min_area_frac < 1.0:
             raise ValueError(f"min_area_frac must be in [0, 1), got {self.min_area_frac}")
 
@@ -210,16 +216,23 @@ class InstancesExtractor(Extractor):
         if len(rest) and self._uses_model():
             out[rest] = self._segment_with_model(images[rest])
         elif len(rest):
-            for i in rest:
-                out[i] = self._cluster(images[i])
+            out[rest] = self._cluster(images[rest])
         return {"instances": out}
 
-    def _cluster(self, image: np.ndarray) -> np.ndarray:
+    def _cluster(self, images: np.ndarray) -> np.ndarray:
+        """(B, R, R, 3) uint8 -> (B, R, R) uint8 ids: clustered (and numbered) at the working size."""
+        import cv2
+
         from pipelines.conditions._clustering import colour_regions
 
-        c = self.config
-        regions = colour_regions(image, c.clusters, c.kmeans_iters, c.colour_space, c.min_area_frac)
-        return renumber(regions, c.max_instances)
+        c, r = self.config, self.resolution
+        regions = colour_regions(
+            images, c.clusters, c.kmeans_iters, c.colour_space, c.min_area_frac, c.cluster_resolution
+        )
+        ids = [renumber(reg, c.max_instances) for reg in regions]
+        if regions.shape[1:] != (r, r):
+            ids = [cv2.resize(i, (r, r), interpolation=cv2.INTER_NEAREST) for i in ids]
+        return np.stack(ids)
 
     def _segment_with_model(self, images: np.ndarray) -> np.ndarray:
         """(B, R, R, 3) uint8 RGB -> (B, R, R) uint8 ids: one forward, panoptic post-processing per image."""

@@ -137,34 +137,54 @@ def _nearest_bins(rgb: np.ndarray) -> np.ndarray:
     """(N, 3) uint8 sRGB -> (N,) int64 index of the nearest bin centre in Lab (exact search)."""
     if rgb.dtype != np.uint8:
         raise ValueError(f"palette: expected uint8 sRGB, got {rgb.dtype}")
-    return _tree().query(srgb_to_lab(rgb))[1]
-
-
-_UNSET = 255  # never a bin index (0..155): marks colours the lookup table has not seen yet
+    return _tree().query(srgb_to_lab(rgb), workers=-1)[1]
 
 
 @functools.lru_cache(maxsize=1)
 def _bin_table() -> np.ndarray:
-    """(2**24,) uint8 bin of each 8-bit sRGB colour ``r << 16 | g << 8 | b``, filled on demand.
+    """(2**24,) uint8: the exact nearest bin of every 8-bit sRGB colour ``r << 16 | g << 8 | b``.
 
-    A memo of ``_nearest_bins``: a batch costs one gather per pixel plus an exact search for
-    the colours no earlier batch had, and since each entry is a function of its colour alone
-    the fill order (and so the batching) never changes a result. 16 MiB per process.
+    Every pixel's bin is then one gather. The table takes ~3 s to compute, so it is computed once
+    per machine and cached (``$RECOMPOSE_CACHE``, default ``~/.cache/recompose``) under a hash
+    of the bin centres; an unreadable cache is recomputed, an unwritable one skipped.
     """
-    return np.full(1 << 24, _UNSET, dtype=np.uint8)
+    import hashlib
+    import os
+    import tempfile
+    from pathlib import Path
+
+    key = hashlib.sha256(bin_centres().tobytes()).hexdigest()[:16]
+    cache = Path(os.environ.get("RECOMPOSE_CACHE", Path.home() / ".cache" / "recompose"))
+    path = cache / f"palette-bins-{key}.npy"
+    try:
+        table = np.load(path, allow_pickle=False)
+        if table.shape == (1 << 24,) and table.dtype == np.uint8:
+            return table
+    except (OSError, ValueError):
+        pass
+    table = np.empty(1 << 24, np.uint8)
+    step = 1 << 20
+    for start in range(0, 1 << 24, step):
+        packed = np.arange(start, start + step, dtype=np.uint32)
+        table[start : start + step] = _nearest_bins(_unpack(packed))
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, table, allow_pickle=False)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return table
+
+
+def _unpack(packed: np.ndarray) -> np.ndarray:
+    return np.stack([packed >> 16, (packed >> 8) & 255, packed & 255], axis=-1).astype(np.uint8)
 
 
 def _bins_of(packed: np.ndarray) -> np.ndarray:
     """Packed ``r << 16 | g << 8 | b`` colours (any shape, uint32) -> their bins (uint8)."""
-    table = _bin_table()
-    bins = table[packed]
-    missing = bins == _UNSET
-    if missing.any():
-        new = np.unique(packed[missing])
-        rgb = np.stack([new >> 16, (new >> 8) & 255, new & 255], axis=-1).astype(np.uint8)
-        table[new] = _nearest_bins(rgb)
-        bins[missing] = table[packed[missing]]
-    return bins
+    return _bin_table()[packed]
 
 
 # -- histograms -------------------------------------------------------------------------------

@@ -150,3 +150,20 @@ def test_render_palette():
     assert tuple(render_palette(palette_of(solid((0, 0, 0)), sigma=0.0)[0])[0, -1]) == (0, 0, 0)
     with pytest.raises(ValueError):
         render_palette(np.zeros(NUM_BINS))
+
+
+def test_bin_table_is_the_exact_search_and_is_cached(tmp_path, monkeypatch):
+    from pipelines.conditions import palette as P
+
+    monkeypatch.setenv("RECOMPOSE_CACHE", str(tmp_path))
+    P._bin_table.cache_clear()
+    try:
+        table = P._bin_table()
+        (cached,) = tmp_path.glob("palette-bins-*.npy")
+        packed = np.random.default_rng(0).integers(0, 1 << 24, 50_000).astype(np.uint32)
+        np.testing.assert_array_equal(table[packed], P._nearest_bins(P._unpack(packed)))
+        cached.write_bytes(b"not a table")  # a damaged cache is recomputed, not trusted
+        P._bin_table.cache_clear()
+        np.testing.assert_array_equal(P._bin_table(), table)
+    finally:
+        P._bin_table.cache_clear()
