@@ -141,7 +141,9 @@ def naive_all(blobs: list[bytes], r: int, palette: NaivePalette, canny) -> None:
         np.asarray(edges.resize((r, r)))
         palette(rgb)
         np.asarray(im.convert("L"))
-        km = KMeans(n_clusters=8, n_init=1, max_iter=10, random_state=0).fit(rgb.reshape(-1, 3).astype(np.float32))
+        km = KMeans(n_clusters=8, n_init=1, max_iter=10, random_state=0).fit(
+            rgb.reshape(-1, 3).astype(np.float32)
+        )
         label(km.labels_.reshape(r, r) + 1, background=0, connectivity=1)
 
 
@@ -157,8 +159,15 @@ def ray_job(blobs: list[bytes], r: int, conditions: str) -> float:
         src.mkdir()
         for i, b in enumerate(blobs):
             (src / f"{i:05d}.jpg").write_bytes(b)
-        values = {"input": str(src), "output": str(Path(tmp) / "out"), "conditions": conditions,
-                  "resolution": r, "progress": False, "instances.method": "cluster", "shard_size": 128}
+        values = {
+            "input": str(src),
+            "output": str(Path(tmp) / "out"),
+            "conditions": conditions,
+            "resolution": r,
+            "progress": False,
+            "instances.method": "cluster",
+            "shard_size": 128,
+        }
         s = run_decompose(load_config(DecomposeConfig, values=values))
         return s["inputs"] / s["elapsed_s"]
 
@@ -221,8 +230,11 @@ def main() -> int:
         log("Ray job: decode + palette, sketch, intensity, instances")
         job_b = statistics.median(ray_job(blobs, r, "palette,sketch,intensity,instances") for _ in range(2))
         ray.shutdown()
-        out["ray_job_2cpu"] = {"decode_intensity_ips": round(job_a, 1), "cpu_extractors_ips": round(job_b, 1),
-                               "note": "end to end incl. pipeline start-up, 2 CPUs, not judged"}
+        out["ray_job_2cpu"] = {
+            "decode_intensity_ips": round(job_a, 1),
+            "cpu_extractors_ips": round(job_b, 1),
+            "note": "end to end incl. pipeline start-up, 2 CPUs, not judged",
+        }
     print(json.dumps(out, indent=2))
     return 0
 

@@ -13,9 +13,6 @@ import numpy as np
 from pipelines.conditions.base import Batch, ColumnSpec, Extractor, ExtractorConfig
 from pipelines.config import resource
 
-# ITU-R BT.601 luma weights, the same as PIL's convert("L").
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-
 
 @dataclass(frozen=True)
 class IntensityConfig(ExtractorConfig):
@@ -32,5 +29,12 @@ class IntensityExtractor(Extractor):
         return [ColumnSpec("intensity", "uint8", (r, r), "BT.601 luma, 0 = black")]
 
     def extract(self, batch: Batch) -> Batch:
-        luma = batch["image"].astype(np.float32) @ _LUMA
-        return {"intensity": np.clip(np.rint(luma), 0, 255).astype(np.uint8)}
+        import cv2
+
+        # OpenCV's RGB→GRAY is BT.601 in fixed point (within 1 of PIL's convert("L")), ~10x
+        # faster than a float matmul; one C call per image.
+        images = batch["image"]
+        out = np.empty(images.shape[:3], np.uint8)
+        for i, im in enumerate(images):
+            out[i] = cv2.cvtColor(np.ascontiguousarray(im), cv2.COLOR_RGB2GRAY)
+        return {"intensity": out}

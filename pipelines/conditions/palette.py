@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import re
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -178,6 +179,12 @@ def _bin_table() -> np.ndarray:
     return table
 
 
+@functools.lru_cache(maxsize=1)
+def _bin_table_rgba() -> np.ndarray:
+    """``_bin_table`` indexed by ``r | g << 8 | b << 16`` (a little-endian RGBA word, alpha masked)."""
+    return np.ascontiguousarray(_bin_table().reshape(256, 256, 256).transpose(2, 1, 0)).reshape(-1)
+
+
 def _unpack(packed: np.ndarray) -> np.ndarray:
     return np.stack([packed >> 16, (packed >> 8) & 255, packed & 255], axis=-1).astype(np.uint8)
 
@@ -213,8 +220,19 @@ def palette_of(images: np.ndarray, sigma: float = PaletteConfig.sigma) -> np.nda
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"palette: expected (B, H, W, 3) uint8 images, got {images.dtype}{images.shape}")
     b, h, w, _ = images.shape
-    px = images.reshape(b, h * w, 3).astype(np.uint32)
-    bins = _bins_of((px[..., 0] << 16) | (px[..., 1] << 8) | px[..., 2])  # (B, H*W)
+    if sys.byteorder == "little":
+        # An RGBA copy read as uint32 is r | g << 8 | b << 16 | a << 24: one C call per image
+        # instead of three shifts over uint32 copies (~8x faster); the table is permuted to match.
+        import cv2
+
+        keys = np.empty((b, h * w), np.uint32)
+        for i, im in enumerate(images):
+            keys[i] = cv2.cvtColor(np.ascontiguousarray(im), cv2.COLOR_RGB2RGBA).view(np.uint32).reshape(-1)
+        keys &= 0xFFFFFF
+        bins = _bin_table_rgba()[keys]  # (B, H*W)
+    else:
+        px = images.reshape(b, h * w, 3).astype(np.uint32)
+        bins = _bins_of((px[..., 0] << 16) | (px[..., 1] << 8) | px[..., 2])
     # One bincount for the whole batch: row i's bins are offset by i * 156.
     ids = bins.astype(np.int64) + (np.arange(b, dtype=np.int64) * NUM_BINS)[:, None]
     counts = np.bincount(ids.ravel(), minlength=b * NUM_BINS).reshape(b, NUM_BINS)
