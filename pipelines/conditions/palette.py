@@ -225,17 +225,20 @@ def palette_of(images: np.ndarray, sigma: float = PaletteConfig.sigma) -> np.nda
         # instead of three shifts over uint32 copies (~8x faster); the table is permuted to match.
         import cv2
 
-        keys = np.empty((b, h * w), np.uint32)
+        # Image by image, so the keys and bins stay in cache and no batch-sized temporaries are
+        # allocated (~1.6x faster than one gather and one offset bincount over the whole batch).
+        table = _bin_table_rgba()
+        counts = np.empty((b, NUM_BINS), np.int64)
         for i, im in enumerate(images):
-            keys[i] = cv2.cvtColor(np.ascontiguousarray(im), cv2.COLOR_RGB2RGBA).view(np.uint32).reshape(-1)
-        keys &= 0xFFFFFF
-        bins = _bin_table_rgba()[keys]  # (B, H*W)
+            keys = cv2.cvtColor(np.ascontiguousarray(im), cv2.COLOR_RGB2RGBA).view(np.uint32).reshape(-1)
+            keys &= 0xFFFFFF
+            counts[i] = np.bincount(table[keys], minlength=NUM_BINS)
     else:
         px = images.reshape(b, h * w, 3).astype(np.uint32)
         bins = _bins_of((px[..., 0] << 16) | (px[..., 1] << 8) | px[..., 2])
-    # One bincount for the whole batch: row i's bins are offset by i * 156.
-    ids = bins.astype(np.int64) + (np.arange(b, dtype=np.int64) * NUM_BINS)[:, None]
-    counts = np.bincount(ids.ravel(), minlength=b * NUM_BINS).reshape(b, NUM_BINS)
+        # One bincount for the whole batch: row i's bins are offset by i * 156.
+        ids = bins.astype(np.int64) + (np.arange(b, dtype=np.int64) * NUM_BINS)[:, None]
+        counts = np.bincount(ids.ravel(), minlength=b * NUM_BINS).reshape(b, NUM_BINS)
     return smooth_histogram(counts, sigma)
 
 
