@@ -247,7 +247,7 @@ class _Job:
         work = [p for p in pend if p.todo]
         if work:
             self._execute(work)
-        summary = self._write_outputs()
+        summary = self._write_outputs(changed=bool(work or updates))
         summary.update(
             elapsed_s=round(time.time() - t0, 3),
             shards_computed=len(work),
@@ -274,7 +274,7 @@ class _Job:
         for p in work:
             shutil.rmtree(staging / p.unit.shard, ignore_errors=True)
         cfg = self.cfg
-        items = [{"unit": p.unit.to_item()["unit"], "todo": ",".join(p.todo)} for p in work]
+        items = [{"unit": p.unit.to_json(), "todo": ",".join(p.todo)} for p in work]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.flat_map(
             read_rows,
@@ -365,7 +365,8 @@ class _Job:
         err_rows = self._errors_from(rows, unit) if rows else _empty_errors()
         if p.fresh:
             errors = err_rows
-            good = [i for i in range(n) if i not in set(errors["index"])]
+            bad = set(errors["index"])
+            good = [i for i in range(n) if i not in bad]
             data = self._arrays(rows, good, p.todo)
             data.update({c: np.array(rows[c].to_pylist(), object)[good] for c in ("key", "source", "text")})
         else:
@@ -442,16 +443,14 @@ class _Job:
         }
 
     # -- outputs -------------------------------------------------------------------------------
-    def _write_outputs(self) -> dict[str, Any]:
-        entries, errs = [], []
+    def _write_outputs(self, changed: bool) -> dict[str, Any]:
+        """errors.parquet, manifest.json, preview.png; ``changed``: this run rewrote some shard."""
+        entries = []
         for unit in self.plan.units:
             st = self._unit_state(unit)
             if st is None or st["fingerprints"] != self.fingerprints:
                 raise RuntimeError(f"shard {unit.shard} is not complete; rerun to resume")
             entries.append({k: st[k] for k in ("path", "inputs", "rows", "errors", "sha256")})
-            errs.append(pq.read_table(self.state / "errors" / f"{unit.shard}.parquet"))
-        errors = pa.concat_tables(errs) if errs else S.errors_table(_empty_errors())
-        S.write_parquet(errors, self.out / "errors.parquet")
         totals = {
             "inputs": sum(e["inputs"] for e in entries),
             "rows": sum(e["rows"] for e in entries),
@@ -459,7 +458,6 @@ class _Job:
             "skipped_upstream": self.plan.skipped,
         }
         assert totals["inputs"] == totals["rows"] + totals["errors"]
-        by_stage = Counter(errors.column("stage").to_pylist())
         manifest = {
             "format": MANIFEST_FORMAT,
             "shard_format": S.SHARD_FORMAT,
@@ -471,20 +469,32 @@ class _Job:
             "unavailable": self.unavailable,
             "shards": entries,
             "totals": totals,
-            "errors_by_stage": dict(sorted(by_stage.items())),
         }
-        S.write_json(manifest, self.out / "manifest.json")
-        preview = None
-        if totals["rows"]:
-            from pipelines.preview import write_preview
+        path = self.out / "manifest.json"
+        preview = self.out / "preview.png" if totals["rows"] else None
+        previous = json.loads(path.read_text()) if path.is_file() else None
+        fresh = not changed and previous is not None and (self.out / "errors.parquet").is_file()
+        fresh = fresh and (preview is None or preview.is_file())
+        if fresh and {k: v for k, v in previous.items() if k != "errors_by_stage"} == json.loads(
+            json.dumps(manifest)
+        ):
+            # A rerun of a finished job: the outputs on disk already say exactly this.
+            manifest = previous
+        else:
+            tables = [pq.read_table(self.state / "errors" / f"{u.shard}.parquet") for u in self.plan.units]
+            errors = pa.concat_tables(tables) if tables else S.errors_table(_empty_errors())
+            S.write_parquet(errors, self.out / "errors.parquet")
+            manifest["errors_by_stage"] = dict(sorted(Counter(errors.column("stage").to_pylist()).items()))
+            S.write_json(manifest, path)
+            if preview is not None:
+                from pipelines.preview import write_preview
 
-            first = next(e for e in entries if e["rows"])
-            preview = str(self.out / "preview.png")
-            write_preview(self.out / first["path"], preview)
+                first = next(e for e in entries if e["rows"])
+                write_preview(self.out / first["path"], preview)
         return {
             "output": str(self.out),
-            "manifest": str(self.out / "manifest.json"),
-            "preview": preview,
+            "manifest": str(path),
+            "preview": str(preview) if preview else None,
             **totals,
             "errors_by_stage": manifest["errors_by_stage"],
         }

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -59,11 +60,11 @@ class WorkUnit:
         blob = json.dumps([self.shard, self.kind, self.path, list(self.members), list(self.captions)])
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
-    def to_item(self) -> dict[str, Any]:
-        return {"unit": json.dumps(dataclasses.asdict(self))}
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
 
     @staticmethod
-    def from_item(item: str) -> WorkUnit:
+    def from_json(item: str) -> WorkUnit:
         d = json.loads(item)
         return WorkUnit(d["shard"], d["kind"], d["path"], tuple(d["members"]), tuple(d["captions"]))
 
@@ -338,9 +339,14 @@ def _read_tar(unit: WorkUnit) -> list[dict[str, Any]]:
                 if not m.isfile():
                     continue
                 key, ext = _split_member(m.name)
-                if key in want:
-                    f = tf.extractfile(m)
-                    found.setdefault(key, {})[ext] = f.read() if f else b""
+                if key not in want:
+                    # A sample's files are contiguous: once every wanted key has been seen and
+                    # another key starts, the rest of the tar belongs to other units.
+                    if len(found) == len(want):
+                        break
+                    continue
+                f = tf.extractfile(m)
+                found.setdefault(key, {})[ext] = f.read() if f else b""
     except (tarfile.TarError, OSError, EOFError) as e:
         failure = e
     tar = os.path.basename(unit.path)
@@ -364,6 +370,23 @@ def _cell_bytes(v: Any) -> bytes | None:
     return v if isinstance(v, (bytes, bytearray)) else None
 
 
+def _read_rows(file: Path, columns: list[str], lo: int, hi: int) -> tuple[pa.Table, int]:
+    """Only the row groups holding rows ``lo..hi-1``, and the file row their first row is.
+
+    A file is cut into many units; reading it whole for each would read it once per unit.
+    """
+    pf = pq.ParquetFile(file)
+    groups, first, start = [], 0, 0
+    for g in range(pf.metadata.num_row_groups):
+        end = start + pf.metadata.row_group(g).num_rows
+        if end > lo and start < hi:
+            if not groups:
+                first = start
+            groups.append(g)
+        start = end
+    return pf.read_row_groups(groups, columns=columns), first
+
+
 def _read_parquet(
     unit: WorkUnit, image_column: str | None, caption_column: str | None
 ) -> list[dict[str, Any]]:
@@ -375,8 +398,7 @@ def _read_parquet(
     )
     key_col = next((c for c in KEY_COLUMNS if c in names), None)
     cols = [c for c in (img_col, cap_col, key_col, *GT_COLUMNS) if c and c in names]
-    lo, hi = min(unit.members), max(unit.members) + 1
-    table = pq.read_table(file, columns=cols).slice(lo, hi - lo)
+    table, lo = _read_rows(file, cols, min(unit.members), max(unit.members) + 1)
     data = {c: table.column(c).to_pylist() for c in cols}
     rows = []
     for i, r in enumerate(unit.members):

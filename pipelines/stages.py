@@ -32,7 +32,7 @@ def unfused() -> dict[str, Any]:
 def read_rows(
     item: dict[str, Any], root: str, image_column: str | None, caption_column: str | None
 ) -> list[dict[str, Any]]:
-    unit = WorkUnit.from_item(item["unit"])
+    unit = WorkUnit.from_json(item["unit"])
     rows = read_unit(unit, root, image_column, caption_column)
     for r in rows:
         r["todo"] = item["todo"]
