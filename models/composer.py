@@ -1,0 +1,214 @@
+"""``ComposerModel``: a stock diffusers ``UNet2DConditionModel`` conditioned on any subset of the
+eight representations (Composer, arXiv 2302.09778, §3.2). Read top to bottom:
+
+    encode(conditions, presence) -> EncodedConditions      once per sample / sampling run
+    forward(x_t, t, encoded)     -> epsilon                 every denoising step
+
+In pixel space (the base model, 64×64 as in Composer) x_t is the image; given a VAE the same
+code runs on latents with ``image_channels`` = latent channels and ``local_downsample`` = the VAE's
+scale factor, so local maps stay at image resolution.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from diffusers import ModelMixin, UNet2DConditionModel
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+
+from models.conditioning import (
+    CONDITIONS,
+    Conditions,
+    EncodedConditions,
+    GlobalConditioner,
+    LocalConditioner,
+    check_presence,
+)
+from models.encoders import HashTokenizer, ImageEncoder, TextEncoder
+
+
+class ComposerModel(ModelMixin, ConfigMixin):
+    """Multi-conditional noise predictor; the constructor arguments are its saved config."""
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int = 64,
+        image_channels: int = 3,
+        local_downsample: int = 1,
+        block_out_channels: tuple[int, ...] = (32, 64),
+        attention_levels: tuple[bool, ...] = (False, True),
+        layers_per_block: int = 1,
+        attention_head_dim: int = 8,
+        norm_num_groups: int = 8,
+        cross_attention_dim: int = 64,
+        local_channels: int = 8,
+        local_hidden: int = 16,
+        caption_encoder: Literal["trainable", "clip", "t5"] = "trainable",
+        caption_sentence_dim: int = 64,
+        caption_token_dim: int = 64,
+        caption_length: int = 24,
+        text_vocab_size: int = 4096,
+        text_layers: int = 2,
+        text_heads: int = 4,
+        semantics_encoder: Literal["trainable", "clip"] = "trainable",
+        semantics_dim: int = 8,
+        semantics_tokens: int = 2,
+        palette_tokens: int = 2,
+    ):
+        super().__init__()
+        if len(attention_levels) != len(block_out_channels):
+            raise ValueError("attention_levels needs one entry per block_out_channels entry")
+        if caption_encoder not in ("trainable", "clip", "t5"):
+            raise ValueError(f"caption_encoder must be 'trainable', 'clip' or 't5', got {caption_encoder!r}")
+        if semantics_encoder not in ("trainable", "clip"):
+            raise ValueError(f"semantics_encoder must be 'trainable' or 'clip', got {semantics_encoder!r}")
+        if caption_encoder == "trainable" and caption_sentence_dim != caption_token_dim:
+            raise ValueError(
+                "the trainable caption encoder has one width: caption_sentence_dim == caption_token_dim"
+            )
+        if any(c % attention_head_dim for c in block_out_channels):
+            raise ValueError(
+                f"attention_head_dim {attention_head_dim} must divide every block_out_channels entry"
+            )
+        embed_dim = block_out_channels[0] * 4  # UNet2DConditionModel's timestep-embedding width
+        self.unet = UNet2DConditionModel(
+            sample_size=sample_size,
+            in_channels=image_channels + local_channels,
+            out_channels=image_channels,
+            down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention_levels),
+            up_block_types=tuple(
+                "CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention_levels)
+            ),
+            block_out_channels=tuple(block_out_channels),
+            layers_per_block=layers_per_block,
+            # diffusers reads `attention_head_dim` as the number of heads (a naming slip it keeps
+            # for old configs, diffusers issue #2011), so give it per-block head counts instead.
+            attention_head_dim=tuple(c // attention_head_dim for c in block_out_channels),
+            norm_num_groups=norm_num_groups,
+            cross_attention_dim=cross_attention_dim,
+            # The global-condition embedding arrives as `class_labels` and is added as is.
+            class_embed_type="identity",
+        )
+        self.conditioner = GlobalConditioner(
+            embed_dim=embed_dim,
+            context_dim=cross_attention_dim,
+            caption_sentence_dim=caption_sentence_dim,
+            caption_token_dim=caption_token_dim,
+            caption_length=caption_length,
+            semantics_dim=semantics_dim,
+            semantics_tokens=semantics_tokens,
+            palette_tokens=palette_tokens,
+        )
+        self.local = LocalConditioner(local_channels, local_hidden, local_downsample)
+        self.text_encoder = (
+            TextEncoder(text_vocab_size, caption_length, caption_token_dim, text_layers, text_heads)
+            if caption_encoder == "trainable"
+            else None
+        )
+        self.image_encoder = ImageEncoder(semantics_dim) if semantics_encoder == "trainable" else None
+
+    # -- inputs ------------------------------------------------------------------------------
+    @property
+    def image_size(self) -> int:
+        """Side of the images (and of every local map) the model takes, in pixels."""
+        return self.config.sample_size * self.config.local_downsample
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """Captions -> (B, caption_length) ids for the trainable caption encoder."""
+        if self.text_encoder is None:
+            raise ValueError(f"this model takes {self.config.caption_encoder} caption embeddings, not text")
+        return HashTokenizer(self.config.text_vocab_size, self.config.caption_length)(texts)
+
+    def encode_semantics(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, semantics_dim) embedding, trainable encoder only."""
+        if self.image_encoder is None:
+            raise ValueError("this model takes CLIP semantics embeddings; decompose the image with CLIP")
+        return self.image_encoder(image.to(self.device, self.dtype))
+
+    # -- the two steps -----------------------------------------------------------------------
+    def encode(self, conditions: Conditions, presence: torch.Tensor) -> EncodedConditions:
+        """Raw condition inputs and presence (B, 8) bool (``CONDITIONS`` order) -> UNet inputs."""
+        b = presence.shape[0]
+        check_presence(presence, b)
+        given = conditions.batch_size()
+        if given is not None and given != b:
+            raise ValueError(f"conditions have batch size {given}, presence has {b} rows")
+        presence = presence.to(self.device)
+        c = conditions.to(self.device, self.dtype)
+        sentence, tokens = c.caption_sentence, c.caption_tokens
+        if self.text_encoder is not None:
+            if sentence is not None or tokens is not None:
+                raise ValueError("this model encodes captions itself: give text_ids, not caption embeddings")
+            if c.text_ids is not None:
+                tokens, sentence = self.text_encoder(c.text_ids)
+        elif c.text_ids is not None:
+            raise ValueError(
+                f"this model takes {self.config.caption_encoder} caption embeddings, not text_ids"
+            )
+        semantics = c.semantics
+        if self.image_encoder is not None:
+            # An embedding may also be given directly (from ``encode_semantics``), e.g. to
+            # interpolate between two images' embeddings.
+            if semantics is not None and c.semantics_image is not None:
+                raise ValueError("give semantics_image or a semantics embedding, not both")
+            if c.semantics_image is not None:
+                semantics = self.image_encoder(c.semantics_image)
+        elif c.semantics_image is not None:
+            raise ValueError("this model takes CLIP semantics embeddings, not semantics_image")
+        embedding, context = self.conditioner(presence, sentence, tokens, semantics, c.palette)
+        mask = None
+        if c.mask is not None or c.masked_image is not None:
+            if c.mask is None or c.masked_image is None:
+                raise ValueError("the mask condition needs both mask and masked_image")
+            if c.mask.shape[-2:] != c.masked_image.shape[-2:]:
+                raise ValueError(
+                    f"mask is {tuple(c.mask.shape)} but masked_image {tuple(c.masked_image.shape)}"
+                )
+            mask = torch.cat([c.masked_image, c.mask], dim=1)
+        maps = {
+            "sketch": c.sketch,
+            "instances": c.instances,
+            "depth": c.depth,
+            "intensity": c.intensity,
+            "mask": mask,
+        }
+        size = (self.config.sample_size, self.config.sample_size)
+        local = self.local(presence, maps, size)
+        return EncodedConditions(embedding=embedding, context=context, local=local)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | int,
+        encoded: EncodedConditions | None = None,
+        conditions: Conditions | None = None,
+        presence: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x_t (B, C, S, S) and timesteps (B,) -> predicted noise (B, C, S, S).
+
+        Give ``encoded`` (from ``encode``), or ``conditions`` and ``presence`` to encode here —
+        training does the latter so that DDP sees every parameter used in ``forward``.
+        """
+        if encoded is None:
+            if presence is None:
+                raise ValueError("give encoded, or conditions and presence")
+            encoded = self.encode(conditions or Conditions(), presence)
+        if len(encoded) != sample.shape[0]:
+            raise ValueError(f"x_t has {sample.shape[0]} rows, the encoded conditions {len(encoded)}")
+        x = torch.cat([sample, encoded.local.to(sample.dtype)], dim=1)
+        return self.unet(
+            x,
+            timestep,
+            encoder_hidden_states=encoded.context,
+            class_labels=encoded.embedding,
+            return_dict=False,
+        )[0]
+
+
+def empty_presence(batch: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(B, 8) all-False presence: the unconditional model."""
+    return torch.zeros(batch, len(CONDITIONS), dtype=torch.bool, device=device)

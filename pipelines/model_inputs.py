@@ -1,0 +1,71 @@
+"""Decomposed arrays (the shard format of the decomposition job) -> the model's ``Conditions``.
+
+One place for the conversion, used by the training loop and by the generation pipeline:
+
+    "text"              (B,) str                 trainable caption encoder
+    "caption.clip_sentence" / "caption.clip_tokens" (B, D) / (B, L, W)   caption_encoder = clip
+    "caption.t5_sentence"   / "caption.t5_tokens"   (B, D) / (B, L, W)   caption_encoder = t5
+    "semantics"         (B, D) float             CLIP (or precomputed) embedding
+    "semantics.image"   (B, R, R, 3) uint8       image for the trainable semantics encoder
+    "palette"           (B, 156) float
+    "sketch" "depth" "intensity"  (B, R, R) uint8 -> (B, 1, R, R) in [0, 1]
+    "instances"         (B, R, R) uint8 ids
+    "mask"              (B, R, R) uint8 {0, 1}, 1 = regenerate, with
+    "mask.image"        (B, R, R, 3) uint8: the source image, blanked inside the mask here
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from models import ComposerModel, Conditions
+
+
+def image_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def tensor_to_image(x: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
+    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round()
+    return x.permute(0, 2, 3, 1).to(torch.uint8).cpu().numpy()
+
+
+def _map(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32) / 255.0).unsqueeze(1)
+
+
+def to_conditions(model: ComposerModel, rows: Mapping[str, Any]) -> Conditions:
+    """The model inputs for ``rows`` (keys as in the module docstring; others are ignored)."""
+    cfg = model.config
+    out: dict[str, torch.Tensor] = {}
+    if "text" in rows and cfg.caption_encoder == "trainable":
+        out["text_ids"] = model.tokenize([str(t) for t in rows["text"]])
+    if cfg.caption_encoder in ("clip", "t5"):
+        key = cfg.caption_encoder
+        if f"caption.{key}_sentence" in rows:
+            out["caption_sentence"] = torch.as_tensor(np.asarray(rows[f"caption.{key}_sentence"], np.float32))
+            out["caption_tokens"] = torch.as_tensor(np.asarray(rows[f"caption.{key}_tokens"], np.float32))
+    if "semantics" in rows:
+        out["semantics"] = torch.as_tensor(np.asarray(rows["semantics"], np.float32))
+    elif "semantics.image" in rows:
+        out["semantics_image"] = image_to_tensor(rows["semantics.image"])
+    if "palette" in rows:
+        out["palette"] = torch.as_tensor(np.asarray(rows["palette"], np.float32))
+    for name in ("sketch", "depth", "intensity"):
+        if name in rows:
+            out[name] = _map(rows[name])
+    if "instances" in rows:
+        out["instances"] = torch.from_numpy(np.asarray(rows["instances"]).astype(np.int64))
+    if "mask" in rows:
+        mask = torch.from_numpy(np.asarray(rows["mask"]).astype(np.float32)).unsqueeze(1)
+        if "mask.image" not in rows:
+            raise ValueError("the mask condition needs the source image as 'mask.image'")
+        out["mask"] = mask
+        out["masked_image"] = image_to_tensor(rows["mask.image"]) * (1 - mask)
+    return Conditions(**out)
