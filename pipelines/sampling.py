@@ -77,7 +77,9 @@ def invert(
     if not isinstance(scheduler, DDIMScheduler):
         raise ValueError(f"DDIM inversion needs a DDIMScheduler, got {type(scheduler).__name__}")
     known = inspect.signature(DDIMInverseScheduler.__init__).parameters
-    config = {k: v for k, v in scheduler.config.items() if k in known}  # DDIM's thresholding etc. do not apply
+    config = {
+        k: v for k, v in scheduler.config.items() if k in known
+    }  # DDIM's thresholding etc. do not apply
     inverse = DDIMInverseScheduler.from_config({**config, "clip_sample": False})
     inverse.set_timesteps(num_inference_steps, device=x.device)
     for t in progress(inverse.timesteps):
