@@ -90,17 +90,21 @@ class Guidance:
     def sets(self) -> list[frozenset[str]]:
         """The condition set of each batched branch: c1 first, then the targets.
 
-        One target with ω = 1 needs no c1 branch (ε̂ = ε(c2)), and no targets means ε̂ = ε(c1).
+        One target with ω = 1 needs no c1 branch (ε̂ = ε(c2)); targets equal to c1 (or none)
+        mean ε̂ = ε(c1), one branch.
         """
         if len(self.terms) == 1 and self.terms[0][1] == 1.0:
             return [self.terms[0][0]]
+        if all(s == self.base for s, _ in self.terms):  # e.g. no conditions at all: c2 = c1
+            return [self.base]
         return [self.base] + [s for s, _ in self.terms]
 
     def combine(self, eps: torch.Tensor) -> torch.Tensor:
         """eps (K·B, ...) from the branches of ``sets()`` in order -> guided ε̂ (B, ...)."""
-        chunks = eps.chunk(len(self.sets()))
-        if len(chunks) == 1:
-            return chunks[0]
+        sets = self.sets()
+        if len(sets) == 1:
+            return eps
+        chunks = eps.chunk(len(sets))
         base, targets = chunks[0], chunks[1:]
         out = base
         for (_, w), e in zip(self.terms, targets, strict=True):

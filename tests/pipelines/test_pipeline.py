@@ -267,3 +267,11 @@ def test_bad_inputs_raise_clear_errors():
         pipe(cond, scheduler="euler", num_inference_steps=2)
     with pytest.raises(ValueError, match="DDIM"):
         pipe(cond, source=source, invert_conditions=cond, scheduler="dpm++", num_inference_steps=2)
+
+
+def test_unconditional_generation_is_one_branch():
+    g = Guidance.parse(3.0, [])
+    assert g.sets() == [frozenset()]
+    pipe = make_pipe()
+    out = pipe({}, guidance=3.0, num_inference_steps=3, seed=0)
+    assert out.guidance["branches"] == 1 and out.images.shape == (1, R, R, 3)
