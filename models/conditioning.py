@@ -119,7 +119,10 @@ def check_presence(presence: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def _mlp(d_in: int, d_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(d_in, d_out), nn.SiLU(), nn.Linear(d_out, d_out))
+    # LayerNorm first: the inputs come at very different scales (unit-norm CLIP vectors of 512+
+    # numbers, a histogram's square root, Transformer states), and an input far below unit
+    # variance starts out drowned by the others.
+    return nn.Sequential(nn.LayerNorm(d_in), nn.Linear(d_in, d_out), nn.SiLU(), nn.Linear(d_out, d_out))
 
 
 class GlobalConditioner(nn.Module):
@@ -146,8 +149,12 @@ class GlobalConditioner(nn.Module):
         self.presence_embed = nn.Linear(len(CONDITIONS), embed_dim)
         self.null_embed = nn.Parameter(torch.zeros(len(GLOBAL_CONDITIONS), embed_dim))
         self.caption_context = nn.Linear(caption_token_dim, context_dim)
-        self.semantics_context = nn.Linear(semantics_dim, semantics_tokens * context_dim)
-        self.palette_context = nn.Linear(PALETTE_BINS, palette_tokens * context_dim)
+        self.semantics_context = nn.Sequential(
+            nn.LayerNorm(semantics_dim), nn.Linear(semantics_dim, semantics_tokens * context_dim)
+        )
+        self.palette_context = nn.Sequential(
+            nn.LayerNorm(PALETTE_BINS), nn.Linear(PALETTE_BINS, palette_tokens * context_dim)
+        )
         self.null_caption = nn.Parameter(torch.randn(caption_length, context_dim) * 0.02)
         self.null_semantics = nn.Parameter(torch.randn(semantics_tokens, context_dim) * 0.02)
         self.null_palette = nn.Parameter(torch.randn(palette_tokens, context_dim) * 0.02)

@@ -57,7 +57,11 @@ def semantics_embedding(pipe: ComposerPipeline, image: np.ndarray, decomposer: I
 
 
 def slerp(a: np.ndarray, b: np.ndarray, alpha: float) -> np.ndarray:
-    """Spherical interpolation of two embeddings (norm interpolated linearly)."""
+    """Spherical interpolation of two embeddings (norm interpolated linearly); exact at 0 and 1."""
+    if alpha == 0:
+        return np.asarray(a, np.float32)
+    if alpha == 1:
+        return np.asarray(b, np.float32)
     na, nb = np.linalg.norm(a), np.linalg.norm(b)
     ua, ub = a / max(na, 1e-8), b / max(nb, 1e-8)
     omega = np.arccos(np.clip(np.dot(ua, ub), -1, 1))

@@ -12,7 +12,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_inversion_then_reconstruction_returns_the_source(trained_tiny):
     """Stated bound: >= 20 dB PSNR at 20 DDIM steps for the briefly trained tiny model (measured
-    ~24-29 dB); a random-init model gives ~5 dB, so the bound does test the inversion."""
+    ~25-30 dB); a random-init model gives ~5 dB, so the bound does test the inversion."""
     pipe = trained_tiny
     images, texts, intensity = pipe.training_images
     for i in (0, 5):
@@ -22,10 +22,20 @@ def test_inversion_then_reconstruction_returns_the_source(trained_tiny):
 
 
 def test_bidirectional_sampling_under_other_conditions_changes_the_image(trained_tiny):
+    """Inverted under c1, sampled under c2 (another image's caption and intensity): further from
+    the source than sampling back under c1 (measured 2.6-9 dB further on these six)."""
     pipe = trained_tiny
     images, texts, intensity = pipe.training_images
-    c1 = {"text": texts[2], "intensity": intensity[2]}
-    c2 = {"text": texts[9], "intensity": intensity[9]}
-    same = pipe(c1, guidance=1.0, num_inference_steps=20, source=images[2], invert_conditions=c1).images[0]
-    other = pipe(c2, guidance=1.0, num_inference_steps=20, source=images[2], invert_conditions=c1).images[0]
-    assert psnr(same, images[2]) > psnr(other, images[2]) + 3
+    gaps = []
+    for i in range(6):
+        j = (i + 7) % len(images)
+        c1 = {"text": texts[i], "intensity": intensity[i]}
+        c2 = {"text": texts[j], "intensity": intensity[j]}
+        same = pipe(c1, guidance=1.0, num_inference_steps=20, source=images[i], invert_conditions=c1).images[
+            0
+        ]
+        other = pipe(c2, guidance=1.0, num_inference_steps=20, source=images[i], invert_conditions=c1).images[
+            0
+        ]
+        gaps.append(psnr(same, images[i]) - psnr(other, images[i]))
+    assert min(gaps) > 0 and np.mean(gaps) > 3, gaps

@@ -48,8 +48,13 @@ def test_interpolation_endpoints_are_the_two_images_semantics(pipe):
     outs = recipes.interpolate(pipe, a, b, alphas=(0.0, 0.5, 1.0), **STEPS)
     assert len(outs) == 3
     ends = [recipes.variation(pipe, x, conditions=("semantics", "palette"), **STEPS).images for x in (a, b)]
-    assert np.array_equal(outs[0].images, ends[0]) and np.array_equal(outs[2].images, ends[1])
-    assert not np.array_equal(outs[1].images, outs[0].images)
+
+    # Equal up to float rounding: the embedding is computed on one row here, inside a batch there.
+    def diff(x, y):
+        return np.abs(x.astype(float) - y.astype(float)).mean()
+
+    assert diff(outs[0].images, ends[0]) < 1 and diff(outs[2].images, ends[1]) < 1
+    assert diff(outs[1].images, outs[0].images) > 5 and diff(outs[1].images, outs[2].images) > 5
     ea, eb = recipes.semantics_embedding(pipe, a), recipes.semantics_embedding(pipe, b)
     mid = recipes.slerp(ea, eb, 0.5)
     assert np.isclose(np.linalg.norm(mid), 1.0, atol=1e-5)  # the encoder's embeddings are unit-norm
