@@ -27,6 +27,11 @@ from models.conditioning import (
 )
 from models.encoders import HashTokenizer, ImageEncoder, TextEncoder
 
+# "clip+t5": both frozen embeddings at once (as eDiffi); pipelines/model_inputs.py joins them —
+# sentence vectors concatenated, token sequences one after the other in disjoint feature columns —
+# so the widths/lengths below are the sums of the two encoders'.
+CAPTION_ENCODERS = ("trainable", "clip", "t5", "clip+t5")
+
 
 class ComposerModel(ModelMixin, ConfigMixin):
     """Multi-conditional noise predictor; the constructor arguments are its saved config."""
@@ -47,7 +52,7 @@ class ComposerModel(ModelMixin, ConfigMixin):
         cross_attention_dim: int = 64,
         local_channels: int = 8,
         local_hidden: int = 16,
-        caption_encoder: Literal["trainable", "clip", "t5"] = "trainable",
+        caption_encoder: Literal["trainable", "clip", "t5", "clip+t5"] = "trainable",
         caption_sentence_dim: int = 64,
         caption_token_dim: int = 64,
         caption_length: int = 24,
@@ -62,8 +67,8 @@ class ComposerModel(ModelMixin, ConfigMixin):
         super().__init__()
         if len(attention_levels) != len(block_out_channels):
             raise ValueError("attention_levels needs one entry per block_out_channels entry")
-        if caption_encoder not in ("trainable", "clip", "t5"):
-            raise ValueError(f"caption_encoder must be 'trainable', 'clip' or 't5', got {caption_encoder!r}")
+        if caption_encoder not in CAPTION_ENCODERS:
+            raise ValueError(f"caption_encoder must be one of {CAPTION_ENCODERS}, got {caption_encoder!r}")
         if semantics_encoder not in ("trainable", "clip"):
             raise ValueError(f"semantics_encoder must be 'trainable' or 'clip', got {semantics_encoder!r}")
         if caption_encoder == "trainable" and caption_sentence_dim != caption_token_dim:

@@ -31,7 +31,7 @@ from pipelines.decompose import DecomposeConfig
 # The conditions an image (or its caption) is decomposed into; `mask` is drawn by the user.
 DECOMPOSED = ("caption", "semantics", "palette", "sketch", "instances", "depth", "intensity")
 MAPS = ("sketch", "instances", "depth", "intensity")
-CaptionEncoder = Literal["trainable", "clip", "t5"]
+CaptionEncoder = Literal["trainable", "clip", "t5", "clip+t5"]
 SemanticsEncoder = Literal["trainable", "clip"]
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -64,8 +64,10 @@ class ImageDecomposer:
             self.config = from_dict(DecomposeConfig, data)
         except ConfigError as e:
             raise ConfigError(f"the pipeline's decompose settings (model_index.json): {e}") from None
-        if caption_encoder not in ("trainable", "clip", "t5"):
-            raise ValueError(f"caption_encoder must be trainable, clip or t5, got {caption_encoder!r}")
+        if caption_encoder not in ("trainable", "clip", "t5", "clip+t5"):
+            raise ValueError(
+                f"caption_encoder must be trainable, clip, t5 or clip+t5, got {caption_encoder!r}"
+            )
         if semantics_encoder not in ("trainable", "clip"):
             raise ValueError(f"semantics_encoder must be trainable or clip, got {semantics_encoder!r}")
         self.resolution = resolution
@@ -158,7 +160,7 @@ class ImageDecomposer:
             cls = get_extractor(name)
             section = getattr(self.config, name)
             if name == "caption":  # only the encoder this model takes
-                section = dataclasses.replace(section, encoders=(self.caption_encoder,))
+                section = dataclasses.replace(section, encoders=tuple(self.caption_encoder.split("+")))
             if self.device is not None:
                 section = dataclasses.replace(section, device=self.device)
             ext = cls(section, self.resolution, has_ground_truth=False)

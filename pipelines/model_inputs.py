@@ -5,6 +5,7 @@ One place for the conversion, used by the training loop and by the generation pi
     "text"              (B,) str                 trainable caption encoder
     "caption.clip_sentence" / "caption.clip_tokens" (B, D) / (B, L, W)   caption_encoder = clip
     "caption.t5_sentence"   / "caption.t5_tokens"   (B, D) / (B, L, W)   caption_encoder = t5
+                                                     (both sets: caption_encoder = clip+t5)
     "semantics"         (B, D) float             CLIP (or precomputed) embedding
     "semantics.image"   (B, R, R, 3) uint8       image for the trainable semantics encoder
     "palette"           (B, 156) float
@@ -36,6 +37,19 @@ def tensor_to_image(x: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).to(torch.uint8).cpu().numpy()
 
 
+def join_tokens(parts: list[np.ndarray]) -> np.ndarray:
+    """Token sequences (B, L_i, W_i) of several encoders -> (B, ΣL_i, ΣW_i), one after the other,
+    each in its own feature columns (zeros elsewhere): one linear projection of the joined
+    tokens is then exactly a separate projection per encoder."""
+    b = parts[0].shape[0]
+    out = np.zeros((b, sum(p.shape[1] for p in parts), sum(p.shape[2] for p in parts)), np.float32)
+    row = col = 0
+    for p in parts:
+        out[:, row : row + p.shape[1], col : col + p.shape[2]] = p
+        row, col = row + p.shape[1], col + p.shape[2]
+    return out
+
+
 def _map(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32) / 255.0).unsqueeze(1)
 
@@ -46,11 +60,14 @@ def to_conditions(model: ComposerModel, rows: Mapping[str, Any]) -> Conditions:
     out: dict[str, torch.Tensor] = {}
     if "text" in rows and cfg.caption_encoder == "trainable":
         out["text_ids"] = model.tokenize([str(t) for t in rows["text"]])
-    if cfg.caption_encoder in ("clip", "t5"):
-        key = cfg.caption_encoder
-        if f"caption.{key}_sentence" in rows:
-            out["caption_sentence"] = torch.as_tensor(np.asarray(rows[f"caption.{key}_sentence"], np.float32))
-            out["caption_tokens"] = torch.as_tensor(np.asarray(rows[f"caption.{key}_tokens"], np.float32))
+    if cfg.caption_encoder != "trainable":
+        keys = cfg.caption_encoder.split("+")
+        if all(f"caption.{k}_sentence" in rows for k in keys):
+            sentences = [np.asarray(rows[f"caption.{k}_sentence"], np.float32) for k in keys]
+            out["caption_sentence"] = torch.from_numpy(np.concatenate(sentences, axis=-1))
+            out["caption_tokens"] = torch.from_numpy(
+                join_tokens([np.asarray(rows[f"caption.{k}_tokens"], np.float32) for k in keys])
+            )
     if "semantics" in rows:
         out["semantics"] = torch.as_tensor(np.asarray(rows["semantics"], np.float32))
     elif "semantics.image" in rows:

@@ -255,3 +255,47 @@ def test_clip_encoders_decompose_text_and_semantics_with_clip(files, tmp_path, n
     assert main(["generate", *args, "--text", "a red circle", "--semantics-from", str(files["img1"])]) == 0
     assert set(json.loads((out / "generate.json").read_text())["conditions"]) == {"caption", "semantics"}
     assert no_network == []
+
+
+def test_clip_and_t5_captions_together(files, tmp_path, no_network):
+    """caption_encoder="clip+t5": both frozen embeddings, joined as model_inputs.join_tokens says."""
+    from pipelines.model_inputs import to_conditions
+    from tests.fixtures.tiny_clip import TINY_CLIP_CFG, make_tiny_open_clip
+    from tests.fixtures.tiny_t5 import make_tiny_t5
+
+    clip, t5 = make_tiny_open_clip(tmp_path / "clip"), make_tiny_t5(tmp_path / "t5")
+    dim, width = TINY_CLIP_CFG["embed_dim"], TINY_CLIP_CFG["text_cfg"]["width"]
+    length, t5_len, t5_dim = TINY_CLIP_CFG["text_cfg"]["context_length"], 8, 16
+    decompose = {**DECOMPOSE, "caption": {"clip_model": clip, "t5_model": t5, "t5_max_length": t5_len}}
+    model_dir = _save_pipeline(
+        tmp_path / "model",
+        decompose,
+        caption_encoder="clip+t5",
+        caption_sentence_dim=dim + t5_dim,
+        caption_token_dim=width + t5_dim,
+        caption_length=length + t5_len,
+    )
+    dec = ImageDecomposer(decompose, R, "clip+t5", "trainable")
+    made = dec.caption("a red circle")
+    assert {k: v.shape for k, v in made.items()} == {
+        "caption.clip_sentence": (dim,),
+        "caption.clip_tokens": (length, width),
+        "caption.t5_sentence": (t5_dim,),
+        "caption.t5_tokens": (t5_len, t5_dim),
+    }
+    from pipelines.composer_pipeline import ComposerPipeline
+
+    pipe = ComposerPipeline.from_pretrained(model_dir)
+    rows = {k: v[None] for k, v in made.items()}
+    c = to_conditions(pipe.unet, rows)
+    assert c.caption_sentence.shape == (1, dim + t5_dim)
+    tokens = c.caption_tokens[0].numpy()
+    assert np.array_equal(tokens[:length, :width], made["caption.clip_tokens"].astype(np.float32))
+    assert np.array_equal(tokens[length:, width:], made["caption.t5_tokens"].astype(np.float32))
+    assert not tokens[:length, width:].any() and not tokens[length:, :width].any()
+    out = tmp_path / "out"
+    assert (
+        main(["generate", "--model", str(model_dir), "--output", str(out), "--steps", "2", "--text", "a cat"])
+        == 0
+    )
+    assert no_network == []
