@@ -13,6 +13,7 @@ Conditions are given for one image, as the decomposition job stores them (no bat
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -62,6 +63,17 @@ def default_scheduler() -> DDIMScheduler:
 def given_conditions(conditions: Mapping[str, Any]) -> frozenset[str]:
     """The condition names that ``conditions`` (model-input keys) provides."""
     return frozenset(name for name, keys in _KEYS.items() if any(k in conditions for k in keys))
+
+
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module):
+    """``module`` in eval mode for the block, then back in the mode it was in."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 @dataclass
@@ -226,99 +238,70 @@ class ComposerPipeline(DiffusionPipeline):
           and "none" for latent models and for inversion, which clipping would make irreversible.
         - ``seed`` (or ``generator``): same seed, same images.
         """
-        was_training = self.unet.training
-        self.unet.eval()  # sampling is in eval mode whatever the caller's model mode
-        try:
-            return self._generate(
-                dict(conditions or {}),
-                guidance,
-                num_inference_steps,
-                num_images,
-                seed,
-                generator,
-                source,
-                mask,
-                invert_conditions,
-                invert_guidance,
-                scheduler,
-                threshold,
-                output_type,
+        conditions = dict(conditions or {})
+        with eval_mode(self.unet):  # sampling is in eval mode whatever the caller's model mode
+            if num_images < 1 or num_inference_steps < 1:
+                raise ValueError("num_images and num_inference_steps must be >= 1")
+            if mask is not None:
+                if source is None:
+                    raise ValueError("a mask needs the source image it applies to")
+                mask = (np.asarray(mask) > 0).astype(np.uint8)
+                conditions["mask"], conditions["mask.image"] = mask, np.asarray(source, np.uint8)
+            if invert_conditions is not None and source is None:
+                raise ValueError(
+                    "bidirectional guidance (invert_conditions) needs the source image to invert"
+                )
+            if source is not None and np.asarray(source).shape != (self.image_size, self.image_size, 3):
+                raise ValueError(
+                    f"source is {np.asarray(source).shape}, expected ({self.image_size}, {self.image_size}, 3)"
+                )
+            given = given_conditions(conditions)
+            guide = self._guidance(guidance, given)
+            if threshold is None:
+                threshold = "none" if (self.vae is not None or invert_conditions is not None) else "clip"
+            sched = self._scheduler(scheduler, threshold)
+            if generator is None:
+                generator = torch.Generator("cpu").manual_seed(0 if seed is None else seed)
+            device, dtype = self.unet.device, self.unet.dtype
+            c, s = self.unet.config.image_channels, self.unet.config.sample_size
+            noise = randn_tensor(
+                (num_images, c, s, s), generator=generator, device=torch.device("cpu"), dtype=torch.float32
             )
-        finally:
-            self.unet.train(was_training)
+            x = noise.to(device, dtype)
+            encoded = self.encode_conditions(conditions, guide, num_images)
+            known = None
+            if source is not None:
+                x0 = self._encode_images(np.repeat(np.asarray(source, np.uint8)[None], num_images, axis=0))
+            if invert_conditions is not None:
+                if scheduler != "ddim":
+                    raise ValueError("bidirectional guidance inverts with DDIM; use scheduler='ddim'")
+                inv_guide = self._guidance(invert_guidance, given_conditions(invert_conditions))
+                inv_encoded = self.encode_conditions(invert_conditions, inv_guide, num_images)
+                x = invert(
+                    self.unet, sched, x0, inv_encoded, inv_guide, num_inference_steps, self.progress_bar
+                )
+            if mask is not None:
+                m = torch.from_numpy(mask).float()[None, None].to(device, dtype).repeat(num_images, 1, 1, 1)
+                f = self.unet.config.local_downsample
+                m = (
+                    torch.nn.functional.max_pool2d(m, f) if f > 1 else m
+                )  # a latent is regenerated if any of its pixels is
+                known_noise = randn_tensor(
+                    x0.shape, generator=generator, device=torch.device("cpu"), dtype=torch.float32
+                )
+                known = (x0, m, known_noise.to(device, dtype))
+            x = denoise(self.unet, sched, x, encoded, guide, num_inference_steps, known, self.progress_bar)
+            images = self._decode(x)
+            if mask is not None:
+                # Region-restricted editing: outside the mask the output *is* the source.
+                images = np.where(
+                    mask[None, :, :, None].astype(bool), images, np.asarray(source, np.uint8)[None]
+                )
+            if output_type == "pil":
+                from PIL import Image
 
-    def _generate(
-        self,
-        conditions,
-        guidance,
-        num_inference_steps,
-        num_images,
-        seed,
-        generator,
-        source,
-        mask,
-        invert_conditions,
-        invert_guidance,
-        scheduler,
-        threshold,
-        output_type,
-    ) -> ComposerOutput:
-        if num_images < 1 or num_inference_steps < 1:
-            raise ValueError("num_images and num_inference_steps must be >= 1")
-        if mask is not None:
-            if source is None:
-                raise ValueError("a mask needs the source image it applies to")
-            mask = (np.asarray(mask) > 0).astype(np.uint8)
-            conditions["mask"], conditions["mask.image"] = mask, np.asarray(source, np.uint8)
-        if invert_conditions is not None and source is None:
-            raise ValueError("bidirectional guidance (invert_conditions) needs the source image to invert")
-        if source is not None and np.asarray(source).shape != (self.image_size, self.image_size, 3):
-            raise ValueError(
-                f"source is {np.asarray(source).shape}, expected ({self.image_size}, {self.image_size}, 3)"
-            )
-        given = given_conditions(conditions)
-        guide = self._guidance(guidance, given)
-        if threshold is None:
-            threshold = "none" if (self.vae is not None or invert_conditions is not None) else "clip"
-        sched = self._scheduler(scheduler, threshold)
-        if generator is None:
-            generator = torch.Generator("cpu").manual_seed(0 if seed is None else seed)
-        device, dtype = self.unet.device, self.unet.dtype
-        c, s = self.unet.config.image_channels, self.unet.config.sample_size
-        noise = randn_tensor(
-            (num_images, c, s, s), generator=generator, device=torch.device("cpu"), dtype=torch.float32
-        )
-        x = noise.to(device, dtype)
-        encoded = self.encode_conditions(conditions, guide, num_images)
-        known = None
-        if source is not None:
-            x0 = self._encode_images(np.repeat(np.asarray(source, np.uint8)[None], num_images, axis=0))
-        if invert_conditions is not None:
-            if scheduler != "ddim":
-                raise ValueError("bidirectional guidance inverts with DDIM; use scheduler='ddim'")
-            inv_guide = self._guidance(invert_guidance, given_conditions(invert_conditions))
-            inv_encoded = self.encode_conditions(invert_conditions, inv_guide, num_images)
-            x = invert(self.unet, sched, x0, inv_encoded, inv_guide, num_inference_steps, self.progress_bar)
-        if mask is not None:
-            m = torch.from_numpy(mask).float()[None, None].to(device, dtype).repeat(num_images, 1, 1, 1)
-            f = self.unet.config.local_downsample
-            m = (
-                torch.nn.functional.max_pool2d(m, f) if f > 1 else m
-            )  # a latent is regenerated if any of its pixels is
-            known_noise = randn_tensor(
-                x0.shape, generator=generator, device=torch.device("cpu"), dtype=torch.float32
-            )
-            known = (x0, m, known_noise.to(device, dtype))
-        x = denoise(self.unet, sched, x, encoded, guide, num_inference_steps, known, self.progress_bar)
-        images = self._decode(x)
-        if mask is not None:
-            # Region-restricted editing: outside the mask the output *is* the source.
-            images = np.where(mask[None, :, :, None].astype(bool), images, np.asarray(source, np.uint8)[None])
-        if output_type == "pil":
-            from PIL import Image
-
-            images = [Image.fromarray(im) for im in images]
-        return ComposerOutput(images=images, guidance=guide.describe())
+                images = [Image.fromarray(im) for im in images]
+            return ComposerOutput(images=images, guidance=guide.describe())
 
 
 __all__ = ["ComposerOutput", "ComposerPipeline", "default_scheduler", "given_conditions"]
