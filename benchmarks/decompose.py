@@ -46,6 +46,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.machine import cpu_name  # noqa: E402
 from pipelines.conditions.instances import InstancesConfig, InstancesExtractor  # noqa: E402
 from pipelines.conditions.intensity import IntensityConfig, IntensityExtractor  # noqa: E402
 from pipelines.conditions.palette import NUM_BINS, PaletteConfig, PaletteExtractor, bin_centres  # noqa: E402
@@ -285,7 +286,7 @@ def main() -> int:
     a, b, c, c_def = n / ta, n / tb, nc / tc, nc / tc_defaults
     out = {
         "benchmark": "decompose",
-        "machine": {"cpu": _cpu_name(), "cores_used": 1, "python": platform.python_version()},
+        "machine": {"cpu": cpu_name(), "cores_used": 1, "python": platform.python_version()},
         "count": n,
         "resolution": r,
         "source": "512x384 JPEG q90",
@@ -323,16 +324,6 @@ def main() -> int:
         }
     print(json.dumps(out, indent=2))
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

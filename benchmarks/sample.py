@@ -48,6 +48,7 @@ from diffusers import DDIMScheduler  # noqa: E402
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 
+from benchmarks.machine import cpu_name  # noqa: E402
 from models import build_model  # noqa: E402
 from pipelines.composer_pipeline import ComposerPipeline, default_scheduler  # noqa: E402
 from pipelines.guidance import Guidance  # noqa: E402
@@ -248,7 +249,7 @@ def main() -> int:
     out: dict = {
         "benchmark": "sample",
         "machine": {
-            "cpu": _cpu_name(),
+            "cpu": cpu_name(),
             "torch_threads": threads,
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -279,16 +280,6 @@ def main() -> int:
     out["loadavg_1min_after"] = round(os.getloadavg()[0], 2)
     print(json.dumps(out, indent=2))
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

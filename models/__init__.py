@@ -1,6 +1,6 @@
 """Networks only: no Ray, no MLflow, no readers. See ``models/composer.py``."""
 
-from models.composer import ComposerModel, empty_presence
+from models.composer import ComposerModel
 from models.conditioning import CONDITIONS, Conditions, EncodedConditions
 from models.dropout import ConditionDropout, DropoutConfig
 from models.presets import PRESETS, build_model, preset_config
@@ -14,6 +14,5 @@ __all__ = [
     "DropoutConfig",
     "EncodedConditions",
     "build_model",
-    "empty_presence",
     "preset_config",
 ]

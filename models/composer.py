@@ -18,7 +18,6 @@ from diffusers import ModelMixin, UNet2DConditionModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 
 from models.conditioning import (
-    CONDITIONS,
     Conditions,
     EncodedConditions,
     GlobalConditioner,
@@ -212,8 +211,3 @@ class ComposerModel(ModelMixin, ConfigMixin):
             class_labels=encoded.embedding,
             return_dict=False,
         )[0]
-
-
-def empty_presence(batch: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """(B, 8) all-False presence: the unconditional model."""
-    return torch.zeros(batch, len(CONDITIONS), dtype=torch.bool, device=device)

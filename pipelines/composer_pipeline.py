@@ -79,7 +79,9 @@ def eval_mode(module: torch.nn.Module):
 @dataclass
 class ComposerOutput(BaseOutput):
     images: np.ndarray | list  # (N, R, R, 3) uint8, or a list of PIL images
-    guidance: dict
+    guidance: dict  # Guidance.describe(): c1, targets, branches
+    threshold: str  # the x_0 thresholding used (the default resolved)
+    invert_guidance: dict | None = None  # bidirectional: the inversion's Guidance.describe()
 
 
 class ComposerPipeline(DiffusionPipeline):
@@ -269,9 +271,10 @@ class ComposerPipeline(DiffusionPipeline):
             )
             x = noise.to(device, dtype)
             encoded = self.encode_conditions(conditions, guide, num_images)
-            known = None
+            known, inv_guide = None, None
             if source is not None:
-                x0 = self._encode_images(np.repeat(np.asarray(source, np.uint8)[None], num_images, axis=0))
+                # Encoded (through the VAE, if any) once, then shared by the samples.
+                x0 = self._encode_images(np.asarray(source, np.uint8)[None]).repeat(num_images, 1, 1, 1)
             if invert_conditions is not None:
                 if scheduler != "ddim":
                     raise ValueError("bidirectional guidance inverts with DDIM; use scheduler='ddim'")
@@ -301,7 +304,12 @@ class ComposerPipeline(DiffusionPipeline):
                 from PIL import Image
 
                 images = [Image.fromarray(im) for im in images]
-            return ComposerOutput(images=images, guidance=guide.describe())
+            return ComposerOutput(
+                images=images,
+                guidance=guide.describe(),
+                threshold=threshold,
+                invert_guidance=None if inv_guide is None else inv_guide.describe(),
+            )
 
 
 __all__ = ["ComposerOutput", "ComposerPipeline", "default_scheduler", "given_conditions"]

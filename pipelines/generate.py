@@ -282,8 +282,6 @@ def build_inputs(req: GenerateRequest, dec: ImageDecomposer) -> Inputs:
 
 def run_generate(req: GenerateRequest, log: TextIO | None = None) -> dict[str, Any]:
     """The whole command; progress lines go to ``log`` (stderr); returns the ``generate.json`` record."""
-    from pipelines.guidance import Guidance
-
     t0 = time.perf_counter()
     out = Path(req.output)
     previous = check_output(out, req.overwrite)
@@ -307,7 +305,6 @@ def run_generate(req: GenerateRequest, log: TextIO | None = None) -> dict[str, A
     phases["decompose_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    threshold = req.threshold or ("none" if (pipe.vae is not None or req.bidirectional) else "clip")
     mode = " (bidirectional: inverting the source first)" if req.bidirectional else ""
     say(
         f"sampling {req.num_images} image(s), {req.steps} {req.scheduler} steps, guidance {req.guidance}{mode}"
@@ -323,7 +320,7 @@ def run_generate(req: GenerateRequest, log: TextIO | None = None) -> dict[str, A
         invert_conditions=inputs.invert_conditions,
         invert_guidance=req.invert_guidance,
         scheduler=req.scheduler,
-        threshold=threshold,
+        threshold=req.threshold,
     )
     phases["sample_s"] = time.perf_counter() - t
 
@@ -337,15 +334,14 @@ def run_generate(req: GenerateRequest, log: TextIO | None = None) -> dict[str, A
         "num_images": req.num_images,
         "resolution": pipe.image_size,
         "scheduler": req.scheduler,
-        "threshold": threshold,
+        "threshold": result.threshold,
         "device": device,
         "guidance": {"text": req.guidance, **result.guidance},
         "bidirectional": req.bidirectional,
         "decompose": pipe.config.decompose,
     }
     if req.bidirectional:
-        inv = Guidance.parse(req.invert_guidance, inputs.inverted)
-        record["invert_guidance"] = {"text": req.invert_guidance, **inv.describe()}
+        record["invert_guidance"] = {"text": req.invert_guidance, **result.invert_guidance}
         record["inverted_from_source"] = inputs.inverted
     return write_outputs(out, record, inputs, result.images, previous, t0, phases)
 
@@ -362,7 +358,8 @@ def write_outputs(
     """Samples, condition pictures, grid, then ``generate.json``; returns the record."""
     import hashlib
 
-    from pipelines.generate_pictures import condition_pictures, grid, png
+    from pipelines.generate_pictures import condition_pictures, grid
+    from pipelines.synth import encode_png as png
 
     t = time.perf_counter()
     files: dict[str, str] = {}

@@ -8,7 +8,6 @@ goes back in with ``--mask``). A caption has no picture file; the grid shows its
 
 from __future__ import annotations
 
-import io
 import textwrap
 from typing import Any
 
@@ -18,15 +17,6 @@ from pipelines.preview import colourize_instances
 
 GRID_COLUMNS = 8  # samples per grid row
 MIN_TILE = 128  # grid tiles are at least this wide, so 32-64 px models stay visible
-
-
-def png(a: np.ndarray) -> bytes:
-    """(H, W) or (H, W, 3) uint8 -> PNG bytes (deterministic: no timestamps or text chunks)."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(a)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def condition_pictures(

@@ -24,11 +24,14 @@ import numpy as np
 import torch
 
 from models import ComposerModel, Conditions
+from pipelines.conditions.mask import apply_mask
 
 
 def image_to_tensor(images: np.ndarray) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return (
+        torch.tensor(np.asarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    )  # copies: inputs may be read-only
 
 
 def tensor_to_image(x: torch.Tensor) -> np.ndarray:
@@ -84,5 +87,7 @@ def to_conditions(model: ComposerModel, rows: Mapping[str, Any]) -> Conditions:
         if "mask.image" not in rows:
             raise ValueError("the mask condition needs the source image as 'mask.image'")
         out["mask"] = mask
-        out["masked_image"] = image_to_tensor(rows["mask.image"]) * (1 - mask)
+        image = image_to_tensor(rows["mask.image"]).permute(0, 2, 3, 1).numpy()  # channels last, [-1, 1]
+        masked = apply_mask(image, np.asarray(rows["mask"]))  # mid-gray (0) where regenerated
+        out["masked_image"] = torch.from_numpy(masked).permute(0, 3, 1, 2)
     return Conditions(**out)

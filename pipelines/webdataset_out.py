@@ -14,14 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines.shards import to_numpy, write_bytes
-
-
-def _png(a: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, format="PNG", optimize=False)
-    return buf.getvalue()
+from pipelines.synth import encode_png
 
 
 def _npy(a: np.ndarray) -> bytes:
@@ -40,14 +33,14 @@ def write_tar(table: pa.Table, path: str | Path) -> None:
             sample = {
                 "__key__": str(key).replace(".", "_"),
                 "txt": str(data["text"][i]),
-                "image.png": _png(data["image"][i]),
+                "image.png": encode_png(data["image"][i]),
             }
             for name, arr in data.items():
                 if name in ("key", "text", "source", "image"):
                     continue
                 a = arr[i]
                 sample[f"{name}.png" if a.dtype == np.uint8 and a.ndim == 2 else f"{name}.npy"] = (
-                    _png(a) if a.dtype == np.uint8 and a.ndim == 2 else _npy(a)
+                    encode_png(a) if a.dtype == np.uint8 and a.ndim == 2 else _npy(a)
                 )
             sink.write(sample)
     write_bytes(buf.getvalue(), path)
