@@ -21,7 +21,13 @@ from pipelines.generate import GenerateError, GenerateRequest, run_generate
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="recompose generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="a saved ComposerPipeline directory")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="a saved ComposerPipeline directory, or a registered model models:/<name>/<version> "
+        "(or models:/<name>@<alias>, runs:/<run id>/<path>) from the MLflow tracking server in "
+        "MLFLOW_TRACKING_URI",
+    )
     p.add_argument(
         "--output", required=True, help="output directory (samples, conditions/, grid.png, generate.json)"
     )

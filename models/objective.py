@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from diffusers import SchedulerMixin
 
@@ -16,11 +18,13 @@ def diffusion_loss(
     conditions: Conditions,
     presence: torch.Tensor,
     generator: torch.Generator | None = None,
+    reduction: Literal["mean", "none"] = "mean",
 ) -> torch.Tensor:
     """Mean squared error of the predicted noise for x0 (B, C, S, S) at uniformly drawn timesteps.
 
     ``scheduler`` supplies the noise schedule (``add_noise``; the pipeline's DDIM scheduler).
     Randomness is drawn on the CPU from ``generator`` so a seeded run is reproducible anywhere.
+    ``reduction="none"`` gives the (B,) per-row losses (training logs them per condition subset).
     """
     b = x0.shape[0]
     t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator)
@@ -28,4 +32,5 @@ def diffusion_loss(
     t = t.to(x0.device)
     x_t = scheduler.add_noise(x0, noise, t)
     eps = model(x_t, t, conditions=conditions, presence=presence)
-    return torch.nn.functional.mse_loss(eps.float(), noise.float())
+    per_row = (eps.float() - noise.float()).pow(2).flatten(1).mean(1)
+    return per_row.mean() if reduction == "mean" else per_row

@@ -30,7 +30,7 @@ _LINEAR = ("image", "depth", "intensity")
 @dataclass(frozen=True)
 class AugmentConfig:
     crop_scale: tuple[float, float] = (0.8, 1.0)  # crop side / image side; (1, 1) = no crop
-    flip: bool = True  # horizontal flip with p = 0.5 (the synthetic captions say left/right: off there)
+    flip: bool = False  # horizontal flip with p = 0.5; off by default: captions saying left/right would lie
     random_intensity: bool = True  # intensity from random channel weights instead of the stored BT.601
     intensity_concentration: float = 1.0  # Dirichlet α of the channel weights; large α -> equal weights
     mask: MaskConfig = field(default_factory=MaskConfig)
@@ -53,13 +53,18 @@ def _crop_resize(a: np.ndarray, y: int, x: int, side: int, r: int, nearest: bool
     patch = np.ascontiguousarray(a[y : y + side, x : x + side])
     if side == r:
         return patch
-    return cv2.resize(patch, (r, r), interpolation=cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR)
+    smooth = cv2.INTER_AREA if side > r else cv2.INTER_LINEAR  # area: no aliasing when shrinking
+    return cv2.resize(patch, (r, r), interpolation=cv2.INTER_NEAREST if nearest else smooth)
 
 
-def crop_and_flip(rows: dict[str, Any], config: AugmentConfig, rng: np.random.Generator) -> dict[str, Any]:
-    """The same random crop and flip for each row's image and maps (module docstring)."""
+def crop_and_flip(
+    rows: dict[str, Any], config: AugmentConfig, rng: np.random.Generator, size: int | None = None
+) -> dict[str, Any]:
+    """The same random crop and flip for each row's image and maps (module docstring); crops are
+    resized to ``size`` (default: the stored side R), so a model may train below the shards' R."""
     images = rows["image"]
     b, r = images.shape[0], images.shape[1]
+    size = size or r
     lo, hi = config.crop_scale
     side = np.clip(np.rint(rng.uniform(lo, hi, b) * r), 1, r).astype(int)
     y = np.floor(rng.random(b) * (r - side + 1)).astype(int)
@@ -72,9 +77,9 @@ def crop_and_flip(rows: dict[str, Any], config: AugmentConfig, rng: np.random.Ge
         src = np.asarray(rows[key])
         if src.shape[:3] != (b, r, r):
             raise ValueError(f"augment: {key} is {src.shape}, expected ({b}, {r}, {r}, ...) like the image")
-        dst = np.empty_like(src)
+        dst = np.empty((b, size, size, *src.shape[3:]), src.dtype)
         for i in range(b):
-            a = _crop_resize(src[i], y[i], x[i], side[i], r, key in _NEAREST)
+            a = _crop_resize(src[i], y[i], x[i], side[i], size, key in _NEAREST)
             dst[i] = a[:, ::-1] if flip[i] else a
         out[key] = dst
     return out
@@ -87,9 +92,11 @@ def random_intensity(images: np.ndarray, rng: np.random.Generator, concentration
     return np.clip(np.rint(gray), 0, 255).astype(np.uint8)
 
 
-def augment(rows: dict[str, Any], config: AugmentConfig, rng: np.random.Generator) -> dict[str, Any]:
-    """Crop/flip, random-weight intensity and a fresh mask ("mask", "mask.image") for a batch."""
-    out = crop_and_flip(rows, config, rng)
+def augment(
+    rows: dict[str, Any], config: AugmentConfig, rng: np.random.Generator, size: int | None = None
+) -> dict[str, Any]:
+    """Crop/flip (to ``size``), random-weight intensity and a fresh mask ("mask", "mask.image")."""
+    out = crop_and_flip(rows, config, rng, size)
     images = out["image"]
     if config.random_intensity:
         out["intensity"] = random_intensity(images, rng, config.intensity_concentration)

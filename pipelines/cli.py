@@ -8,6 +8,7 @@ import sys
 COMMANDS = {
     "synth": ("jobs.synth", "write the built-in synthetic shapes dataset"),
     "decompose": ("jobs.decompose", "decompose an image dataset into condition shards (Ray Data)"),
+    "train": ("jobs.train", "train the multi-conditional model on condition shards (Ray Train, MLflow)"),
     "generate": ("jobs.generate", "generate or edit images with a trained pipeline from any conditions"),
 }
 

@@ -466,6 +466,11 @@ class _Job:
             "config_hash": config_hash(self.cfg),
             "base_hash": self.base,
             "extractors": {n: e.describe() for n, e in self.extractors.items()},
+            # What inference needs to decompose a user's image as this job did (model_index.json
+            # of a trained pipeline, pipelines/decompose_image.py); output-affecting settings only.
+            "settings": {
+                n: to_dict(getattr(self.cfg, n), outputs_only=True) for n in ("decode", *self.extractors)
+            },
             "unavailable": self.unavailable,
             "shards": entries,
             "totals": totals,

@@ -204,10 +204,22 @@ def resolve_device(device: Literal["auto", "cpu", "cuda"]) -> str:
 
 
 def load_pipeline(model_dir: str, device: str) -> ComposerPipeline:
-    """The saved ``ComposerPipeline`` in ``model_dir``, on ``device``; clear errors otherwise."""
+    """The saved ``ComposerPipeline`` in ``model_dir``, on ``device``; clear errors otherwise.
+
+    ``model_dir`` is a directory, or an MLflow ``models:/<name>/<version>``, ``models:/<name>@<alias>``
+    or ``runs:/<run id>/<path>`` URI (``pipelines/mlflow_model.py``; downloaded once, then cached).
+    """
     from pipelines.composer_pipeline import ComposerPipeline
 
-    p = Path(model_dir)
+    if model_dir.startswith(("models:/", "runs:/")):
+        from pipelines.mlflow_model import resolve_model  # imports MLflow: only when a URI is given
+
+        try:
+            p = resolve_model(model_dir)
+        except ValueError as e:  # the message starts with the URI
+            raise GenerateError(f"--model {e}") from None
+    else:
+        p = Path(model_dir)
     if not p.is_dir():
         raise GenerateError(f"--model {model_dir}: no such directory")
     index = p / "model_index.json"
@@ -327,7 +339,9 @@ def run_generate(req: GenerateRequest, log: TextIO | None = None) -> dict[str, A
     say(f"writing {out}")
     record = {
         "format": FORMAT,
-        "model": str(Path(req.model).resolve()),
+        "model": req.model
+        if req.model.startswith(("models:/", "runs:/"))
+        else str(Path(req.model).resolve()),
         "arguments": dataclasses.asdict(req),
         "seed": req.seed,
         "steps": req.steps,

@@ -55,7 +55,7 @@ def _tile(a: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(a).resize((size, size), resample))
 
 
-def _text_tile(text: str, size: int) -> np.ndarray:
+def text_tile(text: str, size: int) -> np.ndarray:
     from PIL import Image, ImageDraw
 
     im = Image.new("RGB", (size, size), (255, 255, 255))
@@ -71,17 +71,22 @@ def grid(
     pictures: dict[str, np.ndarray], text: str | None, samples: np.ndarray, resolution: int
 ) -> np.ndarray:
     """(H, W, 3) uint8: the conditions (caption text first) in one labelled row, samples below."""
-    from PIL import Image, ImageDraw
-
     size = max(resolution, MIN_TILE)
-    top = [("caption", _text_tile(text, size))] if text is not None else []
+    top = [("caption", text_tile(text, size))] if text is not None else []
     top += [(name, _tile(p, size)) for name, p in pictures.items()]
     if not top:
-        top = [("no conditions", _text_tile("unconditional", size))]
+        top = [("no conditions", text_tile("unconditional", size))]
     rows = [top] + [
         [(f"sample {i + j}", _tile(s, size)) for j, s in enumerate(samples[i : i + GRID_COLUMNS])]
         for i in range(0, len(samples), GRID_COLUMNS)
     ]
+    return layout(rows, size)
+
+
+def layout(rows: list[list[tuple[str, np.ndarray]]], size: int) -> np.ndarray:
+    """(H, W, 3) uint8: rows of labelled tiles, each tile (h, w, 3) or (h, w) scaled to ``size``."""
+    from PIL import Image, ImageDraw
+
     pad, label = 4, 14
     cols = max(len(r) for r in rows)
     canvas = Image.new(
@@ -93,5 +98,5 @@ def grid(
         for c, (name, tile) in enumerate(row):
             x = pad + c * (size + pad)
             draw.text((x, y), name, fill=(0, 0, 0))
-            canvas.paste(Image.fromarray(tile), (x, y + label))
+            canvas.paste(Image.fromarray(_tile(tile, size)), (x, y + label))
     return np.asarray(canvas)

@@ -30,7 +30,7 @@ def test_image_and_maps_get_the_same_crop_and_flip():
     r = rows()
     # The image's channels carry the maps' contents, so "same geometry" is an exact check.
     r["image"] = np.stack([r["depth"], r["intensity"], r["depth"]], -1)
-    out = crop_and_flip(r, AugmentConfig(crop_scale=(0.5, 0.9)), np.random.default_rng(1))
+    out = crop_and_flip(r, AugmentConfig(crop_scale=(0.5, 0.9), flip=True), np.random.default_rng(1))
     assert np.array_equal(out["image"][..., 0], out["depth"])  # both linear
     assert np.array_equal(out["image"][..., 1], out["intensity"])
     assert np.array_equal(out["instances"], out["sketch"])  # both nearest
@@ -42,7 +42,7 @@ def test_image_and_maps_get_the_same_crop_and_flip():
 def test_flip_only_is_exact_and_about_half_the_rows():
     r = rows(64)
     r["image"] = np.stack([r["depth"]] * 3, -1)  # a left-right asymmetric ramp: a flip always shows
-    out = crop_and_flip(r, AugmentConfig(crop_scale=(1.0, 1.0)), np.random.default_rng(2))
+    out = crop_and_flip(r, AugmentConfig(crop_scale=(1.0, 1.0), flip=True), np.random.default_rng(2))
     flipped = np.array([np.array_equal(out["image"][i], r["image"][i][:, ::-1]) for i in range(64)])
     kept = np.array([np.array_equal(out["image"][i], r["image"][i]) for i in range(64)])
     assert np.all(flipped ^ kept) and 16 < flipped.sum() < 48

@@ -1,0 +1,190 @@
+"""``recompose train`` end to end on a real local Ray: 2 CPU DDP workers, a real MLflow SQLite
+store read back with ``MlflowClient``, a worker failure, a resumed rerun, the exported pipeline.
+
+One chain of runs shared by the module (a Ray Train run costs ~40 s here):
+  run 1  max_steps 24, checkpoint every 6, rank 0 raises once at step 12 (max_failures 1)
+  run 2  the same command with max_steps 30: resumes at 24, same MLflow run
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines.cli import main
+from pipelines.decompose import DecomposeConfig, run_decompose
+from pipelines.synth import write_synth
+
+pytestmark = pytest.mark.slow
+
+R = 32
+FAST = [
+    "optim.batch_size=8",
+    "optim.lr=1e-3",
+    "optim.warmup_steps=2",
+    "optim.ema_decay=0.99",
+    "mlflow.log_every=1",
+    "mlflow.sample_every=12",
+    "mlflow.sample_rows=2",
+    "mlflow.sample_steps=3",
+    "mlflow.system_metrics=true",
+    "checkpoint_every=6",
+    "keep_checkpoints=2",
+    "progress=false",
+]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, ray_local) -> Path:
+    root = tmp_path_factory.mktemp("train-data")
+    write_synth(root / "synth", count=64, resolution=48, seed=0, split="train", progress=False)
+    cfg = DecomposeConfig(
+        input=str(root / "synth"),
+        output=str(root / "decomposed"),
+        resolution=R,
+        shard_size=32,
+        conditions=("palette", "sketch", "instances", "depth", "intensity"),
+        progress=False,
+    )
+    run_decompose(cfg)
+    return root / "decomposed"
+
+
+def _train(data: Path, run_dir: Path, uri: str, max_steps: int, *extra: str) -> int:
+    args = ["train", "--data", str(data), "--output", str(run_dir), "--preset", "tiny"]
+    args += ["--max-steps", str(max_steps), "--workers", "2"]
+    for item in [*FAST, f"mlflow.tracking_uri={uri}", "mlflow.registered_model=recompose-test", *extra]:
+        args += ["--set", item]
+    return main(args)
+
+
+@pytest.fixture(scope="module")
+def chain(data, tmp_path_factory, ray_local) -> dict:
+    root = tmp_path_factory.mktemp("train-runs")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    run_dir = root / "run"
+    first = _train(data, run_dir, uri, 24, "fail_at_step=12", "max_failures=1")
+    after_first = json.loads((run_dir / "export" / "recompose-training.json").read_text())
+    ckpts_first = _checkpoints(run_dir)
+    second = _train(data, run_dir, uri, 30, "max_failures=0")
+    return {
+        "root": root,
+        "uri": uri,
+        "run_dir": run_dir,
+        "rc": (first, second),
+        "export_after_first": after_first,
+        "checkpoints_after_first": ckpts_first,
+    }
+
+
+def _checkpoints(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def _run_id(run_dir: Path) -> str:
+    return json.loads((run_dir / "train.json").read_text())["mlflow"]["run_id"]
+
+
+def test_run_logs_params_metrics_artifacts_and_registers(chain):
+    assert chain["rc"] == (0, 0)
+    client = _client(chain["uri"])
+    runs = client.search_runs([client.get_experiment_by_name("recompose").experiment_id])
+    assert len(runs) == 1, "a failure and a rerun must continue the one MLflow run"
+    run = client.get_run(_run_id(chain["run_dir"]))
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["model.preset"] == "tiny" and params["optim.batch_size"] == "8"
+    assert params["workers"] == "2" and params["model.resolved.sample_size"] == str(R)
+    assert "augment.mask.p_boxes" in params and len(params) > 40, sorted(params)[:5]
+    assert run.data.tags["recompose.config_hash"] and run.data.tags["recompose.manifest_hash"]
+    metrics = run.data.metrics
+    for key in ("loss", "loss/none", "loss/all", "loss/with_sketch", "images_per_s", "data_wait_fraction", "lr"):
+        assert key in metrics, key
+    assert 0 <= metrics["data_wait_fraction"] <= 1 and metrics["images_per_s"] > 0
+    assert any(k.startswith("system/") for k in metrics), "MLflow system metrics are logged"
+    samples = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
+    assert "samples/step-0000012.png" in samples and "samples/step-0000030.png" in samples
+    grid = Image.open(chain["run_dir"] / "samples" / "step-0000030.png")
+    assert grid.width > 5 * R and grid.height > 2 * R
+    versions = client.search_model_versions("name='recompose-test'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]  # one per finished run, not per restart
+    assert all(v.run_id == run.info.run_id for v in versions)
+
+
+def test_worker_failure_restarts_from_the_checkpoint(chain):
+    run_dir = chain["run_dir"]
+    assert (run_dir / ".recompose" / "failed-at-12").exists(), "the failure really happened"
+    client = _client(chain["uri"])
+    steps = [m.step for m in client.get_metric_history(_run_id(run_dir), "loss")]
+    # Restarted from the step-12 checkpoint: no step trained twice, none skipped.
+    assert sorted(steps) == list(range(1, 31)), steps
+    assert chain["export_after_first"]["step"] == 24 and chain["export_after_first"]["version"] == 1
+    assert len(chain["checkpoints_after_first"]) == 2  # keep_checkpoints
+
+
+def test_rerun_resumes_same_run_and_step_count(chain):
+    run_dir = chain["run_dir"]
+    state = json.loads((run_dir / "export" / "recompose-training.json").read_text())
+    assert state["step"] == 30 and state["version"] == 2 and state["run_id"] == _run_id(run_dir)
+    latest = run_dir / _checkpoints(run_dir)[-1]
+    assert json.loads((latest / "state.json").read_text())["step"] == 30
+    assert (latest / "model" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (latest / "ema" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (latest / "state.pt").is_file()
+
+
+def test_loss_falls_and_the_export_generates(chain, tmp_path, monkeypatch):
+    client = _client(chain["uri"])
+    history = sorted(client.get_metric_history(_run_id(chain["run_dir"]), "loss"), key=lambda m: m.step)
+    losses = np.array([m.value for m in history])
+    assert losses[-6:].mean() < 0.7 * losses[:3].mean(), losses.round(3)
+    for model in (str(chain["run_dir"] / "export"), "models:/recompose-test/2"):
+        out = tmp_path / model.replace("/", "_").replace(":", "")
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", chain["uri"])
+        rc = main(["generate", "--model", model, "--output", str(out), "--steps", "3", "--text", "a red circle"])
+        assert rc == 0
+        sample = np.asarray(Image.open(out / "sample-0000.png"))
+        assert sample.shape == (R, R, 3)
+
+
+def test_rerun_with_another_config_is_refused(chain, data):
+    rc = _train(data, chain["run_dir"], chain["uri"], 30, "optim.lr=5e-4")
+    assert rc == 2
+
+
+def test_refuses_foreign_output_and_bad_data(tmp_path, data):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    assert _train(data, foreign, uri, 2) == 2
+    assert (foreign / "notes.txt").read_text() == "mine"
+    assert _train(tmp_path / "nowhere", tmp_path / "run", uri, 2) == 2
+    assert _train(data, tmp_path / "run2", uri, 2, "loader.conditions=[caption, semantics, sketch, nope]") == 2
+
+
+def test_fsdp_trains_checkpoints_and_resumes_after_a_failure(data, tmp_path):
+    """FSDP2 over 2 CPU workers (gloo): a failure at the step-3 checkpoint resumes from full states."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_dir = tmp_path / "fsdp"
+    extra = ("strategy=fsdp", "fail_at_step=3", "max_failures=1", "checkpoint_every=3", "mlflow.sample_every=0")
+    assert _train(data, run_dir, uri, 6, *extra, "mlflow.registered_model=null") == 0
+    assert (run_dir / ".recompose" / "failed-at-3").exists()
+    steps = [m.step for m in _client(uri).get_metric_history(_run_id(run_dir), "loss")]
+    assert sorted(steps) == list(range(1, 7)), steps
+    latest = run_dir / _checkpoints(run_dir)[-1]
+    assert json.loads((latest / "state.json").read_text())["step"] == 6
+    from pipelines.composer_pipeline import ComposerPipeline
+
+    pipe = ComposerPipeline.from_pretrained(str(run_dir / "export"))
+    assert sum(p.numel() for p in pipe.unet.parameters()) > 1_000_000  # full weights, not a shard
