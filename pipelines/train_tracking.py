@@ -190,6 +190,7 @@ class RankZeroTracker:
 
     def sample_grid(self, weights: dict[str, Any], step: int) -> np.ndarray:
         from pipelines.composer_pipeline import ComposerPipeline, default_scheduler
+        from pipelines.conditions.palette import render_palette
         from pipelines.generate_pictures import layout, text_tile
 
         trained = tuple(c for c in self.recipe.conditions if c != "mask")
@@ -207,6 +208,10 @@ class RankZeroTracker:
             row = [("image", b["image"][i])]
             if "caption" in trained:
                 row.append(("caption", text_tile(str(b["text"][i]), size)))
+            if "palette" in trained:
+                row.append(("palette", render_palette(b["palette"][i].astype(np.float32), size, size)))
+            if "sketch" in trained:
+                row.append(("sketch", b["sketch"][i]))
             for label, names in sets:
                 out = pipe(
                     conditions=self._conditions(i, names),
@@ -249,6 +254,9 @@ class RankZeroTracker:
             write_json({"step": step, "run_id": self.run_id, "model_uri": uri, "version": version}, info_path)
             where = f"models:/{self.cfg.mlflow.registered_model}/{version}" if version is not None else uri
             print(f"[train] exported {export} and logged it as {where}", file=sys.stderr, flush=True)
+        plot = self.run_dir / "metrics.png"
+        plot_metrics(self.config["tracking_uri"], self.run_id, plot)
+        mlflow.log_artifact(str(plot))
         mlflow.end_run()
 
     def _export(self, weights: dict[str, Any], export: Path) -> None:
@@ -266,6 +274,35 @@ class RankZeroTracker:
             export.rename(old)
         tmp.rename(export)
         shutil.rmtree(old, ignore_errors=True)
+
+
+PLOTTED = (("loss", "loss/none", "loss/all"), ("images_per_s",), ("data_wait_fraction",), ("lr",))
+
+
+def plot_metrics(uri: str, run_id: str, path: Path) -> None:
+    """The run's loss curves, throughput, data wait and LR as one picture (the whole run's
+    history from MLflow, so restarts and resumed runs are included)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(4.2 * len(PLOTTED), 3.2))
+    for ax, keys in zip(axes, PLOTTED, strict=True):
+        for key in keys:
+            points = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+            if points:
+                ax.plot(*zip(*points, strict=True), label=key, lw=1)
+        ax.set_xlabel("step")
+        ax.set_title(", ".join(keys), fontsize=9)
+        if keys[0] == "loss":
+            ax.set_yscale("log")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def summary_of(run_dir: Path) -> dict[str, Any]:

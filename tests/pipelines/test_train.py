@@ -70,6 +70,11 @@ def chain(data, tmp_path_factory, ray_local) -> dict:
     first = _train(data, run_dir, uri, 24, "fail_at_step=12", "max_failures=1")
     after_first = json.loads((run_dir / "export" / "recompose-training.json").read_text())
     ckpts_first = _checkpoints(run_dir)
+    # What a kill in the middle of writing a checkpoint leaves: a newer, half-written folder that
+    # Ray never recorded. The rerun must resume from the last complete one (step 24), not this.
+    partial = run_dir / "checkpoint_2099-01-01_00-00-00.000000"
+    (partial / "model").mkdir(parents=True)
+    (partial / "model" / "diffusion_pytorch_model.safetensors").write_bytes(b"\0" * 100)
     second = _train(data, run_dir, uri, 30, "max_failures=0")
     return {
         "root": root,
@@ -82,7 +87,11 @@ def chain(data, tmp_path_factory, ray_local) -> dict:
 
 
 def _checkpoints(run_dir: Path) -> list[str]:
-    return sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    return sorted(
+        p.name
+        for p in run_dir.glob("checkpoint_*")
+        if p.is_dir() and not p.name.startswith("checkpoint_2099")
+    )
 
 
 def _client(uri: str):
@@ -108,12 +117,22 @@ def test_run_logs_params_metrics_artifacts_and_registers(chain):
     assert "augment.mask.p_boxes" in params and len(params) > 40, sorted(params)[:5]
     assert run.data.tags["recompose.config_hash"] and run.data.tags["recompose.manifest_hash"]
     metrics = run.data.metrics
-    for key in ("loss", "loss/none", "loss/all", "loss/with_sketch", "images_per_s", "data_wait_fraction", "lr"):
+    for key in (
+        "loss",
+        "loss/none",
+        "loss/all",
+        "loss/with_sketch",
+        "images_per_s",
+        "data_wait_fraction",
+        "lr",
+    ):
         assert key in metrics, key
     assert 0 <= metrics["data_wait_fraction"] <= 1 and metrics["images_per_s"] > 0
     assert any(k.startswith("system/") for k in metrics), "MLflow system metrics are logged"
     samples = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
     assert "samples/step-0000012.png" in samples and "samples/step-0000030.png" in samples
+    assert "metrics.png" in [a.path for a in client.list_artifacts(run.info.run_id)]
+    assert Image.open(chain["run_dir"] / "metrics.png").width > 400
     grid = Image.open(chain["run_dir"] / "samples" / "step-0000030.png")
     assert grid.width > 5 * R and grid.height > 2 * R
     versions = client.search_model_versions("name='recompose-test'")
@@ -136,7 +155,7 @@ def test_rerun_resumes_same_run_and_step_count(chain):
     run_dir = chain["run_dir"]
     state = json.loads((run_dir / "export" / "recompose-training.json").read_text())
     assert state["step"] == 30 and state["version"] == 2 and state["run_id"] == _run_id(run_dir)
-    latest = run_dir / _checkpoints(run_dir)[-1]
+    latest = max((run_dir / c for c in _checkpoints(run_dir)), key=lambda p: p.stat().st_mtime)
     assert json.loads((latest / "state.json").read_text())["step"] == 30
     assert (latest / "model" / "diffusion_pytorch_model.safetensors").is_file()
     assert (latest / "ema" / "diffusion_pytorch_model.safetensors").is_file()
@@ -151,7 +170,9 @@ def test_loss_falls_and_the_export_generates(chain, tmp_path, monkeypatch):
     for model in (str(chain["run_dir"] / "export"), "models:/recompose-test/2"):
         out = tmp_path / model.replace("/", "_").replace(":", "")
         monkeypatch.setenv("MLFLOW_TRACKING_URI", chain["uri"])
-        rc = main(["generate", "--model", model, "--output", str(out), "--steps", "3", "--text", "a red circle"])
+        rc = main(
+            ["generate", "--model", model, "--output", str(out), "--steps", "3", "--text", "a red circle"]
+        )
         assert rc == 0
         sample = np.asarray(Image.open(out / "sample-0000.png"))
         assert sample.shape == (R, R, 3)
@@ -170,14 +191,22 @@ def test_refuses_foreign_output_and_bad_data(tmp_path, data):
     assert _train(data, foreign, uri, 2) == 2
     assert (foreign / "notes.txt").read_text() == "mine"
     assert _train(tmp_path / "nowhere", tmp_path / "run", uri, 2) == 2
-    assert _train(data, tmp_path / "run2", uri, 2, "loader.conditions=[caption, semantics, sketch, nope]") == 2
+    assert (
+        _train(data, tmp_path / "run2", uri, 2, "loader.conditions=[caption, semantics, sketch, nope]") == 2
+    )
 
 
 def test_fsdp_trains_checkpoints_and_resumes_after_a_failure(data, tmp_path):
     """FSDP2 over 2 CPU workers (gloo): a failure at the step-3 checkpoint resumes from full states."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_dir = tmp_path / "fsdp"
-    extra = ("strategy=fsdp", "fail_at_step=3", "max_failures=1", "checkpoint_every=3", "mlflow.sample_every=0")
+    extra = (
+        "strategy=fsdp",
+        "fail_at_step=3",
+        "max_failures=1",
+        "checkpoint_every=3",
+        "mlflow.sample_every=0",
+    )
     assert _train(data, run_dir, uri, 6, *extra, "mlflow.registered_model=null") == 0
     assert (run_dir / ".recompose" / "failed-at-3").exists()
     steps = [m.step for m in _client(uri).get_metric_history(_run_id(run_dir), "loss")]
