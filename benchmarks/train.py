@@ -1,7 +1,7 @@
 """Training input speed on CPU: the Ray Data reader against raw pyarrow, and a real 2-worker run.
 
     python benchmarks/train.py [--data DIR] [--count 512] [--resolution 64] [--steps 60] [--batch 16]
-                               [--workers 2] [--preset tiny] [--repeats 3] [--cpus N]
+                               [--reader-batch 128] [--workers 2] [--preset tiny] [--repeats 3] [--cpus N]
                                [--skip-train] [--skip-reader]
 
 Data: ``--data``, a ``recompose decompose`` output; without it, ``--count`` synthetic images are
@@ -13,11 +13,11 @@ Reader (same files, same columns as training reads: ``make_recipe`` for the ``--
   (a) raw pyarrow        ``pq.read_table(f, columns=cols)`` per file, one process, then the
                          fixed-width columns as numpy arrays (``from_binary`` for the fixed-size
                          binary images and maps, a zero-copy reshape for fixed-size lists)
-  (b) ray data           ``train_data.read_shards(files, cols).iter_batches(batch_size=--batch,
+  (b) ray data           ``train_data.read_shards(files, cols).iter_batches(batch_size=--reader-batch,
                          batch_format="pyarrow")`` (the reader training uses) with the same
                          decode in the consumer
   (c) ray data + prepare ``build_dataset`` (map_batches(prepare_batch): decode, augment, tokenize)
-                         through ``iter_torch_batches(batch_size=--batch, prefetch_batches=2,
+                         through ``iter_torch_batches(batch_size=--reader-batch, prefetch_batches=2,
                          local_shuffle_buffer_size=256)``: the training input path in one
                          consumer; reported, not judged
 Samples/s counts from building the dataset to the last batch, so (b) and (c) include what Ray
@@ -72,6 +72,7 @@ from pipelines.train_data import (  # noqa: E402
     build_dataset,
     make_recipe,
     open_data,
+    read_parallelism,
     read_shards,
 )
 
@@ -154,11 +155,13 @@ def read_raw(spec: DataSpec, columns: tuple[str, ...], layout: Layout) -> Marks:
 
 def read_ray(spec: DataSpec, columns: tuple[str, ...], layout: Layout, batch: int) -> Marks:
     """(b): the Ray Data parquet reader, batches decoded in the consumer as (a) does."""
+    import ray
 
     t0, marks = time.perf_counter(), []
     # The reader training uses (train_data.read_shards: Ray's V1 parquet datasource, columns
-    # pruned in the scan).
-    ds = read_shards(list(spec.files), list(columns))
+    # pruned in the scan, read_parallelism tasks).
+    blocks = read_parallelism(spec.rows, len(spec.files), ray.cluster_resources().get("CPU", 1))
+    ds = read_shards(list(spec.files), list(columns), num_blocks=blocks)
     for table in ds.iter_batches(batch_size=batch, batch_format="pyarrow"):
         to_arrays(table, layout)
         marks.append((table.num_rows, time.perf_counter() - t0))
@@ -317,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--count", type=int, default=512, help="synthetic images when --data is not given")
     p.add_argument("--resolution", type=int, default=64, help="stored side of the synthetic data")
     p.add_argument("--steps", type=int, default=60, help="training steps")
-    p.add_argument("--batch", type=int, default=16, help="rows per training step and worker; reader batch")
+    p.add_argument("--batch", type=int, default=16, help="rows per training step and worker")
+    p.add_argument("--reader-batch", type=int, default=128, help="rows per batch in the reader comparison")
     p.add_argument("--workers", type=int, default=2, help="Ray Train CPU workers")
     p.add_argument("--preset", default="tiny", help="model preset (decides the columns read)")
     p.add_argument("--repeats", type=int, default=3, help="timed passes of each reader, alternating")
@@ -369,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             if not args.skip_reader:
                 out["reader"] = reader_benchmark(
-                    spec, training_recipe(spec, args.preset), args.repeats, args.batch
+                    spec, training_recipe(spec, args.preset), args.repeats, args.reader_batch
                 )
             if not args.skip_train:
                 log(f"training {args.steps} steps on {args.workers} CPU workers")

@@ -119,9 +119,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ema = None
         if cfg.optim.ema_decay is not None:
             ema_weights = train_state.read_weights(ckpt_dir, "ema") if ckpt_dir is not None else None
-            if (
-                ema_weights is not None
-            ):  # the EMA tracks the (possibly sharded) parameters: load, copy, reload
+            # The EMA tracks the (possibly sharded) parameters: load its weights into them, copy, reload.
+            if ema_weights is not None:
                 parallel.load_weights(model, ema_weights)
             ema = EMAModel(model.parameters(), decay=cfg.optim.ema_decay, use_ema_warmup=cfg.optim.ema_warmup)
             if ema_weights is not None:

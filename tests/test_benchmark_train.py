@@ -27,7 +27,7 @@ def test_reader_figures(spec):
     recipe = bench.training_recipe(spec, "tiny")
     out = bench.reader_benchmark(spec, recipe, repeats=1, batch=16, warmup=False)
     assert out["columns"] == list(recipe.columns) and "image" in out["columns"]
-    assert out["datasource"] in ("v1", "v2")
+    assert out["datasource"].startswith("v1")  # the reader training uses (train_data.read_shards)
     for name in READERS:
         assert out[name]["samples_per_s"] > 0, name
         assert out[name]["first_batch_s"] >= 0, name

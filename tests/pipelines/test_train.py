@@ -197,7 +197,8 @@ def test_refuses_foreign_output_and_bad_data(tmp_path, data):
 
 
 def test_fsdp_trains_checkpoints_and_resumes_after_a_failure(data, tmp_path):
-    """FSDP2 over 2 CPU workers (gloo): a failure at the step-3 checkpoint resumes from full states."""
+    """FSDP2 over 2 CPU workers (gloo) with gradient accumulation: a failure at the step-3
+    checkpoint resumes from the gathered full states."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_dir = tmp_path / "fsdp"
     extra = (
@@ -217,3 +218,77 @@ def test_fsdp_trains_checkpoints_and_resumes_after_a_failure(data, tmp_path):
 
     pipe = ComposerPipeline.from_pretrained(str(run_dir / "export"))
     assert sum(p.numel() for p in pipe.unet.parameters()) > 1_000_000  # full weights, not a shard
+
+
+def test_prepare_batch_gives_aligned_model_inputs(data):
+    """The Ray Data UDF and the worker's conversion, without Ray: shapes, ranges, availability."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from models import CONDITIONS, ComposerModel
+    from pipelines.config import load_config
+    from pipelines.train import model_arguments
+    from pipelines.train_config import TrainConfig
+    from pipelines.train_data import make_recipe, open_data, prepare_batch
+    from pipelines.train_loop import batch_inputs
+
+    spec = open_data(data)
+    assert spec.rows == 64 and spec.resolution == R and len(spec.files) == 2
+    assert spec.conditions == (
+        "caption",
+        "semantics",
+        "palette",
+        "sketch",
+        "instances",
+        "depth",
+        "intensity",
+        "mask",
+    )
+    assert set(spec.settings) == {"decode", "palette", "sketch", "instances", "depth", "intensity"}
+    cfg = load_config(TrainConfig, None, {"data": str(data), "model.resolution": 16}, [])
+    kwargs = model_arguments(cfg, spec)
+    assert kwargs["caption_encoder"] == "trainable" and kwargs["semantics_encoder"] == "trainable"
+    model = ComposerModel(**kwargs)
+    recipe = make_recipe(spec, model.config, spec.conditions, cfg.augment)
+    assert "caption" not in recipe.columns and "text" in recipe.columns  # only what the model uses
+    table = pq.read_table(spec.files[0], columns=list(recipe.columns)).slice(0, 6)
+    out = prepare_batch(table, recipe)
+    assert out["image"].shape == (6, 16, 16, 3) and out["image"].dtype == np.uint8  # cropped, resized
+    for name in ("sketch", "instances", "depth", "intensity", "mask"):
+        assert out[name].shape == (6, 16, 16) and out[name].dtype == np.uint8, name
+    assert set(np.unique(out["mask"])) <= {0, 1} and out["mask"].any()
+    assert out["text_ids"].shape == (6, model.config.caption_length) and out["has_caption"].all()
+    assert out["palette"].shape == (6, 156)
+    x0, cond, available = batch_inputs(model, {k: torch.as_tensor(v) for k, v in out.items()}, recipe)
+    assert x0.shape == (6, 3, 16, 16) and -1 <= float(x0.min()) and float(x0.max()) <= 1
+    assert available.all() and available.shape == (6, len(CONDITIONS))
+    assert cond.semantics_image is not None and cond.masked_image is not None and cond.text_ids is not None
+    eps = model(x0, torch.zeros(6, dtype=torch.long), conditions=cond, presence=available)
+    assert eps.shape == x0.shape
+
+
+def test_loss_groups():
+    import torch
+
+    from models import CONDITIONS
+    from pipelines.train_loop import _subset_losses, loss_group_names
+
+    per_row = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)
+    available = torch.ones(3, len(CONDITIONS), dtype=torch.bool)
+    presence = torch.zeros(3, len(CONDITIONS), dtype=torch.bool)
+    presence[1] = True  # row 1: everything kept
+    presence[2, 3] = True  # row 2: sketch only
+    sums = _subset_losses(per_row, presence, available).view(-1, 2)
+    got = dict(zip(loss_group_names(), sums.tolist(), strict=True))
+    assert got["loss"] == [7.0, 3.0] and got["loss/none"] == [1.0, 1.0] and got["loss/all"] == [2.0, 1.0]
+    assert got["loss/with_sketch"] == [6.0, 2.0] and got["loss/with_caption"] == [2.0, 1.0]
+
+
+def test_open_data_rejects_what_is_not_a_decomposition(tmp_path):
+    from pipelines.train_data import DataError, open_data
+
+    with pytest.raises(DataError, match="no manifest.json"):
+        open_data(tmp_path)
+    (tmp_path / "manifest.json").write_text('{"format": "something-else"}')
+    with pytest.raises(DataError, match="manifest format"):
+        open_data(tmp_path)
