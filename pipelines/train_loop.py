@@ -30,6 +30,10 @@ from pipelines.model_inputs import to_conditions
 from pipelines.train_config import TrainConfig
 from pipelines.train_data import BatchRecipe
 
+# Ray Train V2 wraps a worker's sys.stdout/sys.stderr so that every print reaches the driver twice;
+# the process's own stderr reaches it once.
+WORKER_LOG = sys.__stderr__
+
 SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
 
 
@@ -291,7 +295,7 @@ def _say(step: int, total: int, m: dict[str, float], enabled: bool) -> None:
     print(
         f"[train] step {step}/{total}  loss {m.get('loss', float('nan')):.4f}  "
         f"{m['images_per_s']:.1f} img/s  data wait {100 * m['data_wait_fraction']:.1f}%",
-        file=sys.stderr,
+        file=WORKER_LOG,
         flush=True,
     )
 

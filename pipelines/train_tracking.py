@@ -18,7 +18,6 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from pipelines.config import ConfigError, flatten
 from pipelines.shards import write_json
 from pipelines.train_config import TrainConfig
 from pipelines.train_data import BatchRecipe, DataSpec, prepare_batch
+from pipelines.train_loop import WORKER_LOG
 
 # The fixed condition sets of the sample grids: (column label, conditions).
 SAMPLE_SETS = (
@@ -141,7 +141,7 @@ class RankZeroTracker:
             mlflow.set_system_metrics_sampling_interval(5)
         mlflow.start_run(run_id=self.run_id, log_system_metrics=self.cfg.mlflow.system_metrics)
         if step:
-            print(f"[train] resumed at step {step} (MLflow run {self.run_id})", file=sys.stderr, flush=True)
+            print(f"[train] resumed at step {step} (MLflow run {self.run_id})", file=WORKER_LOG, flush=True)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         import mlflow
@@ -244,7 +244,7 @@ class RankZeroTracker:
         if done.get("step") == step and done.get("run_id") == self.run_id:
             print(
                 f"[train] export of step {step} already logged (version {done.get('version')})",
-                file=sys.stderr,
+                file=WORKER_LOG,
             )
         else:
             self._export(weights, export)
@@ -253,7 +253,7 @@ class RankZeroTracker:
             uri, version = log_pipeline(export, self.cfg.mlflow.registered_model)
             write_json({"step": step, "run_id": self.run_id, "model_uri": uri, "version": version}, info_path)
             where = f"models:/{self.cfg.mlflow.registered_model}/{version}" if version is not None else uri
-            print(f"[train] exported {export} and logged it as {where}", file=sys.stderr, flush=True)
+            print(f"[train] exported {export} and logged it as {where}", file=WORKER_LOG, flush=True)
         plot = self.run_dir / "metrics.png"
         plot_metrics(self.config["tracking_uri"], self.run_id, plot)
         mlflow.log_artifact(str(plot))
