@@ -61,10 +61,12 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from diffusers.configuration_utils import FrozenDict  # noqa: E402
+
 from benchmarks.machine import cpu_name  # noqa: E402
 from pipelines.config import load_config  # noqa: E402
 from pipelines.shards import from_binary  # noqa: E402
-from pipelines.train import _Config, model_arguments  # noqa: E402
+from pipelines.train import model_arguments  # noqa: E402
 from pipelines.train_config import DataSection, TrainConfig  # noqa: E402
 from pipelines.train_data import (  # noqa: E402
     BatchRecipe,
@@ -108,7 +110,7 @@ def make_data(root: Path, count: int, resolution: int, conditions: tuple[str, ..
 def training_recipe(spec: DataSpec, preset: str) -> BatchRecipe:
     """The recipe ``run_train`` builds for ``preset`` on ``spec``, every condition the data has."""
     cfg = load_config(TrainConfig, values={"data": spec.root, "model.preset": preset})
-    return make_recipe(spec, _Config(model_arguments(cfg, spec)), spec.conditions, cfg.augment)
+    return make_recipe(spec, FrozenDict(model_arguments(cfg, spec)), spec.conditions, cfg.augment)
 
 
 # -- reader ----------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 FORMAT = "recompose.generate/1"
 RECORD = "generate.json"
+MODEL_URIS = ("models:/", "runs:/")  # --model values resolved through MLflow, not paths
 # Conditions a flag can take "from an image" (decomposed) and "as a map" (used as is).
 FROM_IMAGE = ("semantics", "palette", "sketch", "instances", "depth", "intensity")
 
@@ -211,7 +212,7 @@ def load_pipeline(model_dir: str, device: str) -> ComposerPipeline:
     """
     from pipelines.composer_pipeline import ComposerPipeline
 
-    if model_dir.startswith(("models:/", "runs:/")):
+    if model_dir.startswith(MODEL_URIS):
         from pipelines.mlflow_model import resolve_model  # imports MLflow: only when a URI is given
 
         try:
@@ -339,9 +340,7 @@ def run_generate(req: GenerateRequest, log: TextIO | None = None) -> dict[str, A
     say(f"writing {out}")
     record = {
         "format": FORMAT,
-        "model": req.model
-        if req.model.startswith(("models:/", "runs:/"))
-        else str(Path(req.model).resolve()),
+        "model": req.model if req.model.startswith(MODEL_URIS) else str(Path(req.model).resolve()),
         "arguments": dataclasses.asdict(req),
         "seed": req.seed,
         "steps": req.steps,

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers.configuration_utils import FrozenDict
 
 from models import CONDITIONS, ComposerModel
 from models.presets import preset_config
@@ -114,7 +115,7 @@ def run_train(cfg: TrainConfig, log=sys.stderr) -> dict[str, Any]:
     # the data-wait fraction, which is what matters here.
     ray.data.DataContext.get_current().enable_progress_bars = False
     cfg = _fit_cpus(cfg, log)
-    recipe = make_recipe(spec, _Config(model_kwargs), conditions, cfg.augment)
+    recipe = make_recipe(spec, FrozenDict(model_kwargs), conditions, cfg.augment)
     dataset = build_dataset(spec, recipe, cfg.loader.shuffle_files, cfg.seed, cfg.loader.augment_cpus)
     use_gpu = cfg.gpus_per_worker > 0
     resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": cfg.gpus_per_worker} if use_gpu else {})
@@ -164,12 +165,6 @@ def run_train(cfg: TrainConfig, log=sys.stderr) -> dict[str, Any]:
         "seconds": round(time.time() - t0, 1),
         "config": to_dict(cfg),
     }
-
-
-class _Config(dict):
-    """A model config dict with attribute access (what ``make_recipe`` reads)."""
-
-    __getattr__ = dict.__getitem__
 
 
 def _mark_run(info: dict, status: str) -> None:

@@ -167,7 +167,7 @@ def make_recipe(
     spec: DataSpec, model_config: Any, conditions: tuple[str, ...], augment_cfg: AugmentConfig
 ) -> BatchRecipe:
     """The columns a model with ``model_config`` needs for ``conditions``, and how to prepare them."""
-    cols = ["key", "image"]
+    cols = ["image"]
     if "caption" in conditions:
         cols.append("text" if model_config.caption_encoder == "trainable" else "caption")
     if "semantics" in conditions and model_config.semantics_encoder == "clip":

@@ -23,10 +23,11 @@ from typing import Any
 import torch
 
 from models import CONDITIONS, ComposerModel, ConditionDropout
+from models.objective import diffusion_loss
 from pipelines import train_parallel as parallel
 from pipelines import train_state
 from pipelines.composer_pipeline import default_scheduler
-from pipelines.model_inputs import to_conditions
+from pipelines.model_inputs import image_to_tensor, to_conditions
 from pipelines.train_config import TrainConfig
 from pipelines.train_data import BatchRecipe
 
@@ -46,12 +47,12 @@ def batch_inputs(model: ComposerModel, batch: dict[str, torch.Tensor], recipe: B
     rows: dict[str, Any] = {k: v.numpy() for k, v in batch.items() if k not in ("text_ids", "has_caption")}
     if "mask" in recipe.conditions:
         rows["mask.image"] = rows["image"]
-    if "semantics" in recipe.conditions and recipe.semantics_encoder == "trainable":
-        rows["semantics.image"] = rows["image"]
     cond = to_conditions(model, rows)
+    x0 = image_to_tensor(rows["image"])
+    if "semantics" in recipe.conditions and recipe.semantics_encoder == "trainable":
+        cond.semantics_image = x0  # the trainable semantics encoder sees the image itself
     if "text_ids" in batch:
         cond.text_ids = batch["text_ids"]
-    x0 = torch.from_numpy(rows["image"]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     b = x0.shape[0]
     available = torch.zeros(b, len(CONDITIONS), dtype=torch.bool)
     for i, name in enumerate(CONDITIONS):
@@ -157,7 +158,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         from pipelines.train_tracking import RankZeroTracker
 
-        tracker = RankZeroTracker(cfg, config, run_dir, model, recipe, device)
+        tracker = RankZeroTracker(cfg, config, run_dir, recipe, device)
         tracker.start(progress.step)
 
     shard = ray.train.get_dataset_shard("train")
@@ -196,8 +197,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             sync = contextlib.nullcontext() if last else parallel.no_sync(wrapped, cfg.strategy)
             with sync:
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    per_row = _per_row_loss(
-                        wrapped, scheduler, x0.to(device), cond.to(device), presence, generator
+                    # (B,) per-row losses: the per-subset metrics need the rows
+                    per_row = diffusion_loss(
+                        wrapped,
+                        scheduler,
+                        x0.to(device),
+                        cond.to(device),
+                        presence.to(device),
+                        generator,
+                        reduction="none",
                     )
                 (per_row.mean() / cfg.optim.grad_accum).backward()
             window.add(per_row.detach().float(), presence, available)
@@ -221,7 +229,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if tracker is not None:
                 tracker.log_metrics(metrics, progress.step)
                 _say(progress.step, cfg.max_steps, metrics, cfg.progress)
-        if wants_samples(cfg, progress.step, final):
+        if not final and cfg.mlflow.sample_every > 0 and progress.step % cfg.mlflow.sample_every == 0:
             weights = parallel.full_ema_weights(model, ema)  # collective under FSDP
             if tracker is not None:
                 tracker.log_samples(weights, progress.step)
@@ -229,51 +237,41 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _report(model, ema, optimizer, lr_scheduler, generator, progress, rank)
     if progress.step == start_step:  # resumed a finished run: nothing trained, still report
         _report(model, ema, optimizer, lr_scheduler, generator, progress, rank)
-    weights = parallel.full_ema_weights(model, ema)
+    weights = parallel.full_ema_weights(model, ema)  # gathered once for the last grid and the export
     if tracker is not None:
+        if progress.step > start_step:
+            tracker.log_samples(weights, progress.step)
         tracker.finish(weights, progress.step)
-
-
-def wants_samples(cfg: TrainConfig, step: int, final: bool) -> bool:
-    every = cfg.mlflow.sample_every
-    return final or (every > 0 and step % every == 0)
-
-
-def _per_row_loss(model, scheduler, x0, cond, presence, generator) -> torch.Tensor:
-    """(B,) ε-MSE per row (models/objective.py averages it; the per-subset losses need the rows)."""
-    from models.objective import diffusion_loss
-
-    return diffusion_loss(model, scheduler, x0, cond, presence.to(x0.device), generator, reduction="none")
 
 
 @dataclasses.dataclass
 class _Window:
-    """Sums since the last metric point; reduced over all workers in one all-reduce."""
+    """Sums since the last metric point, kept on the device (no host sync per step) and reduced
+    over all workers in one all-reduce."""
 
     groups: int
     device: torch.device
     steps: int = 0
     time: float = 0.0
     wait: float = 0.0
-    grad_norm: float = 0.0
 
     def __post_init__(self) -> None:
-        self.sums = torch.zeros(2 * self.groups, dtype=torch.float64)
+        self.sums = torch.zeros(2 * self.groups, dtype=torch.float64, device=self.device)
+        self.grad_norm = torch.zeros((), dtype=torch.float64, device=self.device)
 
     def add(self, per_row: torch.Tensor, presence: torch.Tensor, available: torch.Tensor) -> None:
-        self.sums += _subset_losses(per_row.cpu().double(), presence, available)
+        self.sums += _subset_losses(per_row.double(), presence, available)
 
     def reduce(self, world: int, global_batch: int) -> dict[str, float]:
-        vec = torch.cat(
-            [self.sums, torch.tensor([self.time, self.wait, self.grad_norm], dtype=torch.float64)]
-        )
+        times = torch.tensor([self.time, self.wait], dtype=torch.float64, device=self.device)
+        vec = torch.cat([self.sums, times, self.grad_norm[None]])
         if world > 1:
             import torch.distributed as dist
 
-            backend_device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
-            t = vec.to(backend_device)
+            t = vec if dist.get_backend() == "nccl" else vec.cpu()  # gloo reduces CPU tensors
             dist.all_reduce(t)
-            vec = t.cpu()
+            vec = t
+        vec = vec.cpu()
         sums, (time_sum, wait_sum, norm_sum) = vec[:-3], vec[-3:].tolist()
         out: dict[str, float] = {}
         for i, name in enumerate(loss_group_names()):

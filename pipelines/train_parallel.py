@@ -66,11 +66,12 @@ def no_sync(wrapped: torch.nn.Module, strategy: str):
     return fsdp_no_sync()
 
 
-def clip_grad_norm(wrapped: torch.nn.Module, max_norm: float) -> float:
+def clip_grad_norm(wrapped: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """Clips in place; returns the total norm before clipping (a 0-d tensor on the device)."""
     norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), max_norm)
     if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
         norm = norm.full_tensor()
-    return float(norm)
+    return norm.detach()
 
 
 def _options():

@@ -7,8 +7,8 @@
 
 Ray Train copies the folder into ``RUN_DIR/checkpoint_<time>/`` and records it as the latest
 only once the copy is complete (its checkpoint-manager snapshot is written after the upload), so
-a kill during a write leaves the previous checkpoint as the latest. ``load`` still refuses a
-folder without ``state.json``, the file written last, in case one is given by hand.
+a kill during a write leaves the previous checkpoint as the latest. ``read_progress`` still
+refuses a folder without ``state.json``, the file written last, in case one is given by hand.
 """
 
 from __future__ import annotations

@@ -119,17 +119,8 @@ def _chunks(items: list, n: int):
 class RankZeroTracker:
     """Everything rank 0 logs; see the module docstring."""
 
-    def __init__(
-        self, cfg: TrainConfig, config: dict, run_dir: Path, model: ComposerModel, recipe: BatchRecipe, device
-    ):
-        self.cfg, self.config, self.run_dir, self.model, self.recipe, self.device = (
-            cfg,
-            config,
-            run_dir,
-            model,
-            recipe,
-            device,
-        )
+    def __init__(self, cfg: TrainConfig, config: dict, run_dir: Path, recipe: BatchRecipe, device):
+        self.cfg, self.config, self.run_dir, self.recipe, self.device = cfg, config, run_dir, recipe, device
         self.run_id = config["mlflow_run_id"]
         self._rows: dict[str, Any] | None = None
 
@@ -184,7 +175,7 @@ class RankZeroTracker:
 
     def _export_model(self, weights: dict[str, Any]) -> ComposerModel:
         """A plain model (on this worker's device) holding ``weights``, the EMA weights."""
-        m = ComposerModel.from_config(dict(self.model.config))
+        m = ComposerModel.from_config(self.config["model_kwargs"])
         m.load_state_dict(weights)
         return m.to(self.device).eval()
 
