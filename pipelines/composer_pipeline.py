@@ -14,7 +14,7 @@ Conditions are given for one image, as the decomposition job stores them (no bat
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -195,10 +195,7 @@ class ComposerPipeline(DiffusionPipeline):
     def encode_conditions(self, conditions: Mapping[str, Any], guidance: Guidance, n: int):
         """Every guidance branch's conditions for ``n`` samples, encoded once for all steps."""
         self._check_maps(conditions)
-        rows = self._rows(conditions, n)
-        k = len(guidance.sets())
-        conds = to_conditions(self.unet, rows).repeat(k)
-        return self.unet.encode(conds, guidance.presence(n, self.unet.device))
+        return self._encode_rows([conditions], [n], guidance)
 
     def _guidance(self, guidance: Guidance | float | str, given: frozenset[str]) -> Guidance:
         if isinstance(guidance, Guidance):
@@ -240,76 +237,216 @@ class ComposerPipeline(DiffusionPipeline):
           and "none" for latent models and for inversion, which clipping would make irreversible.
         - ``seed`` (or ``generator``): same seed, same images.
         """
-        conditions = dict(conditions or {})
+        request = SampleRequest(
+            conditions=dict(conditions or {}),
+            guidance=guidance,
+            num_images=num_images,
+            seed=seed,
+            generator=generator,
+            source=source,
+            mask=mask,
+            invert_conditions=invert_conditions,
+            invert_guidance=invert_guidance,
+        )
+        out = self.sample_batch([request], num_inference_steps, scheduler, threshold)[0]
+        if output_type == "pil":
+            from PIL import Image
+
+            out.images = [Image.fromarray(im) for im in out.images]
+        return out
+
+    def prepare(self, request: SampleRequest) -> PreparedRequest:
+        """Checks one request and resolves its guidance; no model call (cheap, for grouping)."""
+        conditions = dict(request.conditions)
+        source, mask = request.source, request.mask
+        if request.num_images < 1:
+            raise ValueError("num_images and num_inference_steps must be >= 1")
+        if mask is not None:
+            if source is None:
+                raise ValueError("a mask needs the source image it applies to")
+            mask = (np.asarray(mask) > 0).astype(np.uint8)
+            conditions["mask"], conditions["mask.image"] = mask, np.asarray(source, np.uint8)
+        if request.invert_conditions is not None and source is None:
+            raise ValueError("bidirectional guidance (invert_conditions) needs the source image to invert")
+        if source is not None and np.asarray(source).shape != (self.image_size, self.image_size, 3):
+            raise ValueError(
+                f"source is {np.asarray(source).shape}, expected ({self.image_size}, {self.image_size}, 3)"
+            )
+        self._check_maps(conditions)
+        guide = self._guidance(request.guidance, given_conditions(conditions))
+        inv_guide = None
+        if request.invert_conditions is not None:
+            self._check_maps(request.invert_conditions)
+            inv_guide = self._guidance(request.invert_guidance, given_conditions(request.invert_conditions))
+        return PreparedRequest(request, conditions, mask, guide, inv_guide)
+
+    @torch.no_grad()
+    def sample_batch(
+        self,
+        requests: Sequence[SampleRequest | PreparedRequest],
+        num_inference_steps: int = 50,
+        scheduler: SchedulerName = "ddim",
+        threshold: Threshold | None = None,
+    ) -> list[ComposerOutput]:
+        """Several requests in one batched sampling run; one ``ComposerOutput`` per request.
+
+        The requests must be compatible (``PreparedRequest.compatible_key``: the same condition
+        keys, guidance and inversion guidance, with or without source/mask); their rows are
+        concatenated, so each step is one UNet forward for all of them (Ray Serve's
+        ``@serve.batch`` groups requests this way). Each request draws its noise from its own
+        seed exactly as it would alone, so batching changes no sample beyond float rounding.
+        """
+        if num_inference_steps < 1:
+            raise ValueError("num_images and num_inference_steps must be >= 1")
+        prepared = [r if isinstance(r, PreparedRequest) else self.prepare(r) for r in requests]
+        if not prepared:
+            return []
+        keys = {p.compatible_key() for p in prepared}
+        if len(keys) != 1:
+            raise ValueError(f"sample_batch: the requests are not compatible ({len(keys)} kinds); group them")
+        first = prepared[0]
+        guide, inv_guide = first.guidance, first.invert_guidance
+        inverting = inv_guide is not None
+        if threshold is None:
+            threshold = "none" if (self.vae is not None or inverting) else "clip"
+        if inverting and scheduler != "ddim":
+            raise ValueError("bidirectional guidance inverts with DDIM; use scheduler='ddim'")
         with eval_mode(self.unet):  # sampling is in eval mode whatever the caller's model mode
-            if num_images < 1 or num_inference_steps < 1:
-                raise ValueError("num_images and num_inference_steps must be >= 1")
-            if mask is not None:
-                if source is None:
-                    raise ValueError("a mask needs the source image it applies to")
-                mask = (np.asarray(mask) > 0).astype(np.uint8)
-                conditions["mask"], conditions["mask.image"] = mask, np.asarray(source, np.uint8)
-            if invert_conditions is not None and source is None:
-                raise ValueError(
-                    "bidirectional guidance (invert_conditions) needs the source image to invert"
-                )
-            if source is not None and np.asarray(source).shape != (self.image_size, self.image_size, 3):
-                raise ValueError(
-                    f"source is {np.asarray(source).shape}, expected ({self.image_size}, {self.image_size}, 3)"
-                )
-            given = given_conditions(conditions)
-            guide = self._guidance(guidance, given)
-            if threshold is None:
-                threshold = "none" if (self.vae is not None or invert_conditions is not None) else "clip"
             sched = self._scheduler(scheduler, threshold)
-            if generator is None:
-                generator = torch.Generator("cpu").manual_seed(0 if seed is None else seed)
             device, dtype = self.unet.device, self.unet.dtype
             c, s = self.unet.config.image_channels, self.unet.config.sample_size
-            noise = randn_tensor(
-                (num_images, c, s, s), generator=generator, device=torch.device("cpu"), dtype=torch.float32
-            )
-            x = noise.to(device, dtype)
-            encoded = self.encode_conditions(conditions, guide, num_images)
-            known, inv_guide = None, None
-            if source is not None:
-                # Encoded (through the VAE, if any) once, then shared by the samples.
-                x0 = self._encode_images(np.asarray(source, np.uint8)[None]).repeat(num_images, 1, 1, 1)
-            if invert_conditions is not None:
-                if scheduler != "ddim":
-                    raise ValueError("bidirectional guidance inverts with DDIM; use scheduler='ddim'")
-                inv_guide = self._guidance(invert_guidance, given_conditions(invert_conditions))
-                inv_encoded = self.encode_conditions(invert_conditions, inv_guide, num_images)
+            sizes = [p.request.num_images for p in prepared]
+            generators = [
+                p.request.generator
+                if p.request.generator is not None
+                else torch.Generator("cpu").manual_seed(0 if p.request.seed is None else p.request.seed)
+                for p in prepared
+            ]
+            noise = [
+                randn_tensor((n, c, s, s), generator=g, device=torch.device("cpu"), dtype=torch.float32)
+                for n, g in zip(sizes, generators, strict=True)
+            ]
+            x = torch.cat(noise).to(device, dtype)
+            total = sum(sizes)
+            encoded = self._encode_rows([p.conditions for p in prepared], sizes, guide)
+            has_source = first.request.source is not None
+            if has_source:
+                # Encoded (through the VAE, if any) once per request, then shared by its samples.
+                x0 = torch.cat(
+                    [
+                        self._encode_images(np.asarray(p.request.source, np.uint8)[None]).repeat(n, 1, 1, 1)
+                        for p, n in zip(prepared, sizes, strict=True)
+                    ]
+                )
+            if inverting:
+                inv_encoded = self._encode_rows(
+                    [p.request.invert_conditions for p in prepared], sizes, inv_guide
+                )
                 x = invert(
                     self.unet, sched, x0, inv_encoded, inv_guide, num_inference_steps, self.progress_bar
                 )
-            if mask is not None:
-                m = torch.from_numpy(mask).float()[None, None].to(device, dtype).repeat(num_images, 1, 1, 1)
+            known = None
+            if first.mask is not None:
+                m = torch.cat(
+                    [
+                        torch.from_numpy(p.mask).float()[None, None].repeat(n, 1, 1, 1)
+                        for p, n in zip(prepared, sizes, strict=True)
+                    ]
+                ).to(device, dtype)
                 f = self.unet.config.local_downsample
                 m = (
                     torch.nn.functional.max_pool2d(m, f) if f > 1 else m
                 )  # a latent is regenerated if any of its pixels is
-                known_noise = randn_tensor(
-                    x0.shape, generator=generator, device=torch.device("cpu"), dtype=torch.float32
+                known_noise = torch.cat(
+                    [
+                        randn_tensor(
+                            (n, *x0.shape[1:]), generator=g, device=torch.device("cpu"), dtype=torch.float32
+                        )
+                        for n, g in zip(sizes, generators, strict=True)
+                    ]
                 )
                 known = (x0, m, known_noise.to(device, dtype))
+            assert x.shape[0] == total
             x = denoise(self.unet, sched, x, encoded, guide, num_inference_steps, known, self.progress_bar)
             images = self._decode(x)
-            if mask is not None:
+        outputs, start = [], 0
+        for p, n in zip(prepared, sizes, strict=True):
+            ims = images[start : start + n]
+            start += n
+            if p.mask is not None:
                 # Region-restricted editing: outside the mask the output *is* the source.
-                images = np.where(
-                    mask[None, :, :, None].astype(bool), images, np.asarray(source, np.uint8)[None]
+                ims = np.where(
+                    p.mask[None, :, :, None].astype(bool), ims, np.asarray(p.request.source, np.uint8)[None]
                 )
-            if output_type == "pil":
-                from PIL import Image
-
-                images = [Image.fromarray(im) for im in images]
-            return ComposerOutput(
-                images=images,
-                guidance=guide.describe(),
-                threshold=threshold,
-                invert_guidance=None if inv_guide is None else inv_guide.describe(),
+            outputs.append(
+                ComposerOutput(
+                    images=ims,
+                    guidance=guide.describe(),
+                    threshold=threshold,
+                    invert_guidance=None if inv_guide is None else inv_guide.describe(),
+                )
             )
+        return outputs
+
+    def _encode_rows(self, conditions: Sequence[Mapping[str, Any]], sizes: Sequence[int], guidance: Guidance):
+        """Every guidance branch's conditions for each request's samples, encoded once for all steps.
+
+        Rows are request-major within a branch (request 0's samples, request 1's, …), the layout
+        ``guidance.presence`` and ``Guidance.combine`` expect for ``sum(sizes)`` samples.
+        """
+        per_request = [self._rows(c, n) for c, n in zip(conditions, sizes, strict=True)]
+        rows: dict[str, Any] = {}
+        for key in per_request[0]:
+            parts = [r[key] for r in per_request]
+            rows[key] = sum(parts, []) if key == "text" else np.concatenate(parts)
+        k = len(guidance.sets())
+        conds = to_conditions(self.unet, rows).repeat(k)
+        return self.unet.encode(conds, guidance.presence(sum(sizes), self.unet.device))
 
 
-__all__ = ["ComposerOutput", "ComposerPipeline", "default_scheduler", "given_conditions"]
+@dataclass
+class SampleRequest:
+    """One generation request of ``ComposerPipeline.sample_batch`` (``__call__``'s arguments)."""
+
+    conditions: Mapping[str, Any]
+    guidance: Guidance | float | str = 3.0
+    num_images: int = 1
+    seed: int | None = 0
+    generator: torch.Generator | None = None
+    source: np.ndarray | None = None  # (R, R, 3) uint8
+    mask: np.ndarray | None = None  # (R, R) {0, 1}, 1 = regenerate
+    invert_conditions: Mapping[str, Any] | None = None
+    invert_guidance: Guidance | float | str = 1.0
+
+
+@dataclass
+class PreparedRequest:
+    """A checked ``SampleRequest``: conditions with the mask keys added, guidance resolved."""
+
+    request: SampleRequest
+    conditions: dict[str, Any]
+    mask: np.ndarray | None
+    guidance: Guidance
+    invert_guidance: Guidance | None
+
+    def compatible_key(self) -> tuple:
+        """Requests with equal keys can share one batched sampling run."""
+        inv = self.request.invert_conditions
+        return (
+            tuple(sorted(self.conditions)),
+            self.guidance,
+            self.invert_guidance,
+            None if inv is None else tuple(sorted(inv)),
+            self.request.source is not None,
+            self.mask is not None,
+        )
+
+
+__all__ = [
+    "ComposerOutput",
+    "ComposerPipeline",
+    "PreparedRequest",
+    "SampleRequest",
+    "default_scheduler",
+    "given_conditions",
+]

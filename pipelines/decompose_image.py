@@ -83,7 +83,7 @@ class ImageDecomposer:
         return cls(pipe.config.decompose, pipe.image_size, cfg.caption_encoder, cfg.semantics_encoder, device)
 
     # -- files -----------------------------------------------------------------------------------
-    def load_image(self, path: str | Path) -> np.ndarray:
+    def load_image(self, path: str | Path | bytes) -> np.ndarray:
         """An image file -> (R, R, 3) uint8 RGB, decoded as the decomposition job decodes."""
         try:
             return decode_image(read_bytes(path), self.resolution, self.config.decode)
@@ -92,7 +92,7 @@ class ImageDecomposer:
         except Exception as e:  # noqa: BLE001 - any decoder failure is a bad file here
             raise _decode_error(path, "image", e) from e
 
-    def load_map(self, name: str, path: str | Path) -> np.ndarray:
+    def load_map(self, name: str, path: str | Path | bytes) -> np.ndarray:
         """An already-made map picture (e.g. an edited ``conditions/sketch.png``) -> (R, R) uint8.
 
         ``sketch``, ``depth``, ``intensity``: a grayscale picture (colour ones are converted with
@@ -109,7 +109,7 @@ class ImageDecomposer:
         rgb = self.load_image(path)
         return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
 
-    def load_mask(self, path: str | Path) -> np.ndarray:
+    def load_mask(self, path: str | Path | bytes) -> np.ndarray:
         """A mask picture (white = regenerate) -> (R, R) uint8 {0, 1}, 1 = regenerate.
 
         Framed as the image it edits is decoded (shorter side to R, centre crop; area resampling),
@@ -131,7 +131,7 @@ class ImageDecomposer:
             raise _decode_error(path, "mask", e) from e
         return mask_from_image(gray, self.resolution)
 
-    def _load_instances(self, data: bytes, path: str | Path) -> np.ndarray:
+    def _load_instances(self, data: bytes, path: str | Path | bytes) -> np.ndarray:
         import io
 
         from PIL import Image
@@ -146,7 +146,7 @@ class ImageDecomposer:
         if im.mode in ("L", "I", "I;16", "I;16L", "I;16B"):
             ids = np.asarray(im)
             if ids.max(initial=0) > 255:
-                raise ImageReadError(f"{path}: instance ids must be 0..255, found {int(ids.max())}")
+                raise ImageReadError(f"{_name(path)}: instance ids must be 0..255, found {int(ids.max())}")
             im = Image.fromarray(ids.astype(np.uint8), "L")
             return resize_center_crop(im, self.resolution, Image.Resampling.NEAREST)
         rgb = resize_center_crop(im.convert("RGB"), self.resolution, Image.Resampling.NEAREST)
@@ -219,17 +219,25 @@ class ImageDecomposer:
         return out
 
 
-def read_bytes(path: str | Path) -> bytes:
-    """The file's bytes; ``ImageReadError`` naming it when there is no such file."""
+def read_bytes(path: str | Path | bytes) -> bytes:
+    """The file's bytes (``bytes`` are an upload, returned as they are); ``ImageReadError``
+    naming the file when there is no such file."""
+    if isinstance(path, (bytes, bytearray)):
+        return bytes(path)
     p = Path(path)
     if not p.is_file():
         raise ImageReadError(f"{p}: no such file")
     return p.read_bytes()
 
 
-def _decode_error(path: str | Path, what: str, e: Exception) -> ImageReadError:
+def _name(path: str | Path | bytes) -> str:
+    return "the upload" if isinstance(path, (bytes, bytearray)) else str(path)
+
+
+def _decode_error(path: str | Path | bytes, what: str, e: Exception) -> ImageReadError:
     from PIL import UnidentifiedImageError
 
+    path = _name(path)
     if isinstance(e, UnidentifiedImageError):  # its message names a BytesIO, not the file
         return ImageReadError(f"{path}: cannot decode the {what}: not an image format Pillow reads")
     return ImageReadError(f"{path}: cannot decode the {what} ({type(e).__name__}: {e})")

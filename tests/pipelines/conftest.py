@@ -54,3 +54,14 @@ def trained_tiny() -> ComposerPipeline:
     pipe.set_progress_bar_config(disable=True)
     pipe.training_images = (images, texts, intensity)
     return pipe
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A saved random-init tiny pipeline at 32 px (default decomposition settings: no depth
+    weights, so depth cannot be decomposed) — what the Serve tests load."""
+    torch.manual_seed(0)
+    pipe = ComposerPipeline(build_model("tiny", sample_size=TRAINED_RESOLUTION).eval(), default_scheduler())
+    out = tmp_path_factory.mktemp("serve-model") / "pipeline"
+    pipe.save_pretrained(str(out))
+    return str(out)
