@@ -2,7 +2,7 @@
 
     python benchmarks/serve.py [--model DIR] [--resolution 32] [--steps 10] [--requests 32]
                                [--concurrency 1,8] [--repeats 2] [--max-batch-size 8]
-                               [--batch-wait-timeout-s 0.05] [--model-cpus 1] [--ingress-cpus 0.1]
+                               [--batch-wait-timeout-s 0.01] [--model-cpus 1] [--ingress-cpus 0.1]
                                [--cpus N]
 
 One local Ray (``address="local"``: never a cluster someone else started) and one Serve instance
@@ -42,7 +42,11 @@ errors (non-200 answers or failed connections; must be 0).
 Ratios batched/unbatched: requests/s (medians, and the median of each round's back-to-back pair)
 and p95 latency per concurrency. Goal: batched requests/s > unbatched at concurrency 8 (the
 largest level given). At concurrency 1 batching cannot win: a lone request waits
-``batch_wait_timeout_s`` for company that never comes. The model is the tiny preset, randomly
+``batch_wait_timeout_s`` for company that never comes. Watch ``batch_requests_mean`` at the
+largest level: Ray Serve closes a batch ``batch_wait_timeout_s`` after its first request even
+while the previous batch still holds the model, so in-flight requests can split into groups
+(e.g. 3 + 5 of 8); the model deployment merges the groups waiting for the model into one
+sampling run (``ComposerServer._batched``), which the figure shows. The model is the tiny preset, randomly
 initialised (the work per step does not depend on the weights), saved at ``--resolution`` in a
 temporary directory unless ``--model`` names a saved pipeline.
 
@@ -73,6 +77,7 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 import numpy as np  # noqa: E402
 
 from benchmarks.machine import cpu_name  # noqa: E402
+from pipelines.serve_config import Batching  # noqa: E402
 
 MODES = ("batched", "unbatched")
 TEXT = "a red circle above a blue star"
@@ -168,8 +173,8 @@ async def warm_up(urls: dict[str, str], top: int, steps: int, timeout_s: float) 
     async def one(url: str) -> dict:
         t = time.perf_counter()
         runs = [
-            await _load(url, 2 * top, top, steps, 0, timeout_s),
-            await _load(url, 2, 1, steps, 0, timeout_s),
+            await _load(url, 2 * top, top, steps, WARM_SEED, timeout_s),
+            await _load(url, 2, 1, steps, WARM_SEED, timeout_s),
         ]
         errors = [e for run in runs for e in run["errors"]]
         return {
@@ -189,7 +194,7 @@ def summarize(runs: list[dict]) -> dict[str, Any]:
     rps = [len(run["records"]) / run["wall_s"] for run in runs]
     lat = np.array([r["latency_s"] for r in records]) if records else np.zeros(1)
     batch = [r["batch_requests"] for r in records] or [0]
-    # The model's sampling time per call, counted once per call (each member reports it).
+    # The sampling time of the model call each request was in (a call's members all report it).
     per_call = [r["sample_s"] for r in records]
     return {
         "requests_per_s": round(statistics.median(rps), 3),
@@ -276,7 +281,8 @@ def benchmark(model_dir: str, port: int, args: argparse.Namespace) -> dict[str, 
     top = max(args.concurrency)
     t = time.perf_counter()
     warmup = asyncio.run(warm_up(urls, top, args.steps, args.timeout_s))
-    log(f"warm-up of both apps (side by side): {time.perf_counter() - t:.1f} s, {warmup}")
+    errors = {mode: w["errors"] for mode, w in warmup.items()}
+    log(f"warm-up of both apps (side by side): {time.perf_counter() - t:.1f} s, errors {errors}")
     seed = 0
     runs: dict[str, dict[int, list[dict]]] = {m: {c: [] for c in args.concurrency} for m in MODES}
     for r in range(args.repeats):
@@ -323,7 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=parse_levels, default=[1, 8], help="requests in flight, e.g. 1,8")
     p.add_argument("--repeats", type=int, default=2, help="rounds; the app order alternates")
     p.add_argument("--max-batch-size", type=int, default=8, help="batching.max_batch_size (samples)")
-    p.add_argument("--batch-wait-timeout-s", type=float, default=0.05, help="batching.batch_wait_timeout_s")
+    p.add_argument(
+        "--batch-wait-timeout-s",
+        type=float,
+        default=Batching().batch_wait_timeout_s,
+        help="batching.batch_wait_timeout_s (default: the config default)",
+    )
     p.add_argument("--model-cpus", type=float, default=1.0, help="num_cpus of each model replica")
     p.add_argument("--ingress-cpus", type=float, default=0.1, help="num_cpus of each ingress replica")
     p.add_argument("--cpus", type=int, default=None, help="logical CPUs of the local Ray; default: enough")

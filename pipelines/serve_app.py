@@ -17,11 +17,9 @@ import hmac
 import math
 import os
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -40,206 +38,10 @@ from pipelines.serve_api import (
     validation_error,
 )
 from pipelines.serve_config import ServeConfig
+from pipelines.serve_model import ComposerServer
 
 PAGE = Path(__file__).parent / "serve_static" / "index.html"
 API_VERSION = "v1"
-
-
-# -- the model deployment ---------------------------------------------------------------------------
-@serve.deployment(name="ComposerServer")
-class ComposerServer:
-    """Holds one ``ComposerPipeline`` and its ``ImageDecomposer``; sampling runs in a thread so
-    the replica keeps answering (health checks, batching) while the model works."""
-
-    def __init__(self, config: dict[str, Any]):
-        import torch
-
-        from pipelines.decompose_image import ImageDecomposer
-        from pipelines.generate import load_pipeline, resolve_device
-
-        self.config = from_dict(ServeConfig, config)
-        device = resolve_device(self.config.model_deployment.device)
-        self.pipe = load_pipeline(self.config.model, device)
-        self.pipe.set_progress_bar_config(disable=True)
-        self.device = device
-        self.dec = ImageDecomposer.for_pipeline(self.pipe, device)
-        self.decomposable = self._decomposable()
-        self.stats = {"jobs": 0, "batches": 0, "decompositions": 0, "largest_batch": 0}
-        self.lock = asyncio.Lock()  # one model call at a time per replica (batching or not)
-        b = self.config.batching
-        self._batched.set_max_batch_size(b.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(b.batch_wait_timeout_s)
-        torch.set_grad_enabled(False)
-
-    def _decomposable(self) -> dict[str, bool | str]:
-        """Which representations can be taken from an image with this pipeline's settings."""
-        from pipelines.conditions import ExtractorUnavailable
-        from pipelines.decompose_image import DECOMPOSED
-
-        cfg = self.pipe.unet.config
-        out: dict[str, bool | str] = {}
-        for name in DECOMPOSED:
-            if (name == "caption" and cfg.caption_encoder == "trainable") or (
-                name == "semantics" and cfg.semantics_encoder == "trainable"
-            ):
-                out[name] = True  # the model encodes the text / the image itself
-                continue
-            try:
-                self.dec.extractor(name)
-                out[name] = True
-            except ExtractorUnavailable as e:
-                out[name] = str(e)
-        return out
-
-    def info(self) -> dict[str, Any]:
-        cfg = self.pipe.unet.config
-        r = self.pipe.image_size
-        sizes = {
-            "caption": "text" if cfg.caption_encoder == "trainable" else f"{cfg.caption_encoder} embeddings",
-            "semantics": "image" if cfg.semantics_encoder == "trainable" else f"vector ({cfg.semantics_dim})",
-            "palette": "156-bin histogram",
-            **{m: f"{r}x{r} map" for m in ("sketch", "instances", "depth", "intensity")},
-            "mask": f"{r}x{r} mask + source image",
-        }
-        return {
-            "model": self.config.model,
-            "resolution": r,
-            "conditions": list(sizes),
-            "inputs": sizes,
-            "decomposable": self.decomposable,
-            "caption_encoder": cfg.caption_encoder,
-            "semantics_encoder": cfg.semantics_encoder,
-            "decompose_settings": self.pipe.config.decompose,
-            "device": self.device,
-            "stats": dict(self.stats),
-        }
-
-    # -- decompose ----------------------------------------------------------------------------------
-    async def decompose(self, image: np.ndarray, names: list[str], text: str | None) -> dict[str, Any]:
-        async with self.lock:
-            return await asyncio.to_thread(self._decompose, image, names, text)
-
-    def _decompose(self, image: np.ndarray, names: list[str], text: str | None) -> dict[str, Any]:
-        from pipelines.conditions.palette import bin_colours, render_palette
-        from pipelines.preview import colourize_instances
-
-        self.stats["decompositions"] += 1
-        out: dict[str, Any] = {}
-        for name in names:
-            values = self.dec.decompose(image, [name], text)
-            rep: dict[str, Any] = {}
-            if name == "caption":
-                rep["text"] = text
-            elif name == "semantics":
-                rep["picture"] = image  # what the semantics are taken from
-                if "semantics" in values:
-                    rep["values"] = np.asarray(values["semantics"], np.float32).tolist()
-            elif name == "palette":
-                hist = np.asarray(values["palette"], np.float32)
-                rep["picture"] = render_palette(hist)
-                rep["values"] = hist.tolist()
-                top = np.argsort(-hist)[:8]
-                top = top[hist[top] >= np.percentile(hist, 90)]
-                colours = bin_colours()[top]
-                rep["colors"] = [
-                    {
-                        "hex": "#" + "".join(f"{int(v):02x}" for v in c),
-                        "weight": float(hist[i] / hist[top].sum()),
-                    }
-                    for c, i in zip(colours, top, strict=True)
-                ]
-            else:
-                m = np.asarray(values[name], np.uint8)
-                rep["map"] = m
-                rep["picture"] = colourize_instances(m) if name == "instances" else m
-            out[name] = rep
-        return out
-
-    # -- generate / edit ------------------------------------------------------------------------------
-    async def generate(self, job: Job) -> dict[str, Any]:
-        b = self.config.batching
-        if b.enabled and job.num_images <= b.max_batch_size:
-            return await self._batched(job)
-        async with self.lock:
-            return (await asyncio.to_thread(self._run, [job]))[0]
-
-    @serve.batch(
-        max_batch_size=8,
-        batch_wait_timeout_s=0.05,
-        batch_size_fn=lambda jobs: sum(j.num_images for j in jobs),
-    )
-    async def _batched(self, jobs: list[Job]) -> list[dict[str, Any]]:
-        async with self.lock:
-            return await asyncio.to_thread(self._run, jobs)
-
-    def _inputs(self, job: Job):
-        from pipelines.composer_pipeline import SampleRequest
-
-        dec, conditions = self.dec, {}
-        if job.text is not None:
-            conditions.update(dec.caption(job.text))
-        if job.palette is not None:
-            conditions["palette"] = job.palette
-        for name, image in job.from_image.items():
-            conditions.update(dec.decompose(image, [name]))
-        conditions.update(job.maps)
-        invert = None
-        if job.kind == "edit":  # Composer §3.2: c1 = the same names, valued as the source decomposes
-            names = sorted(job.given() - {"mask"})
-            invert = dec.decompose(job.source, names, job.source_text)
-        request = SampleRequest(
-            conditions=conditions,
-            guidance=job.guidance,
-            num_images=job.num_images,
-            seed=job.seed,
-            source=job.source,
-            mask=job.mask,
-            invert_conditions=invert,
-            invert_guidance=job.invert_guidance,
-        )
-        return self.pipe.prepare(request)
-
-    def _run(self, jobs: list[Job]) -> list[dict[str, Any]]:
-        """Extract each job's conditions, then one batched sampling run per compatible group."""
-        from pipelines.generate_pictures import condition_pictures
-
-        t0 = time.perf_counter()
-        results: list[dict[str, Any] | None] = [None] * len(jobs)
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        prepared = {}
-        for i, job in enumerate(jobs):
-            try:
-                prepared[i] = self._inputs(job)
-            except ValueError as e:  # the ingress checks everything it can; this is what is left
-                results[i] = {"error": {"status": 422, "code": "invalid_request", "message": str(e)}}
-                continue
-            groups[(prepared[i].compatible_key(), job.steps, job.scheduler, job.threshold)].append(i)
-        t_inputs = time.perf_counter() - t0
-        self.stats["jobs"] += len(jobs)
-        for (_, steps, scheduler, threshold), members in groups.items():
-            t = time.perf_counter()
-            outs = self.pipe.sample_batch([prepared[i] for i in members], steps, scheduler, threshold)
-            samples = sum(jobs[i].num_images for i in members)
-            self.stats["batches"] += 1
-            self.stats["largest_batch"] = max(self.stats["largest_batch"], samples)
-            t_sample = time.perf_counter() - t
-            for i, out in zip(members, outs, strict=True):
-                job, p = jobs[i], prepared[i]
-                refs = {"semantics": job.from_image["semantics"]} if "semantics" in job.from_image else {}
-                results[i] = {
-                    "images": out.images,
-                    "guidance": out.guidance,
-                    "invert_guidance": out.invert_guidance,
-                    "threshold": out.threshold,
-                    "pictures": condition_pictures(p.conditions, job.source, job.mask, refs),
-                    "batch": {"requests": len(members), "samples": samples, "groups": len(groups)},
-                    "timings_s": {"inputs": round(t_inputs, 4), "sample": round(t_sample, 4)},
-                }
-        return results
-
-    def check_health(self) -> None:
-        if self.pipe is None:
-            raise RuntimeError("the pipeline is not loaded")
 
 
 # -- the ingress ---------------------------------------------------------------------------------------
@@ -303,8 +105,6 @@ async def _overloaded(request: Request, e: _Overloaded) -> JSONResponse:
 @serve.ingress(app)
 class Ingress:
     def __init__(self, model: Any, config: dict[str, Any]):
-        from pipelines.decompose_image import ImageDecomposer
-
         self.config = from_dict(ServeConfig, config)
         self.model = model
         self.token = None
@@ -314,26 +114,26 @@ class Ingress:
                 raise RuntimeError(
                     f"auth.token_env={self.config.auth.token_env!r} but that environment variable is empty"
                 )
-        self._info: dict[str, Any] | None = None
         self._decoder: Decoder | None = None
-        self._decomposer_cls = ImageDecomposer
 
     async def _model_info(self) -> dict[str, Any]:
         return await self._call(self.model.info)
 
     async def decoder(self) -> Decoder:
-        """Built from the model's settings on first use (the model may still be loading at start)."""
+        """Built from the model's settings on first use (the model may still be loading at start):
+        uploads are decoded here exactly as the model's training shards were decoded."""
         if self._decoder is None:
+            from pipelines.decompose_image import ImageDecomposer
+
             info = await self._model_info()
-            cfg = info
-            dec = self._decomposer_cls(
+            dec = ImageDecomposer(
                 info["decompose_settings"],
                 info["resolution"],
-                cfg["caption_encoder"],
-                cfg["semantics_encoder"],
+                info["caption_encoder"],
+                info["semantics_encoder"],
             )
             defaults = {"steps": self.config.default_steps, "guidance": self.config.default_guidance}
-            self._info, self._decoder = info, Decoder(dec, info, self.config.limits, defaults)
+            self._decoder = Decoder(dec, info, self.config.limits, defaults)
         return self._decoder
 
     def _auth(self, request: Request) -> None:

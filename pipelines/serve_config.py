@@ -64,7 +64,9 @@ class Batching:
 
     enabled: bool = True
     max_batch_size: int = 8  # samples (num_images summed), not requests
-    batch_wait_timeout_s: float = 0.05  # how long a first request waits for company
+    # How long a request arriving at an idle model waits for company; requests arriving while
+    # the model is busy are merged anyway (serve_model.ComposerServer._batched).
+    batch_wait_timeout_s: float = 0.01
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.batch_wait_timeout_s < 0:

@@ -100,3 +100,38 @@ def test_guidance_forms_and_validation_errors():
             GenerateBody.model_validate_json(body)
         err = validation_error(list(e.value.errors()))
         assert (err.status, err.code) == (status, code), body
+
+
+def test_build_app_maps_the_config_to_deployment_options(tiny_model_dir):
+    from pipelines.serve_app import build_app
+
+    cfg = from_dict(
+        ServeConfig,
+        {
+            "model": tiny_model_dir,
+            "model_deployment": {
+                "autoscaling": True,
+                "min_replicas": 1,
+                "max_replicas": 3,
+                "target_ongoing_requests": 5,
+                "num_cpus": 2,
+                "num_gpus": 1,
+                "max_ongoing_requests": 24,
+                "max_queued_requests": 7,
+            },
+            "ingress": {"num_replicas": 2, "num_cpus": 0.5},
+        },
+    )
+    ingress = build_app(cfg)._bound_deployment
+    model = ingress.init_args[0]._bound_deployment
+    assert (ingress.name, ingress.num_replicas, ingress.ray_actor_options["num_cpus"]) == ("Ingress", 2, 0.5)
+    assert model.name == "ComposerServer"
+    assert model.ray_actor_options["num_gpus"] == 1 and model.ray_actor_options["num_cpus"] == 2
+    dc = model._deployment_config
+    assert (dc.max_ongoing_requests, dc.max_queued_requests) == (24, 7)
+    auto = dc.autoscaling_config
+    assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (1, 3, 5)
+    fixed = build_app(
+        from_dict(ServeConfig, {"model": tiny_model_dir, "model_deployment": {"num_replicas": 3}})
+    )
+    assert fixed._bound_deployment.init_args[0]._bound_deployment.num_replicas == 3
