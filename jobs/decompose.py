@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from pipelines.config import ConfigError, load_config
+from pipelines.config import ConfigError, add_config_arguments, load_config
 from pipelines.decompose import DecomposeConfig, run_decompose
 from pipelines.sources import SourceError
 
@@ -26,15 +26,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["auto", "folder", "webdataset", "parquet"], default=None)
     p.add_argument("--conditions", default=None, help="comma-separated; default: every available one")
     p.add_argument("--resolution", type=int, default=None, help="stored side length (default 64)")
-    p.add_argument("--config", default=None, help="YAML config file (see configs/)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set sketch.method=canny (repeatable)",
-    )
+    add_config_arguments(p, "configs/", "sketch.method=canny")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     return p
 

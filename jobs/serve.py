@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from pipelines.config import ConfigError, load_config
+from pipelines.config import ConfigError, add_config_arguments, load_config
 from pipelines.serve_config import ServeConfig
 
 
@@ -28,15 +28,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--host", default=None, help="HTTP address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
-    p.add_argument("--config", default=None, help="YAML config file (see configs/serve-*.yaml)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set batching.max_batch_size=16 (repeatable)",
-    )
+    add_config_arguments(p, "configs/serve-*.yaml", "batching.max_batch_size=16")
     p.add_argument("--no-block", action="store_true", help="deploy and return (the app keeps running)")
     return p
 

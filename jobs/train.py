@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from pipelines.config import ConfigError, load_config
+from pipelines.config import ConfigError, add_config_arguments, load_config
 from pipelines.train import run_train
 from pipelines.train_config import TrainConfig
 from pipelines.train_data import DataError
@@ -31,15 +31,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workers", type=int, default=None, help="Ray Train workers (default 2)")
     p.add_argument("--gpus-per-worker", type=float, default=None, help="0: CPU workers with gloo (default)")
-    p.add_argument("--config", default=None, help="YAML config file (see configs/train-*.yaml)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)",
-    )
+    add_config_arguments(p, "configs/train-*.yaml", "optim.lr=3e-4")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     return p
 

@@ -37,6 +37,21 @@ def nested(factory: type) -> Any:
     return dataclasses.field(default_factory=factory)
 
 
+def add_config_arguments(p: Any, configs: str, example: str) -> None:
+    """``--config FILE`` and repeatable ``--set KEY=VALUE`` on the argparse parser ``p`` (every
+    job takes both; ``load_config`` applies them). ``configs``: where example files are;
+    ``example``: an override to show."""
+    p.add_argument("--config", default=None, help=f"YAML config file (see {configs})")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a config value, e.g. --set {example} (repeatable)",
+    )
+
+
 class ConfigError(ValueError):
     """A configuration value or key is invalid; the message names it."""
 
