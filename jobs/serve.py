@@ -45,11 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"recompose serve: error: {e}", file=sys.stderr)
         return 2
-    from pipelines.generate import GenerateError, load_pipeline
+    from pipelines.generate import GenerateError, pipeline_dir
 
     try:  # a bad model is the user's error: say so here, not in a replica's log
         say(f"checking the model {cfg.model}")
-        load_pipeline(cfg.model, "cpu")
+        pipeline_dir(cfg.model)  # the replicas load the weights; the driver only checks the directory
     except GenerateError as e:
         print(f"recompose serve: error: {e}", file=sys.stderr)
         return 2

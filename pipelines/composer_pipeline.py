@@ -327,7 +327,6 @@ class ComposerPipeline(DiffusionPipeline):
                 for n, g in zip(sizes, generators, strict=True)
             ]
             x = torch.cat(noise).to(device, dtype)
-            total = sum(sizes)
             encoded = self._encode_rows([p.conditions for p in prepared], sizes, guide)
             has_source = first.request.source is not None
             if has_source:
@@ -366,7 +365,6 @@ class ComposerPipeline(DiffusionPipeline):
                     ]
                 )
                 known = (x0, m, known_noise.to(device, dtype))
-            assert x.shape[0] == total
             x = denoise(self.unet, sched, x, encoded, guide, num_inference_steps, known, self.progress_bar)
             images = self._decode(x)
         outputs, start = [], 0

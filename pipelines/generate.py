@@ -204,8 +204,9 @@ def resolve_device(device: Literal["auto", "cpu", "cuda"]) -> str:
     return device
 
 
-def load_pipeline(model_dir: str, device: str) -> ComposerPipeline:
-    """The saved ``ComposerPipeline`` in ``model_dir``, on ``device``; clear errors otherwise.
+def pipeline_dir(model_dir: str) -> Path:
+    """The directory of the saved ``ComposerPipeline`` that ``model_dir`` names, checked without
+    loading any weights; ``GenerateError`` saying what is wrong otherwise.
 
     ``model_dir`` is a directory, or an MLflow ``models:/<name>/<version>``, ``models:/<name>@<alias>``
     or ``runs:/<run id>/<path>`` URI (``pipelines/mlflow_model.py``; downloaded once, then cached).
@@ -235,6 +236,14 @@ def load_pipeline(model_dir: str, device: str) -> ComposerPipeline:
         raise GenerateError(f"--model {model_dir}: model_index.json is not valid JSON ({e})") from None
     if name != ComposerPipeline.__name__:
         raise GenerateError(f"--model {model_dir}: holds a {name}, not a ComposerPipeline")
+    return p
+
+
+def load_pipeline(model_dir: str, device: str) -> ComposerPipeline:
+    """The saved ``ComposerPipeline`` that ``model_dir`` names (``pipeline_dir``), on ``device``."""
+    from pipelines.composer_pipeline import ComposerPipeline
+
+    p = pipeline_dir(model_dir)
     try:
         pipe = ComposerPipeline.from_pretrained(str(p))
     except Exception as e:  # noqa: BLE001 - diffusers raises many types for a broken save

@@ -22,10 +22,9 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipelines.decompose_image import MAPS
 from pipelines.serve_config import Limits
 
-MAPS = ("sketch", "instances", "depth", "intensity")
-FROM_IMAGE = ("semantics", "palette", *MAPS)
 Guidance = float | str | dict[str, float]
 
 
@@ -213,7 +212,7 @@ def png_b64(a: np.ndarray) -> str:
     return base64.b64encode(encode_png(np.ascontiguousarray(a))).decode()
 
 
-def guidance_text(value: Guidance, where: str, limits: Limits) -> str:
+def guidance_text(value: Guidance, where: str) -> str:
     """Any of the three guidance forms -> the text form of ``pipelines/guidance.py``."""
     if isinstance(value, dict):
         if not value:
@@ -298,7 +297,7 @@ class Decoder:
         job.num_images, job.seed = body.num_images, body.seed
         job.scheduler, job.threshold = body.scheduler, body.threshold
         g = self.defaults["guidance"] if body.guidance is None else body.guidance
-        job.guidance = guidance_text(g, "guidance", lim)
+        job.guidance = guidance_text(g, "guidance")
 
     def _images(self, images: dict[str, str]) -> dict[str, str]:
         if len(images) > self.limits.max_images:
@@ -407,7 +406,7 @@ class Decoder:
             job.source_text = job.text
         if body.mask is not None:
             job.mask = self.mask(body.mask, "mask")
-        job.invert_guidance = guidance_text(body.invert_guidance, "invert_guidance", self.limits)
+        job.invert_guidance = guidance_text(body.invert_guidance, "invert_guidance")
         self._check_guidance(job.guidance, job.given(), "guidance")
         self._check_guidance(job.invert_guidance, changed, "invert_guidance")
         return job

@@ -26,8 +26,6 @@ class ComposerServer:
     the replica keeps answering (health checks, batching) while the model works."""
 
     def __init__(self, config: dict[str, Any]):
-        import torch
-
         from pipelines.decompose_image import ImageDecomposer
         from pipelines.generate import load_pipeline, resolve_device
 
@@ -44,7 +42,6 @@ class ComposerServer:
         b = self.config.batching
         self._batched.set_max_batch_size(b.max_batch_size)
         self._batched.set_batch_wait_timeout_s(b.batch_wait_timeout_s)
-        torch.set_grad_enabled(False)
 
     def _decomposable(self) -> dict[str, bool | str]:
         """Which representations can be taken from an image with this pipeline's settings."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,6 +16,7 @@ import pytest
 import requests
 from PIL import Image
 
+from models import CONDITIONS
 from pipelines.synth_scene import render_sample
 from tests.pipelines.serve_util import run_app, serve_cluster
 
@@ -86,16 +86,7 @@ def test_health_model_info_and_openapi(apps):
     assert requests.get(url + "healthz", timeout=30).json() == {"status": "ok"}
     info = requests.get(url + "v1/model", timeout=30).json()
     assert info["resolution"] == R
-    assert set(info["conditions"]) == {
-        "caption",
-        "semantics",
-        "palette",
-        "sketch",
-        "instances",
-        "depth",
-        "intensity",
-        "mask",
-    }
+    assert info["conditions"] == list(CONDITIONS)
     assert info["decomposable"]["sketch"] is True
     assert "depth" in info["decomposable"]["depth"]  # no depth weights: the reason, not True
     assert info["limits"]["max_body_bytes"] == 2_000_000 and info["auth"] is False
@@ -369,4 +360,3 @@ def test_backpressure_and_auth(apps):
     )
     # and the main app needs no token
     assert requests.get(apps["main"] + "v1/model", timeout=30).status_code == 200
-    json.dumps(info)  # the info is plain JSON

@@ -11,7 +11,7 @@ import yaml
 from jobs.serve import main as serve_main
 from pipelines.config import ConfigError, from_dict, load_config
 from pipelines.serve_api import ApiError, GenerateBody, guidance_text, validation_error
-from pipelines.serve_config import Limits, ServeConfig
+from pipelines.serve_config import ServeConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -80,13 +80,12 @@ def test_cli_refuses_bad_models_and_configs(tmp_path, capsys):
 
 
 def test_guidance_forms_and_validation_errors():
-    lim = Limits()
-    assert guidance_text(3, "g", lim) == "3"
-    assert guidance_text("text=5,sketch=2", "g", lim) == "text=5,sketch=2"
-    assert guidance_text({"text": 5, "sketch": 2}, "g", lim) == "text=5.0,sketch=2.0"
+    assert guidance_text(3, "g") == "3"
+    assert guidance_text("text=5,sketch=2", "g") == "text=5,sketch=2"
+    assert guidance_text({"text": 5, "sketch": 2}, "g") == "text=5.0,sketch=2.0"
     for bad in ({}, {"text": "high"}, True):
         with pytest.raises(ApiError) as e:
-            guidance_text(bad, "g", lim)
+            guidance_text(bad, "g")
         assert e.value.status == 422 and e.value.code == "invalid_guidance"
     from pydantic import ValidationError
 
