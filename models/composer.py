@@ -62,8 +62,16 @@ class ComposerModel(ModelMixin, ConfigMixin):
         semantics_dim: int = 8,
         semantics_tokens: int = 2,
         palette_tokens: int = 2,
+        # "scale_shift": the timestep + global-condition embedding scales and shifts every
+        # ResNet block's normalised features (AdaGN, as the ADM/GLIDE UNets Composer builds on);
+        # "default": it is added to them (diffusers' default).
+        resnet_time_scale_shift: Literal["default", "scale_shift"] = "default",
     ):
         super().__init__()
+        if resnet_time_scale_shift not in ("default", "scale_shift"):
+            raise ValueError(
+                f"resnet_time_scale_shift must be 'default' or 'scale_shift', got {resnet_time_scale_shift!r}"
+            )
         if len(attention_levels) != len(block_out_channels):
             raise ValueError("attention_levels needs one entry per block_out_channels entry")
         if caption_encoder not in CAPTION_ENCODERS:
@@ -96,6 +104,7 @@ class ComposerModel(ModelMixin, ConfigMixin):
             cross_attention_dim=cross_attention_dim,
             # The global-condition embedding arrives as `class_labels` and is added as is.
             class_embed_type="identity",
+            resnet_time_scale_shift=resnet_time_scale_shift,
         )
         self.conditioner = GlobalConditioner(
             embed_dim=embed_dim,

@@ -10,6 +10,7 @@ COMMANDS = {
     "decompose": ("jobs.decompose", "decompose an image dataset into condition shards (Ray Data)"),
     "train": ("jobs.train", "train the multi-conditional model on condition shards (Ray Train, MLflow)"),
     "generate": ("jobs.generate", "generate or edit images with a trained pipeline from any conditions"),
+    "evaluate": ("jobs.evaluate", "measure a trained pipeline: condition fidelity, benchmark, FID (Ray)"),
     "serve": ("jobs.serve", "serve a trained pipeline over HTTP: JSON API and web page (Ray Serve)"),
 }
 

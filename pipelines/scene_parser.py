@@ -37,10 +37,12 @@ from pipelines.synth_scene import (
     _STAR_INNER,
     COLOURS,
     HELDOUT_PAIRS,
+    MAX_OBJECTS,
     OBJECT_COLOURS,
     SHAPES,
     parse_caption,
     relation,
+    shape_mask,
 )
 
 Shape = Literal["circle", "square", "triangle", "star", "ring"]
@@ -63,6 +65,7 @@ class ParsedObject:
     size: float  # fitted circumradius, fraction of the image side
     fit: float  # in [0, 1]: 1 - (expected) mismatched pixels of the best template / visible pixels
     margin: float  # in [0, 1]: runner-up shape's extra mismatch / visible pixels (0 = a tie)
+    rotation: float = 0.0  # fitted rotation in degrees, clockwise on screen (``synth_scene.shape_mask``)
 
 
 @dataclass(frozen=True)
@@ -321,11 +324,63 @@ def parse_scene(image: np.ndarray) -> ParsedScene:
                 centre=(float(p[0]) / r, float(p[1]) / r),
                 area=area / (r * r),
                 size=float(p[2]) / r,
+                # The fitting table's triangle points down: 60 degrees off the generator's.
+                rotation=float(p[3]) + (60.0 if shape == "triangle" else 0.0),
                 fit=max(0.0, 1.0 - loss / area),
                 margin=min(1.0, (loss2 - loss) / area),
             )
         )
     return ParsedScene(tuple(sorted(objects, key=lambda o: -o.area)))
+
+
+def scene_maps(image: np.ndarray, parsed: ParsedScene | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The (instances, depth) maps of an image of the generator's world, (R, R) uint8 each, in the
+    generator's conventions (``synth_scene.render_scene``, whose ``DEPTH_LEVELS`` this reproduces):
+    the parsed objects re-rendered in a drawing order read from occlusion.
+
+    This is how evaluation re-extracts depth and instances from a generated synthetic image: the
+    dataset's own maps are ground truth, which a generated image does not have, and no depth or
+    segmentation weights are needed. Object i is above object j when, where their fitted
+    templates overlap, more pixels show i's colour than j's. Objects that do not overlap have no
+    visible order; they keep the order of decreasing area (larger drawn first).
+
+    Depth and instances are geometry: a region that stands out from the background but has no
+    object colour (a generated object in a wrong or muddy colour) is still something there. Each
+    such region of at least the parser's minimum area is an instance of its own, drawn below the
+    parsed objects.
+    """
+    parsed = parse_scene(image) if parsed is None else parsed
+    r = image.shape[0]
+    labels = _segment(image)[1]  # before thin parts turn unknown: slivers are occlusion evidence
+    blobs, count = ndimage.label(labels == _UNKNOWN, structure=np.ones((3, 3)))
+    sizes = np.bincount(blobs.ravel(), minlength=count + 1)
+    extra = [blobs == k for k in range(1, count + 1) if sizes[k] >= _MIN_AREA * r * r]
+    objs = parsed.objects
+    tpl = [shape_mask(o.shape, o.centre, o.size, o.rotation, r) for o in objs]
+    vis = [labels == OBJECT_COLOURS.index(o.colour) for o in objs]
+    n = len(objs)
+    above = np.zeros((n, n), bool)  # above[i, j]: i is drawn over j
+    for i in range(n):
+        for j in range(i + 1, n):
+            both = tpl[i] & tpl[j]
+            a, b = int((vis[i] & both).sum()), int((vis[j] & both).sum())
+            above[i, j], above[j, i] = a > b, b > a
+    order: list[int] = []
+    left = list(range(n))  # by decreasing area
+    while left:
+        # The next drawn is one above none of the others left (a cycle: the fewest such).
+        k = min(left, key=lambda i: (int(above[i, left].sum()), left.index(i)))
+        order.append(k)
+        left.remove(k)
+    # Drawn bottom to top as ``render_scene`` does; a generated image may show more objects than
+    # the generator's MAX_OBJECTS, which then share the depth range.
+    instances = np.zeros((r, r), np.uint8)
+    for z, m in enumerate([*extra, *(tpl[k] for k in order)], start=1):
+        instances[m] = z
+    n += len(extra)
+    levels = np.rint(255 * np.arange(n + 1) / max(MAX_OBJECTS, n)).astype(np.uint8)
+    depth = levels[instances]
+    return instances, depth
 
 
 # -- scoring -------------------------------------------------------------------------------------

@@ -50,12 +50,20 @@ class OptimSection:
     clip_grad_norm: float | None = 1.0  # None: no clipping
     ema_decay: float | None = 0.9999  # None: no EMA; samples and the export use the EMA weights
     ema_warmup: bool = True  # decay grows from 0 as in diffusers' EMAModel, so short runs get useful EMA
+    # eps: plain ε-MSE; v: rows weighted by min(1/ᾱ_t, max_loss_weight), the v-prediction weighting
+    # of the x0 error (models/objective.py): more weight where colours and layout are decided.
+    loss_weighting: Literal["eps", "v"] = "eps"
+    max_loss_weight: float = 20.0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("optim.batch_size and optim.grad_accum must be >= 1")
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if self.loss_weighting not in ("eps", "v"):
+            raise ValueError(f"optim.loss_weighting must be 'eps' or 'v', got {self.loss_weighting!r}")
+        if not self.max_loss_weight >= 1:
+            raise ValueError(f"optim.max_loss_weight must be >= 1, got {self.max_loss_weight}")
         if self.warmup_steps < 0:
             raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:

@@ -206,6 +206,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         presence.to(device),
                         generator,
                         reduction="none",
+                        weighting=cfg.optim.loss_weighting,
+                        max_weight=cfg.optim.max_loss_weight,
                     )
                 (per_row.mean() / cfg.optim.grad_accum).backward()
             window.add(per_row.detach().float(), presence, available)
