@@ -35,3 +35,24 @@ def test_v_weighting_scales_each_row_by_one_over_alpha_bar_capped():
 def test_unknown_weighting_is_refused():
     with pytest.raises(ValueError, match="weighting"):
         _rows("snr")
+
+
+def test_scale_shift_resnets_train_and_bad_values_are_refused():
+    from pipelines.train_config import OptimSection
+
+    torch.manual_seed(0)
+    model = build_model("tiny", sample_size=16, resnet_time_scale_shift="scale_shift")
+    assert model.unet.config.resnet_time_scale_shift == "scale_shift"
+    x0 = torch.rand(2, 3, 16, 16) * 2 - 1
+    presence = torch.zeros(2, len(CONDITIONS), dtype=torch.bool)
+    loss = diffusion_loss(
+        model, default_scheduler(), x0, Conditions(), presence, torch.Generator().manual_seed(0)
+    )
+    loss.backward()
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="resnet_time_scale_shift"):
+        build_model("tiny", sample_size=16, resnet_time_scale_shift="film")
+    with pytest.raises(ValueError, match="loss_weighting"):
+        OptimSection(loss_weighting="snr")
+    with pytest.raises(ValueError, match="max_loss_weight"):
+        OptimSection(max_loss_weight=0.5)

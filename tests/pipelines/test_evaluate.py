@@ -30,7 +30,20 @@ FAST = ["steps=2", "batch_size=4", "benchmark.num_captions=2", "grid_rows=2", "p
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, ray_local) -> Path:
+def ray_module():
+    """A local Ray for this module only: test_serve, next, starts its own and needs none running."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, ray_module) -> Path:
     root = tmp_path_factory.mktemp("eval-data")
     write_synth(root / "synth", count=12, resolution=R, seed=0, split="train", progress=False)
     run_decompose(
