@@ -392,7 +392,9 @@ def run_evaluate(cfg: EvalConfig, log=sys.stderr) -> dict[str, Any]:
     shared: dict[int, Any] = {}  # the units of one batch of rows share their data: put it once
     alive = [u["data"] for u in units]  # noqa: F841 - keeps every id() unique while mapping
     for u in units:
-        u["data"] = shared.setdefault(id(u["data"]), ray.put(u["data"]))
+        if id(u["data"]) not in shared:
+            shared[id(u["data"])] = ray.put(u["data"])
+        u["data"] = shared[id(u["data"])]
     actors = [worker.remote(cfg.model, cfg, methods) for _ in range(cfg.workers)]
     pool = ray.util.ActorPool(actors)
     results: list[dict[str, Any]] = []
