@@ -55,12 +55,15 @@ class BenchmarkConfig:
     # The synthetic compositional benchmark: captions drawn fresh from the generator (a seed
     # training never used), half with only (colour, shape) pairs seen in training, half with a
     # held-out pair; each is generated from its caption alone and read back by the scene parser.
-    enabled: Literal["auto", "on", "off"] = "auto"  # auto: when the data's captions are synthetic
+    # auto: when the data's captions are synthetic. YAML reads a bare on/off as true/false: taken too.
+    enabled: Literal["auto", "on", "off"] | bool = "auto"
     seed: int = 1_000_003  # synth.py writes seeds 0..; an eval seed far from them
     num_captions: int | None = None  # per side (seen, held-out); None: num_samples
     guidance: float = 5.0  # caption-only generation needs more guidance than local maps
 
     def __post_init__(self) -> None:
+        if isinstance(self.enabled, bool):
+            object.__setattr__(self, "enabled", "on" if self.enabled else "off")
         if self.enabled not in ("auto", "on", "off"):
             raise ValueError(f"benchmark.enabled must be auto, on or off, got {self.enabled!r}")
         if self.num_captions is not None and self.num_captions < 1:

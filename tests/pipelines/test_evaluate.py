@@ -281,3 +281,5 @@ def test_example_configs_load():
     )
     assert cfg.gpus_per_worker == 1 and cfg.quality.inception_weights.endswith(".pth")
     assert cfg.reextract.depth == "extractor"
+    off = load_config(EvalConfig, None, {"model": "m"}, ["benchmark.enabled=off"])  # YAML: off is False
+    assert off.benchmark.enabled == "off"
