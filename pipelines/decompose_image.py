@@ -174,6 +174,12 @@ class ImageDecomposer:
             self._extractors[name] = ext
         return self._extractors[name]
 
+    def unavailable_reason(self, name: str) -> str | None:
+        """Why ``name`` cannot be taken from a user image with these settings, or None; the
+        extractor's own check, without loading any weights (``extractor`` loads them)."""
+        cls = get_extractor(name)
+        return cls(getattr(self.config, name), self.resolution, has_ground_truth=False).unavailable_reason()
+
     def _run(self, name: str, image: np.ndarray | None, text: str = "") -> dict[str, np.ndarray]:
         """One extractor on a batch of one (the batch contract of ``conditions/base.py``)."""
         r = self.resolution

@@ -404,13 +404,13 @@ def write_report(
     summary: dict[str, Any],
     rows: list[dict[str, Any]],
     results: list[dict[str, Any]],
+    images: dict[str, np.ndarray],
     quality: dict[str, Any],
     cfg: Any,
 ) -> dict[str, Any]:
     """Write every output file (module docstring); returns the headline numbers for the summary."""
     import pyarrow as pa
 
-    from pipelines.evaluate import eval_images
     from pipelines.shards import write_bytes, write_parquet
 
     subsets = {k: v for k, v in cfg.subsets.items() if k not in summary["skipped"]}
@@ -427,7 +427,7 @@ def write_report(
     if any(r["group"] == "benchmark" for r in table):
         _plot_benchmark(out / "benchmark.png", table)
         plots.insert(1, "benchmark.png")
-    _examples(out / "examples.png", rows, eval_images(results, len(rows)), subsets, cfg.grid_rows)
+    _examples(out / "examples.png", rows, images, subsets, cfg.grid_rows)
     headline = {f"{r['subset']}/{r['metric']}": r["value"] for r in table}
     return {"quality_bar": bar, "metrics": headline, "plots": plots}
 

@@ -127,6 +127,14 @@ def is_synthetic(rows: list[dict[str, Any]]) -> bool:
     return bool(rows)
 
 
+def reextract_settings(settings: dict[str, Any], cfg: EvalConfig) -> dict[str, Any]:
+    """The pipeline's decomposition settings, with ``reextract.depth_weights`` as the depth model."""
+    settings = dict(settings)
+    if cfg.reextract.depth_weights:
+        settings["depth"] = {**settings.get("depth", {}), "weights": cfg.reextract.depth_weights}
+    return settings
+
+
 def reextract_methods(cfg: EvalConfig, synthetic: bool, unavailable: dict[str, str]) -> dict[str, str]:
     """Representation -> how it is read back from an image ("extractor" or "scene")."""
     out = {n: "extractor" for n in ("palette", "sketch", "intensity")}
@@ -161,9 +169,7 @@ class EvalWorker:
         self.pipe.set_progress_bar_config(disable=True)
         self.cfg, self.methods = cfg, methods
         unet = self.pipe.unet.config
-        settings = dict(self.pipe.config.decompose)
-        if cfg.reextract.depth_weights:
-            settings["depth"] = {**settings.get("depth", {}), "weights": cfg.reextract.depth_weights}
+        settings = reextract_settings(self.pipe.config.decompose, cfg)
         self.dec = ImageDecomposer(
             settings, self.pipe.image_size, unet.caption_encoder, unet.semantics_encoder, device
         )
@@ -213,16 +219,13 @@ class EvalWorker:
         from pipelines.scene_parser import parse_scene, scene_maps, score
 
         rec: dict[str, Any] = {}
-        parsed = None
         if unit["kind"] in ("bench", "bench-real"):
-            parsed = parse_scene(image)
-            rec["bench"] = score(parsed, row["text"])
+            rec["bench"] = score(parse_scene(image), row["text"])
             return rec
         want = [n for n in FIDELITY if n in row["given"] and n in self.methods]
         extracted = self.dec.decompose(image, [n for n in want if self.methods[n] == "extractor"])
         if any(self.methods[n] == "scene" for n in want):
-            parsed = parse_scene(image)
-            extracted["instances"], extracted["depth"] = scene_maps(image, parsed)
+            extracted["instances"], extracted["depth"] = scene_maps(image)
         for name in want:
             kw = {"tolerance_px": self.cfg.reextract.edge_tolerance_px} if name == "sketch" else {}
             for metric, value in condition_fidelity(name, row["given"][name], extracted[name], **kw).items():
@@ -346,7 +349,11 @@ def run_evaluate(cfg: EvalConfig, log=sys.stderr) -> dict[str, Any]:
     model_config, settings, training = _model_info(pdir)
     rows = load_rows(cfg, model_config, spec)
     synthetic = is_synthetic(rows)
-    unavailable = _unavailable_extractors(settings, cfg)
+    from pipelines.decompose_image import ImageDecomposer
+
+    side = int(model_config.sample_size) * int(model_config.local_downsample)  # the model's image side
+    dec = ImageDecomposer(reextract_settings(settings, cfg), side)
+    unavailable = {n: why for n in ("depth", "instances") if (why := dec.unavailable_reason(n))}
     methods = reextract_methods(cfg, synthetic, unavailable)
     available = set(spec.conditions) | {"mask"}
     bench_reason = None
@@ -359,12 +366,17 @@ def run_evaluate(cfg: EvalConfig, log=sys.stderr) -> dict[str, Any]:
         elif "caption" not in available:
             bench_reason = "the model was not trained on captions"
         else:
-            bench = benchmark_rows(cfg, int(model_config.sample_size) * int(model_config.local_downsample))
+            bench = benchmark_rows(cfg, side)
     elif cfg.benchmark.enabled == "off":
         bench_reason = "benchmark.enabled is off"
     else:
         bench_reason = "the data's captions are not the synthetic generator's"
     units, skipped = make_units(cfg, rows, available, bench)
+    if bench_reason:
+        skipped["benchmark"] = bench_reason
+    for name in ("depth", "instances"):
+        if name not in methods:  # asked of an extractor these settings cannot run
+            skipped[f"{name} fidelity"] = unavailable[name]
     out.mkdir(parents=True, exist_ok=True)
     print(
         f"[evaluate] {len(rows)} rows x {len({u['name'] for u in units if u['kind'] == 'subset'})} subsets"
@@ -374,7 +386,7 @@ def run_evaluate(cfg: EvalConfig, log=sys.stderr) -> dict[str, Any]:
         file=log,
         flush=True,
     )
-    for name, why in {**skipped, **({"benchmark": bench_reason} if bench_reason else {})}.items():
+    for name, why in skipped.items():
         print(f"[evaluate] skipping {name}: {why}", file=log, flush=True)
 
     if not ray.is_initialized():
@@ -406,7 +418,9 @@ def run_evaluate(cfg: EvalConfig, log=sys.stderr) -> dict[str, Any]:
     for a in actors:
         ray.kill(a)
 
-    quality = _quality(cfg, rows, results, spec)
+    quality_missing = quality_unavailable(cfg.quality)  # loads and checks the weight files: once
+    images = eval_images(results, len(rows))
+    quality = _quality(cfg, rows, images, quality_missing)
     summary = {
         "format": FORMAT,
         "model": cfg.model,
@@ -418,12 +432,12 @@ def run_evaluate(cfg: EvalConfig, log=sys.stderr) -> dict[str, Any]:
         "num_rows": len(rows),
         "synthetic": synthetic,
         "reextract": methods,
-        "skipped": {**skipped, **({"benchmark": bench_reason} if bench_reason else {})},
+        "skipped": skipped,
         "training": training,
-        "quality_unavailable": quality_unavailable(cfg.quality),
+        "quality_unavailable": quality_missing,
         "seconds": None,
     }
-    report = eval_report.write_report(out, summary, rows, results, quality, cfg)
+    report = eval_report.write_report(out, summary, rows, results, images, quality, cfg)
     summary["seconds"] = round(time.time() - t0, 1)
     summary.update(report)
     if cfg.mlflow.enabled:
@@ -435,6 +449,8 @@ def run_evaluate(cfg: EvalConfig, log=sys.stderr) -> dict[str, Any]:
 
 def _model_info(pdir: Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """The UNet config, the decomposition settings and the training record of a saved pipeline."""
+    from diffusers.configuration_utils import FrozenDict  # attribute access, as make_recipe reads it
+
     from models import ComposerModel
 
     index = json.loads((pdir / "model_index.json").read_text())
@@ -443,33 +459,16 @@ def _model_info(pdir: Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     rec = pdir / "recompose-training.json"
     if rec.is_file():
         training = json.loads(rec.read_text())
-    return _Attrs(model_config), dict(index.get("decompose") or {}), training
+    return FrozenDict(model_config), dict(index.get("decompose") or {}), training
 
 
-class _Attrs(dict):
-    """A config dict read as attributes (``make_recipe`` reads ``model_config.caption_encoder``)."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-
-def _unavailable_extractors(settings: dict[str, Any], cfg: EvalConfig) -> dict[str, str]:
-    depth = settings.get("depth") or {}
-    if cfg.reextract.depth_weights or depth.get("weights"):
-        return {}
-    return {"depth": "no depth model weights (reextract.depth_weights or the decomposition's depth.weights)"}
-
-
-def _quality(cfg: EvalConfig, rows: list[dict[str, Any]], results: list[dict[str, Any]], spec: Any) -> dict:
+def _quality(
+    cfg: EvalConfig, rows: list[dict[str, Any]], images: dict[str, np.ndarray], missing: dict[str, str]
+) -> dict:
     """FID/KID of caption-only and unconditional images against the real rows; CLIP score of
-    those and of the real images with the rows' captions. Only with their weights."""
-    from pipelines.eval_quality import clip_score, fid_kid_sets, unavailable
+    those and of the real images with the rows' captions. Only what ``missing`` does not name."""
+    from pipelines.eval_quality import clip_score, fid_kid_sets
 
-    missing = unavailable(cfg.quality)
-    images = eval_images(results, len(rows))
     texts = [r["text"] for r in rows]
     sets = {k: images[k] for k in ("caption", "none") if k in images}
     out: dict[str, dict[str, Any]] = {k: {} for k in (*sets, "real")}

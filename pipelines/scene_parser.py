@@ -288,8 +288,13 @@ def parse_scene(image: np.ndarray) -> ParsedScene:
     Deterministic; an image without objects (uniform, noise) gives an empty ``ParsedScene``.
     """
     _check_image(image)
+    return _parse(image, _segment(image))
+
+
+def _parse(image: np.ndarray, segmented: tuple[np.ndarray, np.ndarray, np.ndarray]) -> ParsedScene:
+    """``parse_scene`` of a checked image and its ``_segment`` result."""
     r = image.shape[0]
-    labels, raw, bg = _segment(image)
+    labels, raw, bg = segmented
     masks = _objects_masks(labels)
     # Touching objects form a cluster; a template may only hide behind pixels of its own cluster.
     clusters, _ = ndimage.label(labels != _BG, structure=np.ones((3, 3)))
@@ -333,7 +338,7 @@ def parse_scene(image: np.ndarray) -> ParsedScene:
     return ParsedScene(tuple(sorted(objects, key=lambda o: -o.area)))
 
 
-def scene_maps(image: np.ndarray, parsed: ParsedScene | None = None) -> tuple[np.ndarray, np.ndarray]:
+def scene_maps(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The (instances, depth) maps of an image of the generator's world, (R, R) uint8 each, in the
     generator's conventions (``synth_scene.render_scene``, whose ``DEPTH_LEVELS`` this reproduces):
     the parsed objects re-rendered in a drawing order read from occlusion.
@@ -349,9 +354,11 @@ def scene_maps(image: np.ndarray, parsed: ParsedScene | None = None) -> tuple[np
     such region of at least the parser's minimum area is an instance of its own, drawn below the
     parsed objects.
     """
-    parsed = parse_scene(image) if parsed is None else parsed
+    _check_image(image)
+    segmented = _segment(image)  # once, for the parse and the occlusion evidence
+    parsed = _parse(image, segmented)
     r = image.shape[0]
-    labels = _segment(image)[1]  # before thin parts turn unknown: slivers are occlusion evidence
+    labels = segmented[1]  # before thin parts turn unknown: slivers are occlusion evidence
     blobs, count = ndimage.label(labels == _UNKNOWN, structure=np.ones((3, 3)))
     sizes = np.bincount(blobs.ravel(), minlength=count + 1)
     extra = [blobs == k for k in range(1, count + 1) if sizes[k] >= _MIN_AREA * r * r]
