@@ -50,10 +50,11 @@ def test_config_files_are_valid():
     assert service["apiVersion"] == "ray.io/v1" and service["kind"] == "RayService"
     embedded = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
     assert embedded.applications[0].import_path == app["import_path"]
-    assert (
-        service["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]["dashboard-host"]
-        == "127.0.0.1"
-    )
+    # The operator reaches the dashboard through the head Service, so it listens on the pod IP;
+    # what keeps it private is a ClusterIP Service and Ray's token authentication.
+    cluster = service["spec"]["rayClusterConfig"]
+    assert cluster["headGroupSpec"]["serviceType"] == "ClusterIP"
+    assert cluster["authOptions"]["mode"] == "token"
 
 
 def test_app_builder_takes_the_serve_config_args(tiny_model_dir):
