@@ -6,6 +6,7 @@ import importlib
 import sys
 
 COMMANDS = {
+    "quickstart": ("jobs.quickstart", "the whole system end to end on one machine, with an HTML report"),
     "synth": ("jobs.synth", "write the built-in synthetic shapes dataset"),
     "decompose": ("jobs.decompose", "decompose an image dataset into condition shards (Ray Data)"),
     "train": ("jobs.train", "train the multi-conditional model on condition shards (Ray Train, MLflow)"),
