@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -38,11 +39,23 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.quickstart import Quickstart, QuickstartError
 
     keep = not (args.exit or args.fast) and sys.stdin.isatty()
+    # Ray's own messages (raylet, Serve) go to file descriptor 1: keep stdout for the JSON alone.
+    sys.stdout.flush()
+    stdout = os.dup(1)
+    os.dup2(2, 1)
     try:
         where = Quickstart(args.workdir, fast=args.fast, port=args.port).run(keep_serving=keep)
     except (QuickstartError, ValueError, FileExistsError) as e:
         print(f"recompose quickstart: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if not keep:
+            import ray
+
+            ray.shutdown()  # no late Ray message after stdout is back
+        sys.stdout.flush()
+        os.dup2(stdout, 1)
+        os.close(stdout)
     lines = [
         f"finished in {where['seconds']:.0f}s; everything is in {where['workdir']}",
         f"  report       {where['report']}",

@@ -268,6 +268,10 @@ class Quickstart:
                     f.write_bytes(base64.b64decode(img))
                     files.append(f.name)
                 shown = {}
+                if "mask" in conditions:  # the mask sent (white = regenerated), as the other conditions
+                    f = out / f"{name}-given-mask.png"
+                    f.write_bytes(base64.b64decode(conditions["mask"]["mask"]))
+                    shown["mask"] = f.name
                 for cname, c in answer.get("conditions", {}).items():
                     if c.get("png"):
                         f = out / f"{name}-given-{cname}.png"
@@ -479,7 +483,11 @@ def _report_html(plan, where, results, pics, gens, results_md: str) -> str:
 <h1>recompose quickstart</h1>{fast}
 <table>{"".join(f"<tr><th>{k}</th><td><code>{html.escape(str(v))}</code></td></tr>" for k, v in info)}</table>
 <h2>1. The synthetic dataset</h2>{img("synth", "synthetic images")}
-<h2>2. Decomposed: the eight representations</h2>{img("decomposed", "representations")}
+<h2>2. Decomposed: the eight representations</h2>
+<p>As the decomposition job stored them: the caption (its text; CLIP/T5 embeddings need their
+weights), sketch, instances, depth, intensity and palette. <i>semantics</i>: without CLIP weights
+the model's own image encoder reads the image itself; <i>mask</i>: drawn at training time and
+given at inference (section 4, mask + caption).</p>{img("decomposed", "representations")}
 <h2>3. Training</h2>{img("metrics", "training metrics")}{img("samples", "training samples")}
 <h2>4. Generations through the HTTP API</h2>
 <p>The reference image (a) and its caption: <i>{html.escape(gens["text"])}</i></p>
