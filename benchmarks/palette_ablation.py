@@ -23,11 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.config import _merge, from_dict  # noqa: E402
+from pipelines.config import load_config  # noqa: E402
 from pipelines.train_config import TrainConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,12 +59,11 @@ def main() -> None:
     from pipelines.train_loop import batch_inputs
 
     variant = json.loads(args.variant)
-    raw = yaml.safe_load((ROOT / "configs/train-laptop.yaml").read_text())
-    raw = _merge(raw, {**variant, "data": args.data, "output": "unused"})
-    cfg = from_dict(TrainConfig, raw)
+    values = {**variant, "data": args.data, "output": "unused"}
+    cfg = load_config(TrainConfig, ROOT / "configs/train-laptop.yaml", values)
     spec = open_data(args.data)
     torch.manual_seed(0)
-    model = ComposerModel(**{k: v for k, v in model_arguments(cfg, spec).items() if not k.startswith("_")})
+    model = ComposerModel(**model_arguments(cfg, spec))
     recipe = make_recipe(spec, model.config, tuple(spec.conditions), cfg.augment)
     table = pa.concat_tables([pq.read_table(f, columns=list(recipe.columns)) for f in spec.files])
     opt = torch.optim.AdamW(

@@ -60,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.serve_app import build_app
 
     address = os.environ.get("RAY_ADDRESS")
-    say(f"starting Ray ({'joining ' + address if address else 'local'})")
-    ray.init(address=address or None, logging_level="WARNING", log_to_driver=False)
+    if not ray.is_initialized():  # a caller (recompose quickstart) may have started it already
+        say(f"starting Ray ({'joining ' + address if address else 'local'})")
+        ray.init(address=address or None, logging_level="WARNING", log_to_driver=False)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     say(
         f"deploying {cfg.name}: model x{cfg.model_deployment.num_replicas} "

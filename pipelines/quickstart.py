@@ -161,8 +161,8 @@ class Quickstart:
         out = self.paths["decompose"]
         args = ["--input", str(self.paths["synth"]), "--output", str(out)]
         _job("decompose", [*args, "--config", str(ROOT / "configs/decompose-laptop.yaml")])
-        manifest = json.loads((out / "manifest.json").read_text())
-        return {"output": str(out), "rows": manifest.get("rows"), "conditions": manifest.get("conditions")}
+        totals = json.loads((out / "manifest.json").read_text())["totals"]
+        return {"output": str(out), "rows": totals["rows"], "errors": totals["errors"]}
 
     def _train(self, _: dict[str, Any]) -> dict[str, Any]:
         p = self.plan
@@ -210,21 +210,12 @@ class Quickstart:
         }
 
     def _start_serve(self, export: str) -> str:
-        import ray
-        from ray import serve
+        """``recompose serve --model EXPORT --port PORT --no-block``: deployed and ready on return."""
+        from jobs.serve import main as serve_main
 
-        from pipelines.config import load_config
-        from pipelines.serve_app import build_app
-        from pipelines.serve_config import ServeConfig
-
-        cfg = load_config(ServeConfig, None, {"model": export, "host": "127.0.0.1", "port": self.port})
-        if not ray.is_initialized():
-            ray.init(logging_level="WARNING", log_to_driver=False, configure_logging=False)
-        serve.start(http_options={"host": cfg.host, "port": cfg.port})
-        serve.run(build_app(cfg), name=cfg.name, route_prefix=cfg.route_prefix)
-        base = f"http://{cfg.host}:{cfg.port}"
-        _wait_healthy(base)
-        return base
+        if serve_main(["--model", export, "--port", str(self.port), "--no-block"]) != 0:
+            raise QuickstartError(f"recompose serve --model {export} failed; its error is above")
+        return f"http://127.0.0.1:{self.port}"
 
     def _serve_generations(self, results: dict[str, Any]) -> dict[str, Any]:
         """Starts Serve with the export and asks its HTTP API for a generation per condition subset."""
@@ -358,20 +349,6 @@ def _http(base: str, method: str, path: str, body: dict[str, Any] | None = None)
         ) from None
 
 
-def _wait_healthy(base: str, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with urllib.request.urlopen(base + "/healthz", timeout=10) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        if time.monotonic() > deadline:
-            raise QuickstartError(f"Serve at {base} did not become healthy in {timeout_s:.0f}s")
-        time.sleep(1)
-
-
 def _centre_mask(png: bytes) -> str:
     """A base64 PNG mask (white = regenerate) of the image's central square, half its side."""
     import io
@@ -388,16 +365,15 @@ def _centre_mask(png: bytes) -> str:
 
 
 def _first_synth_image(synth_dir: Path) -> dict[str, Any]:
-    """The first image of the synthetic dataset as PNG bytes, with its caption."""
+    """The first image of the synthetic dataset (its PNG bytes, as `recompose synth` stores them)
+    and its caption."""
     import pyarrow.parquet as pq
 
     files = sorted(synth_dir.glob("*.parquet"))
     if not files:
         raise QuickstartError(f"{synth_dir} holds no parquet shards")
-    row = pq.read_table(files[0]).slice(0, 1).to_pylist()[0]
-    image = row.get("image")
-    png = image["bytes"] if isinstance(image, dict) else image
-    return {"png": png, "text": str(row.get("text") or row.get("caption") or "")}
+    row = pq.read_table(files[0], columns=["image", "caption"]).slice(0, 1).to_pylist()[0]
+    return {"png": row["image"], "text": row["caption"]}
 
 
 def markdown_to_html(text: str) -> str:
