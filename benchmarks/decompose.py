@@ -51,8 +51,8 @@ from pipelines.conditions.instances import InstancesConfig, InstancesExtractor  
 from pipelines.conditions.intensity import IntensityConfig, IntensityExtractor  # noqa: E402
 from pipelines.conditions.palette import NUM_BINS, PaletteConfig, PaletteExtractor, bin_centres  # noqa: E402
 from pipelines.conditions.sketch import SketchConfig, SketchExtractor  # noqa: E402
-from pipelines.decode import DecodeConfig, decode_image  # noqa: E402
-from pipelines.synth import render_sample  # noqa: E402
+from pipelines.data.decode import DecodeConfig, decode_image  # noqa: E402
+from pipelines.data.synth import render_sample  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -221,7 +221,8 @@ def breakdown(
 
 def ray_job(blobs: list[bytes], r: int, conditions: str) -> float:
     from pipelines.config import load_config
-    from pipelines.decompose import DecomposeConfig, run_decompose
+    from pipelines.decompose.config import DecomposeConfig
+    from pipelines.decompose.job import run_decompose
 
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "in"

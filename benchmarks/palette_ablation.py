@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipelines.config import load_config  # noqa: E402
-from pipelines.train_config import TrainConfig  # noqa: E402
+from pipelines.train.config import TrainConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,13 +50,13 @@ def main() -> None:
 
     from models import ComposerModel, ConditionDropout
     from models.objective import diffusion_loss
-    from pipelines.augment import AugmentConfig
-    from pipelines.composer_pipeline import ComposerPipeline, default_scheduler
     from pipelines.conditions.palette import chi2
-    from pipelines.decompose_image import ImageDecomposer
-    from pipelines.train import model_arguments
-    from pipelines.train_data import make_recipe, open_data, prepare_batch
-    from pipelines.train_loop import batch_inputs
+    from pipelines.data.augment import AugmentConfig
+    from pipelines.data.batches import make_recipe, open_data, prepare_batch
+    from pipelines.data.decomposer import ImageDecomposer
+    from pipelines.diffusion.pipeline import ComposerPipeline, default_scheduler
+    from pipelines.train.loop import batch_inputs
+    from pipelines.train.run import model_arguments
 
     variant = json.loads(args.variant)
     values = {**variant, "data": args.data, "output": "unused"}

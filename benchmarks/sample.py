@@ -50,8 +50,8 @@ from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 
 from benchmarks.machine import cpu_name  # noqa: E402
 from models import build_model  # noqa: E402
-from pipelines.composer_pipeline import ComposerPipeline, default_scheduler  # noqa: E402
-from pipelines.guidance import Guidance  # noqa: E402
+from pipelines.diffusion.guidance import Guidance  # noqa: E402
+from pipelines.diffusion.pipeline import ComposerPipeline, default_scheduler  # noqa: E402
 
 GUIDANCE_SCALE = 3.0
 BASE = frozenset({"sketch"})  # c1
@@ -64,7 +64,7 @@ def log(msg: str) -> None:
 
 
 def conditions(size: int, seed: int = 0) -> dict:
-    """One image's conditions, as the decomposition job stores them (pipelines/model_inputs.py)."""
+    """One image's conditions, as the decomposition job stores them (pipelines/diffusion/inputs.py)."""
     rng = np.random.default_rng(seed)
     palette = rng.random(156)
     return {

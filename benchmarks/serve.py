@@ -6,7 +6,7 @@
                                [--cpus N]
 
 One local Ray (``address="local"``: never a cluster someone else started) and one Serve instance
-on a free 127.0.0.1 port hold two applications of ``pipelines.serve_app.build_app``, deployed
+on a free 127.0.0.1 port hold two applications of ``pipelines.serve.app.build_app``, deployed
 once, side by side, with the same model directory and the same resources:
 
   batched    route ``/batched``: ``batching.enabled``, ``max_batch_size`` = ``--max-batch-size``
@@ -77,7 +77,7 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 import numpy as np  # noqa: E402
 
 from benchmarks.machine import cpu_name  # noqa: E402
-from pipelines.serve_config import Batching  # noqa: E402
+from pipelines.serve.config import Batching  # noqa: E402
 
 MODES = ("batched", "unbatched")
 TEXT = "a red circle above a blue star"
@@ -100,7 +100,7 @@ def make_model(out_dir: Path, resolution: int, preset: str = "tiny") -> str:
     import torch
 
     from models import build_model
-    from pipelines.composer_pipeline import ComposerPipeline, default_scheduler
+    from pipelines.diffusion.pipeline import ComposerPipeline, default_scheduler
 
     torch.manual_seed(0)
     pipe = ComposerPipeline(build_model(preset, sample_size=resolution).eval(), default_scheduler())
@@ -219,7 +219,7 @@ def summarize(runs: list[dict]) -> dict[str, Any]:
 def app_config(port: int, model_dir: str, name: str, batching: bool, args: argparse.Namespace):
     """The ``ServeConfig`` of one recompose app under ``/<name>``."""
     from pipelines.config import from_dict
-    from pipelines.serve_config import ServeConfig
+    from pipelines.serve.config import ServeConfig
 
     top = max(args.concurrency)
     return from_dict(
@@ -248,7 +248,7 @@ def deploy(port: int, model_dir: str, args: argparse.Namespace) -> dict[str, str
     """Both apps at once (their replicas start side by side); each one's ``v1/generate`` URL."""
     from ray import serve
 
-    from pipelines.serve_app import build_app
+    from pipelines.serve.app import build_app
 
     targets = []
     for mode in MODES:

@@ -65,18 +65,11 @@ from diffusers.configuration_utils import FrozenDict  # noqa: E402
 
 from benchmarks.machine import cpu_name  # noqa: E402
 from pipelines.config import load_config  # noqa: E402
-from pipelines.shards import from_binary  # noqa: E402
-from pipelines.train import model_arguments  # noqa: E402
-from pipelines.train_config import DataSection, TrainConfig  # noqa: E402
-from pipelines.train_data import (  # noqa: E402
-    BatchRecipe,
-    DataSpec,
-    build_dataset,
-    make_recipe,
-    open_data,
-    read_parallelism,
-    read_shards,
-)
+from pipelines.data.batches import BatchRecipe, DataSpec, make_recipe, open_data
+from pipelines.data.shards import from_binary  # noqa: E402
+from pipelines.train.config import DataSection, TrainConfig  # noqa: E402
+from pipelines.train.data import build_dataset, read_parallelism, read_shards
+from pipelines.train.run import model_arguments  # noqa: E402
 
 GOAL_READER_RATIO = 0.5
 GOAL_DATA_WAIT = 0.10
@@ -91,8 +84,9 @@ def log(msg: str) -> None:
 
 def make_data(root: Path, count: int, resolution: int, conditions: tuple[str, ...] = CONDITIONS) -> Path:
     """``count`` synthetic images decomposed at ``resolution`` into ``root``/decomposed (Ray running)."""
-    from pipelines.decompose import DecomposeConfig, run_decompose
-    from pipelines.synth import write_synth
+    from pipelines.data.synth import write_synth
+    from pipelines.decompose.config import DecomposeConfig
+    from pipelines.decompose.job import run_decompose
 
     write_synth(root / "synth", count=count, resolution=resolution, seed=0, split="train", progress=False)
     cfg = DecomposeConfig(
@@ -256,7 +250,7 @@ def train_benchmark(data: Path, steps: int, batch: int, workers: int, preset: st
     """A real ``run_train`` (Ray initialised) and its MLflow metric windows."""
     from mlflow import MlflowClient
 
-    from pipelines.train import run_train
+    from pipelines.train.run import run_train
 
     with tempfile.TemporaryDirectory(prefix="bench-train-", ignore_cleanup_errors=True) as tmp:
         uri = f"sqlite:///{Path(tmp) / 'mlflow.db'}"

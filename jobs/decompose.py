@@ -13,8 +13,9 @@ import json
 import sys
 
 from pipelines.config import ConfigError, add_config_arguments, load_config
-from pipelines.decompose import DecomposeConfig, run_decompose
-from pipelines.sources import SourceError
+from pipelines.data.sources import SourceError
+from pipelines.decompose.config import DecomposeConfig
+from pipelines.decompose.job import run_decompose
 
 
 def parser() -> argparse.ArgumentParser:

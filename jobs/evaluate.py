@@ -16,8 +16,8 @@ import json
 import sys
 
 from pipelines.config import ConfigError, add_config_arguments, load_config
-from pipelines.eval_config import EvalConfig
-from pipelines.evaluate import EvalError, run_evaluate
+from pipelines.evaluate.config import EvalConfig
+from pipelines.evaluate.run import EvalError, run_evaluate
 
 
 def parser() -> argparse.ArgumentParser:

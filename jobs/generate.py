@@ -16,7 +16,7 @@ import sys
 
 from pipelines.conditions import ExtractorUnavailable
 from pipelines.config import ConfigError
-from pipelines.generate import GenerateError, GenerateRequest, run_generate
+from pipelines.generate.run import GenerateError, GenerateRequest, run_generate
 
 
 def parser() -> argparse.ArgumentParser:

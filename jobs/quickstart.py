@@ -4,7 +4,7 @@
 
 Generates the synthetic dataset, decomposes it, trains the tiny model (MLflow), evaluates it,
 serves the export with Ray Serve on 127.0.0.1 and generates through its HTTP API, then writes
-an HTML report; a rerun reuses the finished stages. See pipelines/quickstart.py.
+an HTML report; a rerun reuses the finished stages. See pipelines/quickstart/run.py.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from pipelines.quickstart import Quickstart, QuickstartError
+    from pipelines.quickstart.run import Quickstart, QuickstartError
 
     keep = not (args.exit or args.fast) and sys.stdin.isatty()
     # Ray's own messages (raylet, Serve) go to file descriptor 1: keep stdout for the JSON alone.

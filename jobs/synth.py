@@ -1,13 +1,13 @@
 """Write the built-in synthetic dataset: ``python -m jobs.synth --output DIR --count N``.
 
-Thin entry point over ``pipelines.synth.write_synth``; see that module for the format.
+Thin entry point over ``pipelines.data.synth.write_synth``; see that module for the format.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from pipelines.synth import write_synth
+from pipelines.data.synth import write_synth
 
 
 def _positive(text: str) -> int:

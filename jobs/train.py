@@ -14,9 +14,9 @@ import json
 import sys
 
 from pipelines.config import ConfigError, add_config_arguments, load_config
-from pipelines.train import run_train
-from pipelines.train_config import TrainConfig
-from pipelines.train_data import DataError
+from pipelines.data.batches import DataError
+from pipelines.train.config import TrainConfig
+from pipelines.train.run import run_train
 
 
 def parser() -> argparse.ArgumentParser:

@@ -26,7 +26,7 @@ from models.conditioning import (
 )
 from models.encoders import HashTokenizer, ImageEncoder, TextEncoder
 
-# "clip+t5": both frozen embeddings at once (as eDiffi); pipelines/model_inputs.py joins them —
+# "clip+t5": both frozen embeddings at once (as eDiffi); pipelines/diffusion/inputs.py joins them —
 # sentence vectors concatenated, token sequences one after the other in disjoint feature columns —
 # so the widths/lengths below are the sums of the two encoders'.
 CAPTION_ENCODERS = ("trainable", "clip", "t5", "clip+t5")

@@ -9,24 +9,22 @@ Learning every subset is what makes classifier-free guidance over condition *set
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.conditioning import CONDITIONS, INDEX
 
 
-@dataclass(frozen=True)
-class DropoutConfig:
-    p_drop: float = 0.5  # per condition, as in the paper
-    p_drop_all: float = 0.1  # all conditions dropped: the unconditional model CFG needs
-    p_keep_all: float = 0.1  # all kept: the fully-conditioned model
-    per_condition: dict[str, float] = field(default_factory=lambda: {"intensity": 0.7})
+class DropoutConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
-    def __post_init__(self) -> None:
-        for k in ("p_drop", "p_drop_all", "p_keep_all"):
-            if not 0 <= getattr(self, k) <= 1:
-                raise ValueError(f"dropout {k} must be in [0, 1], got {getattr(self, k)}")
+    p_drop: float = Field(0.5, ge=0, le=1)  # per condition, as in the paper
+    p_drop_all: float = Field(0.1, ge=0, le=1)  # all conditions dropped: the unconditional model CFG needs
+    p_keep_all: float = Field(0.1, ge=0, le=1)  # all kept: the fully-conditioned model
+    per_condition: dict[str, float] = Field(default_factory=lambda: {"intensity": 0.7})
+
+    @model_validator(mode="after")
+    def _check(self) -> DropoutConfig:
         if self.p_drop_all + self.p_keep_all > 1:
             raise ValueError("dropout p_drop_all + p_keep_all must be <= 1")
         for name, p in self.per_condition.items():
@@ -36,6 +34,7 @@ class DropoutConfig:
                 )
             if not 0 <= p <= 1:
                 raise ValueError(f"dropout per_condition[{name!r}] must be in [0, 1], got {p}")
+        return self
 
     def drop_probabilities(self) -> torch.Tensor:
         """(8,) probability that each condition is dropped in an independently-dropped row."""

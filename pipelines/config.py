@@ -1,40 +1,73 @@
-"""Typed, frozen configuration: dataclasses loaded from YAML with ``--set key=value`` overrides.
+"""One way to configure: frozen pydantic models loaded from YAML with ``--set key=value`` overrides.
 
-Every stage's configuration is a tree of frozen dataclasses validated in ``__post_init__``.
-``load_config`` builds one from (in increasing priority) the defaults, a YAML file, a mapping
-of explicit values (the command-line flags) and ``--set`` overrides with dotted keys.
+Every stage's configuration is a tree of ``Config`` models (frozen, ``extra="forbid"``, ranges as
+``Field(ge=…, le=…)``). ``load_config`` builds one from (in increasing priority) the defaults, a
+YAML file, a mapping of explicit values (the command-line flags) and ``--set`` overrides with
+dotted keys; a bad value raises ``ConfigError`` naming the key and what is allowed.
 
-Fields that do not change what a stage writes (batch sizes, concurrency, GPUs) are declared with
-``resource()``; ``config_hash`` leaves them out, so scaling a job up does not look like a
-different output to resume logic and manifests.
+Fields that do not change what a stage writes (batch sizes, concurrency, GPUs, where the output
+goes) are declared with ``resource()``; ``config_hash`` leaves them out, so scaling a job up does
+not look like a different output to resume logic and manifests. The hash is sha256 of the
+output-affecting fields as sorted JSON (tuples as lists), the same bytes the dataclass configs of
+earlier versions hashed, so their outputs still resume (``tests/test_config.py`` pins them).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import types
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipelines.errors import UserError
 
 T = TypeVar("T")
 
 _RESOURCE = "recompose.resource"
 
 
-def resource(default: Any) -> Any:
+class ConfigError(UserError):
+    """A configuration value or key is invalid; the message names it."""
+
+
+class Config(BaseModel):
+    """Base of every configuration section: frozen, unknown keys refused, numbers as strings
+    accepted where YAML 1.1 leaves them strings (``1e-4``), a comma list for a tuple field."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", coerce_numbers_to_str=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_comma_lists(cls, data: Any) -> Any:
+        # `--set conditions=palette,sketch` arrives as one string; a tuple field takes its items.
+        if not isinstance(data, Mapping):
+            return data
+        out = dict(data)
+        for name, field in cls.model_fields.items():
+            value = out.get(name)
+            if isinstance(value, str) and typing.get_origin(field.annotation) is tuple:
+                out[name] = [v.strip() for v in value.split(",") if v.strip()]
+        return out
+
+
+def resource(default: Any, **constraints: Any) -> Any:
     """A field that changes how fast a stage runs, never what it writes (excluded from hashes)."""
-    return dataclasses.field(default=default, metadata={_RESOURCE: True})
+    return Field(default=default, json_schema_extra={_RESOURCE: True}, **constraints)
 
 
 def nested(factory: type) -> Any:
     """A nested config section with its defaults."""
-    return dataclasses.field(default_factory=factory)
+    return Field(default_factory=factory)
+
+
+def _is_resource(field: Any) -> bool:
+    extra = field.json_schema_extra
+    return isinstance(extra, dict) and bool(extra.get(_RESOURCE))
 
 
 def add_config_arguments(p: Any, configs: str, example: str) -> None:
@@ -50,10 +83,6 @@ def add_config_arguments(p: Any, configs: str, example: str) -> None:
         metavar="KEY=VALUE",
         help=f"override a config value, e.g. --set {example} (repeatable)",
     )
-
-
-class ConfigError(ValueError):
-    """A configuration value or key is invalid; the message names it."""
 
 
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
@@ -90,88 +119,41 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _coerce(tp: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
+def _section(cls: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The config model at ``loc`` inside ``cls`` (None when ``loc`` leaves the config tree)."""
+    for part in loc:
+        field = cls.model_fields.get(str(part))
+        if field is None or not (
+            isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+        ):
             return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(a, value, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
-    if origin is typing.Literal:
-        if value not in args:
-            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{where}: expected a section (mapping), got {value!r}")
-        return from_dict(tp, value, where)
-    if origin is tuple:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        item_t = args[0] if args else Any
-        return tuple(_coerce(item_t, v, f"{where}[]") for v in value)
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return str(value)
-    return value
+        cls = field.annotation
+    return cls
+
+
+def _describe(cls: type[BaseModel], e: ValidationError, where: str) -> str:
+    """One line per problem: the dotted key, then pydantic's reason (which states the range)."""
+    lines = []
+    for err in e.errors():
+        loc = tuple(str(p) for p in err["loc"])
+        key = ".".join(((where,) if where else ()) + loc) or cls.__name__
+        if err["type"] == "extra_forbidden":
+            section = _section(cls, loc[:-1])
+            known = ", ".join(sorted(section.model_fields)) if section else "?"
+            lines.append(f"unknown config key {key}; known: {known}")
+        elif err["type"] in ("value_error", "assertion_error"):
+            lines.append(f"{key}: {str(err.get('ctx', {}).get('error', err['msg']))}")
+        else:
+            lines.append(f"{key}: {err['msg']}, got {err.get('input')!r}")
+    return "; ".join(lines)
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
-    """Build the dataclass ``cls`` from a nested mapping, rejecting unknown keys by name."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(
-            f"unknown config key(s) {', '.join((where + '.' if where else '') + u for u in unknown)}; "
-            f"known: {', '.join(sorted(names))}"
-        )
-    kwargs = {}
-    for name, value in data.items():
-        key = f"{where}.{name}" if where else name
-        kwargs[name] = _coerce(hints[name], value, key)
+    """Build the config ``cls`` from a nested mapping; ``ConfigError`` names every bad key."""
     try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where or cls.__name__}: {e}") from e
+        return cls.model_validate(dict(data))  # type: ignore[attr-defined]
+    except ValidationError as e:
+        raise ConfigError(_describe(cls, e, where)) from None  # type: ignore[arg-type]
 
 
 def load_config(
@@ -196,19 +178,21 @@ def load_config(
     return from_dict(cls, data)
 
 
+def _plain(v: Any, outputs_only: bool) -> Any:
+    if isinstance(v, BaseModel):
+        return to_dict(v, outputs_only)
+    if isinstance(v, tuple):
+        return [_plain(x, outputs_only) for x in v]
+    return v
+
+
 def to_dict(cfg: Any, outputs_only: bool = False) -> dict[str, Any]:
-    """The config as plain data; ``outputs_only`` drops ``resource()`` fields."""
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(cfg):
-        if outputs_only and f.metadata.get(_RESOURCE):
-            continue
-        v = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(v):
-            v = to_dict(v, outputs_only)
-        elif isinstance(v, tuple):
-            v = list(v)
-        out[f.name] = v
-    return out
+    """The config as plain data (tuples as lists); ``outputs_only`` drops ``resource()`` fields."""
+    return {
+        name: _plain(getattr(cfg, name), outputs_only)
+        for name, field in type(cfg).model_fields.items()
+        if not (outputs_only and _is_resource(field))
+    }
 
 
 def hash_data(data: Any) -> str:
@@ -225,9 +209,8 @@ def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
     """``{"a.b": value}`` for every leaf, e.g. for MLflow params."""
     out: dict[str, Any] = {}
     for k, v in to_dict(cfg).items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and dataclasses.is_dataclass(getattr(cfg, k)):
-            out.update(flatten(getattr(cfg, k), key + "."))
+        if isinstance(v, dict) and isinstance(getattr(cfg, k), (BaseModel,)):
+            out.update(flatten(getattr(cfg, k), f"{prefix}{k}."))
         else:
-            out[key] = v
+            out[f"{prefix}{k}"] = v
     return out

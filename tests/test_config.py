@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from pipelines.config import ConfigError, config_hash, flatten, load_config, parse_overrides
-from pipelines.decompose import DecomposeConfig
+from pipelines.decompose.config import DecomposeConfig
 
 
 def test_yaml_then_values_then_overrides(tmp_path):
@@ -26,13 +26,18 @@ def test_yaml_then_values_then_overrides(tmp_path):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("resolution=big", "expected an integer"),
-        ("sketch.method=sobel", "not one of"),
-        ("nosuch=1", "unknown config key"),
-        ("sketch.nosuch=1", r"unknown config key\(s\) sketch.nosuch"),
+        ("resolution=big", "resolution: Input should be a valid integer"),
+        ("sketch.method=sobel", "sketch.method: Input should be 'canny', 'pidinet' or 'hed'"),
+        ("nosuch=1", "unknown config key nosuch; known: .*shard_size"),
+        ("sketch.nosuch=1", "unknown config key sketch.nosuch; known: .*high_threshold"),
         ("resolution", "expects key=value"),
-        ("shard_size=0", "shard_size must be >= 1"),
-        ("sketch.low_threshold=300", "low"),
+        ("shard_size=0", "shard_size: Input should be greater than or equal to 1"),
+        ("resolution=4", "resolution: Input should be greater than or equal to 8"),
+        ("sketch.low_threshold=300", "sketch.low_threshold: Input should be less than or equal to 255"),
+        (
+            "sketch.high_threshold=50",
+            "sketch: canny thresholds must satisfy 0 <= low_threshold <= high_threshold",
+        ),
     ],
 )
 def test_bad_values_are_named(override, message):
@@ -66,3 +71,101 @@ def test_example_configs_load():
     for name in ("configs/decompose-laptop.yaml", "configs/decompose-gpu-cluster.yaml"):
         cfg = load_config(DecomposeConfig, name, values={"input": "in", "output": "out"})
         assert cfg.resolution >= 64
+
+
+# The config hashes (and extractor fingerprints) that outputs written by earlier versions recorded,
+# computed with the dataclass configs those versions had: a change here would make every existing
+# decomposition recompute and every training run refuse to resume.
+EARLIER_HASHES = {
+    "decompose-default": "e1703724b8a83f2d",
+    "decompose-default/base": "44303feb4c258473",
+    "decompose-default/caption": "caption@1:3ccad995a21c",
+    "decompose-default/depth": "depth@1:b5a08067900d",
+    "decompose-default/instances": "instances@1:98b117d7efda",
+    "decompose-default/intensity": "intensity@1:ee46ce9cb625",
+    "decompose-default/palette": "palette@1:26f3a5c5a123",
+    "decompose-default/semantics": "semantics@1:e1306d9c2abc",
+    "decompose-default/sketch": "sketch@1:e0d34cf63ab5",
+    "decompose-gpu-cluster": "6b853f0539f7efd0",
+    "decompose-gpu-cluster/base": "6efddeee68ca0418",
+    "decompose-gpu-cluster/caption": "caption@1:8096edf8ca6c",
+    "decompose-gpu-cluster/depth": "depth@1:3c1345a95ed0",
+    "decompose-gpu-cluster/instances": "instances@1:54a43a2e23b8",
+    "decompose-gpu-cluster/intensity": "intensity@1:6dfafa4a7981",
+    "decompose-gpu-cluster/palette": "palette@1:3e778cfb1855",
+    "decompose-gpu-cluster/semantics": "semantics@1:95f66e3d3f18",
+    "decompose-gpu-cluster/sketch": "sketch@1:4a9e5191673b",
+    "decompose-laptop": "6f6bd5e16b01ed33",
+    "decompose-laptop/base": "9ca49b5f189aa622",
+    "decompose-laptop/caption": "caption@1:3ccad995a21c",
+    "decompose-laptop/depth": "depth@1:b5a08067900d",
+    "decompose-laptop/instances": "instances@1:98b117d7efda",
+    "decompose-laptop/intensity": "intensity@1:ee46ce9cb625",
+    "decompose-laptop/palette": "palette@1:26f3a5c5a123",
+    "decompose-laptop/semantics": "semantics@1:e1306d9c2abc",
+    "decompose-laptop/sketch": "sketch@1:e0d34cf63ab5",
+    "decompose-overrides": "b41c90ecf1b07a02",
+    "decompose-overrides/base": "061b3013cd1e74cf",
+    "decompose-overrides/caption": "caption@1:2dd2bb65ee1c",
+    "decompose-overrides/depth": "depth@1:6b64c33a8e2e",
+    "decompose-overrides/instances": "instances@1:1da7d999b2ab",
+    "decompose-overrides/intensity": "intensity@1:822addf4f7b4",
+    "decompose-overrides/palette": "palette@1:1873f50ff3b1",
+    "decompose-overrides/semantics": "semantics@1:29e25fb1de13",
+    "decompose-overrides/sketch": "sketch@1:2f7c5f0d6da4",
+    "evaluate-default": "d5d56e9c60f23a54",
+    "evaluate-gpu-cluster": "679d635635efaad4",
+    "serve-default": "b3bee9ad2f60924f",
+    "serve-gpu-cluster": "23d56cf3400a933d",
+    "train-default": "4b4fef5c11ca5e35",
+    "train-gpu-cluster": "08b7984799d5225b",
+    "train-laptop": "bd8f7a2c1bd9f93d",
+    "train-overrides": "eba9e2f7db0b4056",
+}
+
+
+def _earlier_cases():
+    from pipelines.evaluate.config import EvalConfig
+    from pipelines.serve.config import ServeConfig
+    from pipelines.train.config import TrainConfig
+
+    io = {"input": "/data/in", "output": "/data/out"}
+    run = {"data": "d", "output": "o"}
+    return {
+        "decompose-default": (DecomposeConfig, None, io, []),
+        "decompose-laptop": (DecomposeConfig, "configs/decompose-laptop.yaml", io, []),
+        "decompose-gpu-cluster": (DecomposeConfig, "configs/decompose-gpu-cluster.yaml", io, []),
+        "decompose-overrides": (
+            DecomposeConfig,
+            None,
+            io,
+            ["conditions=palette,sketch", "resolution=32", "palette.sigma=7"],
+        ),
+        "train-default": (TrainConfig, None, run, []),
+        "train-laptop": (TrainConfig, "configs/train-laptop.yaml", run, []),
+        "train-gpu-cluster": (TrainConfig, "configs/train-gpu-cluster.yaml", run, []),
+        "train-overrides": (
+            TrainConfig,
+            "configs/train-laptop.yaml",
+            run,
+            ["optim.lr=1e-4", "model.preset=small", "max_steps=10"],
+        ),
+        "evaluate-default": (EvalConfig, None, {"model": "m", **run}, []),
+        "evaluate-gpu-cluster": (EvalConfig, "configs/evaluate-gpu-cluster.yaml", {"model": "m", **run}, []),
+        "serve-default": (ServeConfig, None, {"model": "m"}, []),
+        "serve-gpu-cluster": (ServeConfig, "configs/serve-gpu-cluster.yaml", {"model": "m"}, []),
+    }
+
+
+def test_hashes_match_earlier_versions():
+    from pipelines.conditions import EXTRACTED_NAMES, get_extractor
+
+    got = {}
+    for name, (cls, path, values, overrides) in _earlier_cases().items():
+        cfg = load_config(cls, path, values, overrides)
+        got[name] = config_hash(cfg)
+        if cls is DecomposeConfig:
+            got[f"{name}/base"] = cfg.base_hash("folder")
+            for n in EXTRACTED_NAMES:
+                got[f"{name}/{n}"] = get_extractor(n)(getattr(cfg, n), cfg.resolution, True).fingerprint()
+    assert got == EARLIER_HASHES

@@ -28,28 +28,19 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from pipelines.config import resource, to_dict
+from pipelines.config import Config, resource, to_dict
 
 Batch = dict[str, np.ndarray]
 
 
-@dataclass(frozen=True)
-class ExtractorConfig:
+class ExtractorConfig(Config):
     """Settings every extractor has: how its Ray Data actor stage is sized."""
 
-    batch_size: int = resource(32)  # rows per call; large enough to amortise a model forward
-    concurrency: int = resource(1)  # actors in the stage; raise on a cluster
-    num_cpus: float = resource(1.0)  # CPUs reserved per actor
-    num_gpus: float = resource(0.0)  # GPUs per actor; fractional shares one GPU between actors
+    batch_size: int = resource(32, ge=1)  # rows per call; large enough to amortise a model forward
+    concurrency: int = resource(1, ge=1)  # actors in the stage; raise on a cluster
+    num_cpus: float = resource(1.0, ge=0)  # CPUs reserved per actor
+    num_gpus: float = resource(0.0, ge=0)  # GPUs per actor; fractional shares one GPU between actors
     device: Literal["auto", "cpu", "cuda"] = resource("auto")  # auto: cuda when num_gpus > 0
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.concurrency < 1:
-            raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
-        if self.num_cpus < 0 or self.num_gpus < 0:
-            raise ValueError("num_cpus and num_gpus must be >= 0")
 
 
 @dataclass(frozen=True)

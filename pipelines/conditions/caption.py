@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field, model_validator
 
 from pipelines.conditions.base import (
     Batch,
@@ -52,16 +52,17 @@ ENCODERS = ("clip", "t5")
 SUGGESTED_T5 = "google/t5-v1_1-xxl"
 
 
-@dataclass(frozen=True)
 class CaptionConfig(ExtractorConfig):
     encoders: tuple[Literal["clip", "t5"], ...] = ("clip",)  # Composer uses CLIP; add "t5" as eDiffi does
     clip_model: str | None = None  # open_clip weights, 'local-dir:/path' or 'hf-hub:org/repo' (cache only)
     t5_model: str | None = None  # T5 encoder + tokenizer directory, or a repo id in the HF cache
-    t5_max_length: int = 77  # T5 tokens kept per caption; 77 matches CLIP's context for equal cost
-    batch_size: int = resource(64)  # text encoders are cheap per row; 64 keeps a T5-XXL batch in memory
+    t5_max_length: int = Field(
+        77, ge=1
+    )  # T5 tokens kept per caption; 77 matches CLIP's context for equal cost
+    batch_size: int = resource(64, ge=1)  # text encoders are cheap per row; 64 keeps a T5-XXL batch in memory
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    @model_validator(mode="after")
+    def _check(self) -> CaptionConfig:
         unknown = [e for e in self.encoders if e not in ENCODERS]
         if unknown:
             raise ValueError(f"caption.encoders: unknown encoder(s) {unknown}; valid: {list(ENCODERS)}")
@@ -75,8 +76,7 @@ class CaptionConfig(ExtractorConfig):
                 f"caption.t5_model takes a directory or a repo id (as transformers' from_pretrained), "
                 f"without open_clip's prefix; got {self.t5_model!r}"
             )
-        if self.t5_max_length < 1:
-            raise ValueError(f"caption.t5_max_length must be >= 1, got {self.t5_max_length}")
+        return self
 
 
 def _resolve_t5(spec: str) -> str:

@@ -12,7 +12,6 @@ through as stored (already 255 = nearest), resized to R if needed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -26,7 +25,6 @@ _NEEDS_MODEL = (
 )
 
 
-@dataclass(frozen=True)
 class DepthConfig(ExtractorConfig):
     # auto and ground_truth: rows with ground truth use it, the others the model (if weights are
     # set); model: the model for every row, ground truth or not.
@@ -35,11 +33,6 @@ class DepthConfig(ExtractorConfig):
     # or its repo id looked up in the local Hugging Face cache only. Not a resource(): other
     # weights write other depth maps.
     weights: str | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.method not in ("auto", "ground_truth", "model"):
-            raise ValueError(f"method must be one of auto, ground_truth, model; got {self.method!r}")
 
 
 class DepthExtractor(Extractor):

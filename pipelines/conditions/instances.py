@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field
 
 from pipelines.conditions.base import (
     Batch,
@@ -53,43 +54,31 @@ SUGGESTED_WEIGHTS = "facebook/mask2former-swin-tiny-coco-panoptic"
 _MODEL_TYPES = frozenset({"mask2former", "oneformer"})
 
 
-@dataclass(frozen=True)
 class InstancesConfig(ExtractorConfig):
     method: Literal["auto", "ground_truth", "model", "cluster"] = "auto"  # see the module docstring
     # A transformers universal-segmentation checkpoint: a local directory or a repo id already in
     # the Hugging Face cache (never downloaded). None: `auto` falls back to `cluster`.
     weights: str | None = None
-    max_instances: int = 32  # ids 1..32 cover a crowded COCO image; smaller ones become background
+    max_instances: int = Field(
+        32, ge=1, le=255
+    )  # ids are uint8; ids 1..32 cover a crowded COCO image; smaller ones become background
     # model: the class-score a query needs to count as a segment (transformers' panoptic default).
-    score_threshold: float = 0.5
+    score_threshold: float = Field(0.5, ge=0, le=1)
     # cluster: colour clusters per image; 8 separates the dominant colours of a photo without
     # splitting smooth shading into many bands.
-    clusters: int = 8
-    kmeans_iters: int = 10  # fixed cap, so the work per image is bounded; converged ones stop early
+    clusters: int = Field(8, ge=2, le=64)
+    kmeans_iters: int = Field(
+        10, ge=1
+    )  # fixed cap, so the work per image is bounded; converged ones stop early
     colour_space: Literal["lab", "rgb"] = "lab"  # Lab distances follow perceived colour difference
     # cluster: regions below this fraction of the image are speckle, not instances (0.002 of
     # 256x256 is 131 pixels, about an 11x11 square).
-    min_area_frac: float = 0.002
+    min_area_frac: float = Field(0.002, ge=0, lt=1)
     # Clustering runs on the image area-resized to at most this side and the id map is scaled
     # back (nearest): the cost is per pixel, and Composer's base model reads maps at 64x64.
     # Raise it for finer region boundaries at high stored resolutions.
-    cluster_resolution: int = 64
-    batch_size: int = resource(16)  # a Mask2Former forward at 384 px; the fallback is per image
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 1 <= self.max_instances <= 255:
-            raise ValueError(f"max_instances must be in [1, 255] (ids are uint8), got {self.max_instances}")
-        if not 0.0 <= self.score_threshold <= 1.0:
-            raise ValueError(f"score_threshold must be in [0, 1], got {self.score_threshold}")
-        if not 2 <= self.clusters <= 64:
-            raise ValueError(f"clusters must be in [2, 64], got {self.clusters}")
-        if self.kmeans_iters < 1:
-            raise ValueError(f"kmeans_iters must be >= 1, got {self.kmeans_iters}")
-        if self.cluster_resolution < 16:
-            raise ValueError(f"cluster_resolution must be >= 16, got {self.cluster_resolution}")
-        if not 0.0 <= self.min_area_frac < 1.0:
-            raise ValueError(f"min_area_frac must be in [0, 1), got {self.min_area_frac}")
+    cluster_resolution: int = Field(64, ge=16)
+    batch_size: int = resource(16, ge=1)  # a Mask2Former forward at 384 px; the fallback is per image
 
 
 def renumber(labels: np.ndarray, max_instances: int) -> np.ndarray:

@@ -6,17 +6,14 @@ image; what is stored here is the standard ITU-R BT.601 luma.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from pipelines.conditions.base import Batch, ColumnSpec, Extractor, ExtractorConfig
 from pipelines.config import resource
 
 
-@dataclass(frozen=True)
 class IntensityConfig(ExtractorConfig):
-    batch_size: int = resource(256)  # pure numpy: big batches cost nothing
+    batch_size: int = resource(256, ge=1)  # pure numpy: big batches cost nothing
 
 
 class IntensityExtractor(Extractor):

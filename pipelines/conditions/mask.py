@@ -18,54 +18,44 @@ the resolution instead of pixels.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
+from pydantic import Field, model_validator
 
 from pipelines.conditions.base import Batch, ColumnSpec, Extractor, ExtractorConfig
 
 
 def _check_range(name: str, r: tuple[float, float]) -> None:
-    if len(r) != 2 or not (0 < r[0] <= r[1] <= 1):
+    if not (0 < r[0] <= r[1] <= 1):
         raise ValueError(f"{name} must be (low, high) with 0 < low <= high <= 1, got {r}")
 
 
-@dataclass(frozen=True)
 class MaskConfig(ExtractorConfig):
     # Per-sample mode probabilities; the paper gives no split, so roughly even. Without an
     # instance map (or for a sample with no instances) p_instance's share goes to the other two.
-    p_boxes: float = 0.35
-    p_strokes: float = 0.35
-    p_instance: float = 0.3
-    max_boxes: int = 3  # 1..max_boxes rectangles per mask
+    p_boxes: float = Field(0.35, ge=0, le=1)
+    p_strokes: float = Field(0.35, ge=0, le=1)
+    p_instance: float = Field(0.3, ge=0, le=1)
+    max_boxes: int = Field(3, ge=1)  # 1..max_boxes rectangles per mask
     box_size: tuple[float, float] = (0.12, 0.5)  # side length / resolution (authors: 30-150 px at 256)
-    max_strokes: int = 5  # 1..max_strokes brush strokes per mask (as the authors)
-    max_vertices: int = 6  # 2..max_vertices points per stroke (authors: 1-5 segments)
+    max_strokes: int = Field(5, ge=1)  # 1..max_strokes brush strokes per mask (as the authors)
+    max_vertices: int = Field(6, ge=2)  # 2..max_vertices points per stroke (authors: 1-5 segments)
     stroke_width: tuple[float, float] = (0.02, 0.2)  # / resolution (authors: 5-105 px at 256)
     stroke_length: tuple[float, float] = (0.05, 0.4)  # per segment / resolution (authors: 10-210 px)
-    max_turn: float = 1.5  # radians a stroke may turn between segments, so strokes look drawn
-    max_instances: int = 2  # 1..max_instances instances per instance mask
+    max_turn: float = Field(1.5, ge=0)  # radians a stroke may turn between segments, so strokes look drawn
+    max_instances: int = Field(2, ge=1)  # 1..max_instances instances per instance mask
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    @model_validator(mode="after")
+    def _check(self) -> MaskConfig:
         probs = {"p_boxes": self.p_boxes, "p_strokes": self.p_strokes, "p_instance": self.p_instance}
-        for k, v in probs.items():
-            if not 0 <= v <= 1:
-                raise ValueError(f"{k} must be in [0, 1], got {v}")
         if abs(sum(probs.values()) - 1) > 1e-6:
             raise ValueError(f"p_boxes + p_strokes + p_instance must be 1, got {sum(probs.values())}")
         if self.p_boxes + self.p_strokes <= 0:
             raise ValueError("p_boxes + p_strokes must be > 0: they stand in where there are no instances")
-        for k in ("max_boxes", "max_strokes", "max_instances"):
-            if getattr(self, k) < 1:
-                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
-        if self.max_vertices < 2:
-            raise ValueError(f"max_vertices must be >= 2, got {self.max_vertices}")
-        if not self.max_turn >= 0:
-            raise ValueError(f"max_turn must be >= 0, got {self.max_turn}")
         for k in ("box_size", "stroke_width", "stroke_length"):
             _check_range(k, getattr(self, k))
+        return self
 
 
 class MaskGenerator(Extractor):

@@ -27,9 +27,9 @@ from __future__ import annotations
 import functools
 import re
 import sys
-from dataclasses import dataclass
 
 import numpy as np
+from pydantic import Field
 
 from pipelines.conditions.base import Batch, ColumnSpec, Extractor, ExtractorConfig
 from pipelines.config import resource
@@ -48,15 +48,12 @@ _XYZ_FROM_RGB = np.array(
 _WHITE = np.array([0.95047, 1.0, 1.08883])
 
 
-@dataclass(frozen=True)
-class PaletteConfig(ExtractorConfig):
-    sigma: float = 10.0  # Lab smoothing width, Composer §3.1 ("smoothing sigma of 10"); 0 = none
-    batch_size: int = resource(256)  # pure numpy over a lookup table: big batches cost nothing
+DEFAULT_SIGMA = 10.0  # Lab smoothing width, Composer §3.1 ("smoothing sigma of 10")
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not (self.sigma >= 0 and np.isfinite(self.sigma)):
-            raise ValueError(f"sigma must be a finite number >= 0, got {self.sigma}")
+
+class PaletteConfig(ExtractorConfig):
+    sigma: float = Field(DEFAULT_SIGMA, ge=0, allow_inf_nan=False)  # 0 = no smoothing
+    batch_size: int = resource(256, ge=1)  # pure numpy over a lookup table: big batches cost nothing
 
 
 # -- the bin layout ---------------------------------------------------------------------------
@@ -215,7 +212,7 @@ def smooth_histogram(hist: np.ndarray, sigma: float) -> np.ndarray:
     return h
 
 
-def palette_of(images: np.ndarray, sigma: float = PaletteConfig.sigma) -> np.ndarray:
+def palette_of(images: np.ndarray, sigma: float = DEFAULT_SIGMA) -> np.ndarray:
     """(B, H, W, 3) uint8 sRGB -> (B, 156) float64 smoothed CIELab histograms summing to 1."""
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"palette: expected (B, H, W, 3) uint8 images, got {images.dtype}{images.shape}")
@@ -257,7 +254,7 @@ def parse_hex(colour: str) -> tuple[int, int, int]:
 
 
 def palette_from_hex(
-    colours: list[str], weights: list[float] | None = None, sigma: float = PaletteConfig.sigma
+    colours: list[str], weights: list[float] | None = None, sigma: float = DEFAULT_SIGMA
 ) -> np.ndarray:
     """(156,) float32: the palette of an image painted with ``colours`` in proportions ``weights``.
 

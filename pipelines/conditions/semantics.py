@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import model_validator
 
 from pipelines.conditions.base import (
     Batch,
@@ -88,15 +88,15 @@ def no_clip_model_reason(key: str) -> str:
     )
 
 
-@dataclass(frozen=True)
 class SemanticsConfig(ExtractorConfig):
     clip_model: str | None = None  # open_clip weights, 'local-dir:/path' or 'hf-hub:org/repo' (cache only)
     normalize: bool = True  # unit L2 norm, as CLIP's contrastive space and unCLIP's prior use it
-    batch_size: int = resource(64)  # a ViT-H forward amortises well at 64 images
+    batch_size: int = resource(64, ge=1)  # a ViT-H forward amortises well at 64 images
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    @model_validator(mode="after")
+    def _check(self) -> SemanticsConfig:
         check_open_clip_spec(self.clip_model, "semantics.clip_model")
+        return self
 
 
 class SemanticsExtractor(Extractor):

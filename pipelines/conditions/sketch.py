@@ -17,10 +17,10 @@ unless ``edge_threshold`` binarises them).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+from pydantic import Field, model_validator
 
 from pipelines.conditions.base import (
     Batch,
@@ -37,7 +37,6 @@ CHECKPOINTS = {"pidinet": "table5_pidinet.pth", "hed": "ControlNetHED.pth"}
 ANNOTATORS_REPO = "lllyasviel/Annotators"
 
 
-@dataclass(frozen=True)
 class SketchConfig(ExtractorConfig):
     method: Literal["canny", "pidinet", "hed"] = "canny"  # pidinet is the paper's detector
     # Directory holding the lllyasviel/Annotators checkpoint (or that repo id, looked up in the
@@ -45,35 +44,30 @@ class SketchConfig(ExtractorConfig):
     # other weights write other sketches.
     weights: str | None = None
     # canny: hysteresis thresholds on the Sobel gradient (controlnet_aux's defaults).
-    low_threshold: int = 100
-    high_threshold: int = 200
-    blur: int = 0  # canny: odd Gaussian kernel size applied first to drop texture edges; 0 = none
+    low_threshold: int = Field(100, ge=0, le=255)
+    high_threshold: int = Field(200, ge=0, le=255)
+    blur: int = Field(
+        0, ge=0
+    )  # canny: odd Gaussian kernel size applied first to drop texture edges; 0 = none
     l2_gradient: bool = False  # canny: exact L2 gradient magnitude instead of OpenCV's L1 default
     # pidinet/hed: the side the image is resized to before the network. The annotators were
     # used at 512 in ControlNet; controlnet_aux rounds to a multiple of 64, which we require.
-    detect_resolution: int = 512
+    detect_resolution: int = Field(512, ge=64, multiple_of=64)
     safe: bool = False  # pidinet/hed: controlnet_aux's safe_step, quantising edges to 3 levels
     # pidinet/hed: binarise the edge probability at this value (controlnet_aux's pidinet
     # `apply_filter` is 0.5); None keeps the soft edges.
-    edge_threshold: float | None = None
+    edge_threshold: float | None = Field(None, gt=0, lt=1)
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.method not in ("canny", "pidinet", "hed"):
-            raise ValueError(f"method must be one of canny, pidinet, hed; got {self.method!r}")
+    @model_validator(mode="after")
+    def _check(self) -> SketchConfig:
         if not 0 <= self.low_threshold <= self.high_threshold <= 255:
             raise ValueError(
                 "canny thresholds must satisfy 0 <= low_threshold <= high_threshold <= 255, "
                 f"got low_threshold={self.low_threshold}, high_threshold={self.high_threshold}"
             )
-        if self.blur < 0 or (self.blur and self.blur % 2 == 0):
+        if self.blur % 2 == 0 and self.blur:
             raise ValueError(f"blur must be 0 or an odd kernel size, got {self.blur}")
-        if self.detect_resolution < 64 or self.detect_resolution % 64:
-            raise ValueError(
-                f"detect_resolution must be a positive multiple of 64, got {self.detect_resolution}"
-            )
-        if self.edge_threshold is not None and not 0.0 < self.edge_threshold < 1.0:
-            raise ValueError(f"edge_threshold must be in (0, 1) or null, got {self.edge_threshold}")
+        return self
 
 
 def _resize(images: np.ndarray, size: int) -> np.ndarray:

@@ -5,9 +5,9 @@ from pipelines.conditions.base import ExtractorUnavailable
 from pipelines.conditions.caption import CaptionConfig, CaptionExtractor
 from pipelines.config import ConfigError, from_dict
 from tests.conditions.contract import assert_contract, make_batch
-from tests.fixtures import add_to_hf_cache, block_network
-from tests.fixtures.tiny_clip import make_tiny_open_clip
-from tests.fixtures.tiny_t5 import make_tiny_t5
+from tests.helpers import add_to_hf_cache, block_network
+from tests.helpers.tiny_clip import make_tiny_open_clip
+from tests.helpers.tiny_t5 import make_tiny_t5
 
 T5_LEN = 12
 

@@ -7,7 +7,7 @@ from pipelines.conditions.base import ExtractorUnavailable
 from pipelines.conditions.depth import DepthConfig, DepthExtractor
 from pipelines.config import ConfigError, from_dict
 from tests.conditions.contract import assert_contract, make_batch
-from tests.fixtures.tiny_depth import write_tiny_dpt
+from tests.helpers.tiny_depth import write_tiny_dpt
 
 
 @pytest.fixture(scope="module")

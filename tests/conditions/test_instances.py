@@ -12,14 +12,14 @@ MODEL_MAP_TOL = 0.01
 
 @pytest.fixture(scope="module")
 def mask2former_dir(tmp_path_factory):
-    from tests.fixtures.tiny_segmentation import save_tiny_mask2former
+    from tests.helpers.tiny_segmentation import save_tiny_mask2former
 
     return str(save_tiny_mask2former(tmp_path_factory.mktemp("tiny_mask2former")))
 
 
 @pytest.fixture(scope="module")
 def oneformer_dir(tmp_path_factory):
-    from tests.fixtures.tiny_segmentation import save_tiny_oneformer
+    from tests.helpers.tiny_segmentation import save_tiny_oneformer
 
     return str(save_tiny_oneformer(tmp_path_factory.mktemp("tiny_oneformer")))
 
@@ -60,9 +60,7 @@ def test_contract_ground_truth():
 def test_contract_model_mask2former(mask2former_dir, no_network):
     ex = InstancesExtractor(InstancesConfig(method="model", weights=mask2former_dir), 32)
     out = assert_contract(ex, make_batch(4, 32), map_tol_frac=MODEL_MAP_TOL)["instances"]
-    assert out.max() > 0, (
-        "the tiny model should keep a few segments (see tests/fixtures/tiny_segmentation.py)"
-    )
+    assert out.max() > 0, "the tiny model should keep a few segments (see tests/helpers/tiny_segmentation.py)"
     for m in out:
         _assert_convention(m, 32)
     assert not no_network, no_network

@@ -6,14 +6,14 @@ import pytest
 
 from pipelines.conditions import CONDITION_NAMES, EXTRACTED_NAMES, REGISTRY, get_extractor
 from pipelines.config import load_config
-from pipelines.decompose import DecomposeConfig
+from pipelines.decompose.config import DecomposeConfig
 from tests.conditions.contract import assert_contract, make_batch
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     """Tiny random-init models in the real formats, for the extractors that need weights."""
-    from tests.fixtures.tiny_clip import make_tiny_open_clip
+    from tests.helpers.tiny_clip import make_tiny_open_clip
 
     d = tmp_path_factory.mktemp("weights")
     clip = make_tiny_open_clip(d / "clip")

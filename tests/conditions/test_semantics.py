@@ -5,8 +5,8 @@ from pipelines.conditions.base import ExtractorUnavailable
 from pipelines.conditions.semantics import SemanticsConfig, SemanticsExtractor
 from pipelines.config import ConfigError, from_dict
 from tests.conditions.contract import assert_contract, make_batch
-from tests.fixtures import add_to_hf_cache, block_network
-from tests.fixtures.tiny_clip import PREPROCESS_CFG, make_tiny_open_clip
+from tests.helpers import add_to_hf_cache, block_network
+from tests.helpers.tiny_clip import PREPROCESS_CFG, make_tiny_open_clip
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from pipelines.conditions.base import ExtractorUnavailable
 from pipelines.conditions.sketch import SketchConfig, SketchExtractor
 from pipelines.config import ConfigError, from_dict
 from tests.conditions.contract import assert_contract, make_batch
-from tests.fixtures.tiny_annotators import write_hed, write_pidinet
+from tests.helpers.tiny_annotators import write_hed, write_pidinet
 
 R = 64  # PiDiNet/HED need a multiple of 64 to detect at; small keeps HED's forward cheap
 

@@ -8,7 +8,7 @@ import torch
 from models import CONDITIONS, build_model
 from models.conditioning import Conditions
 from models.objective import diffusion_loss
-from pipelines.composer_pipeline import default_scheduler
+from pipelines.diffusion.pipeline import default_scheduler
 
 
 def _rows(weighting: str, max_weight: float = 20.0) -> torch.Tensor:
@@ -38,7 +38,7 @@ def test_unknown_weighting_is_refused():
 
 
 def test_scale_shift_resnets_train_and_bad_values_are_refused():
-    from pipelines.train_config import OptimSection
+    from pipelines.train.config import OptimSection
 
     torch.manual_seed(0)
     model = build_model("tiny", sample_size=16, resnet_time_scale_shift="scale_shift")

@@ -1,0 +1,1 @@
+"""Decompose (``recompose decompose``): an image dataset → condition shards, on Ray Data."""

@@ -1,0 +1,78 @@
+"""Loading a saved ``ComposerPipeline`` from a directory or an MLflow ``models:/`` / ``runs:/`` URI,
+checked before any weights are read, onto the device asked for.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from pipelines.errors import UserError
+
+if TYPE_CHECKING:
+    from pipelines.diffusion.pipeline import ComposerPipeline
+
+MODEL_URIS = ("models:/", "runs:/")  # --model values resolved through MLflow, not paths
+
+
+class ModelError(UserError):
+    """The model a command was given cannot be used; the message names it and why."""
+
+
+def resolve_device(device: Literal["auto", "cpu", "cuda"]) -> str:
+    """``auto``: CUDA when there is a device; asking for CUDA without one is an error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("--device cuda: no CUDA device is available")
+    return device
+
+
+def pipeline_dir(model_dir: str) -> Path:
+    """The directory of the saved ``ComposerPipeline`` that ``model_dir`` names, checked without
+    loading any weights; ``ModelError`` saying what is wrong otherwise.
+
+    ``model_dir`` is a directory, or an MLflow ``models:/<name>/<version>``, ``models:/<name>@<alias>``
+    or ``runs:/<run id>/<path>`` URI (``pipelines/diffusion/mlflow_model.py``; downloaded once, then cached).
+    """
+    from pipelines.diffusion.pipeline import ComposerPipeline
+
+    if model_dir.startswith(MODEL_URIS):
+        from pipelines.diffusion.mlflow_model import resolve_model  # imports MLflow: only when a URI is given
+
+        try:
+            p = resolve_model(model_dir)
+        except ValueError as e:  # the message starts with the URI
+            raise ModelError(f"--model {e}") from None
+    else:
+        p = Path(model_dir)
+    if not p.is_dir():
+        raise ModelError(f"--model {model_dir}: no such directory")
+    index = p / "model_index.json"
+    if not index.is_file():
+        raise ModelError(
+            f"--model {model_dir}: not a saved pipeline (no model_index.json); give the directory "
+            "ComposerPipeline.save_pretrained wrote"
+        )
+    try:
+        name = json.loads(index.read_text()).get("_class_name")
+    except ValueError as e:
+        raise ModelError(f"--model {model_dir}: model_index.json is not valid JSON ({e})") from None
+    if name != ComposerPipeline.__name__:
+        raise ModelError(f"--model {model_dir}: holds a {name}, not a ComposerPipeline")
+    return p
+
+
+def load_pipeline(model_dir: str, device: str) -> ComposerPipeline:
+    """The saved ``ComposerPipeline`` that ``model_dir`` names (``pipeline_dir``), on ``device``."""
+    from pipelines.diffusion.pipeline import ComposerPipeline
+
+    p = pipeline_dir(model_dir)
+    try:
+        pipe = ComposerPipeline.from_pretrained(str(p))
+    except Exception as e:  # noqa: BLE001 - diffusers raises many types for a broken save
+        raise ModelError(f"--model {model_dir}: could not load the pipeline ({type(e).__name__}: {e})") from e
+    return pipe.to(device)

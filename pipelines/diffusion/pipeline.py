@@ -1,0 +1,450 @@
+"""``ComposerPipeline``: generation and editing from any set of conditions (Composer §3.2).
+
+A diffusers ``DiffusionPipeline`` with three components — ``unet`` (a ``ComposerModel``),
+``scheduler`` and an optional ``vae`` for latent-space models — plus the decomposition settings
+the model was trained with (``decompose``: extractor sections of the decomposition config), so a
+condition "from an image" is extracted exactly as in the training shards. Weights are saved and
+loaded as safetensors only; nothing is ever unpickled.
+
+Conditions are given for one image, as the decomposition job stores them (no batch axis), e.g.
+``{"text": "a red circle", "palette": (156,) float, "sketch": (R, R) uint8}``; see
+``pipelines/diffusion/inputs.py`` for every key. They are shared by the ``num_images`` samples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from models import ComposerModel
+from pipelines.diffusion.guidance import Guidance
+from pipelines.diffusion.inputs import image_to_tensor, tensor_to_image, to_conditions
+from pipelines.diffusion.sampling import denoise, invert
+
+SchedulerName = Literal["ddim", "dpm++"]
+Threshold = Literal["none", "clip", "dynamic"]
+SCHEDULERS = ("ddim", "dpm++")
+THRESHOLDS = ("none", "clip", "dynamic")
+
+# Which input keys make a condition "given" (model_inputs.py documents the keys).
+_KEYS = {
+    "caption": ("text", "caption.clip_sentence", "caption.t5_sentence"),
+    "semantics": ("semantics", "semantics.image"),
+    "palette": ("palette",),
+    "sketch": ("sketch",),
+    "instances": ("instances",),
+    "depth": ("depth",),
+    "intensity": ("intensity",),
+    "mask": ("mask",),
+}
+
+
+def default_scheduler() -> DDIMScheduler:
+    """The noise schedule models are trained with and the default sampler (DDIM, η = 0)."""
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="squaredcos_cap_v2",  # the cosine schedule of improved DDPM, as GLIDE/unCLIP
+        prediction_type="epsilon",
+        clip_sample=True,
+        set_alpha_to_one=True,
+        steps_offset=1,
+        timestep_spacing="leading",  # pairs exactly with DDIMInverseScheduler for inversion
+    )
+
+
+def given_conditions(conditions: Mapping[str, Any]) -> frozenset[str]:
+    """The condition names that ``conditions`` (model-input keys) provides."""
+    return frozenset(name for name, keys in _KEYS.items() if any(k in conditions for k in keys))
+
+
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module):
+    """``module`` in eval mode for the block, then back in the mode it was in."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+@dataclass
+class ComposerOutput(BaseOutput):
+    images: np.ndarray | list  # (N, R, R, 3) uint8, or a list of PIL images
+    guidance: dict  # Guidance.describe(): c1, targets, branches
+    threshold: str  # the x_0 thresholding used (the default resolved)
+    invert_guidance: dict | None = None  # bidirectional: the inversion's Guidance.describe()
+
+
+class ComposerPipeline(DiffusionPipeline):
+    model_cpu_offload_seq = "unet->vae"
+    _optional_components = ["vae"]
+
+    def __init__(
+        self,
+        unet: ComposerModel,
+        scheduler: DDIMScheduler,
+        vae: AutoencoderKL | None = None,
+        decompose: dict | None = None,
+    ):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler, vae=vae)
+        self.register_to_config(decompose=dict(decompose or {}))
+        if vae is not None and unet.config.image_channels != vae.config.latent_channels:
+            raise ValueError(
+                f"the model takes {unet.config.image_channels} channels, the VAE makes {vae.config.latent_channels}"
+            )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, **kwargs: Any) -> ComposerPipeline:
+        """Loads a saved pipeline; safetensors only (``use_safetensors=False`` is refused)."""
+        if kwargs.setdefault("use_safetensors", True) is not True:
+            raise ValueError(
+                "ComposerPipeline loads safetensors weights only; pickled weights are never loaded"
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        if kwargs.setdefault("safe_serialization", True) is not True:
+            raise ValueError("ComposerPipeline saves safetensors weights only")
+        super().save_pretrained(save_directory, **kwargs)
+
+    # -- pixels <-> model space ---------------------------------------------------------------
+    @property
+    def image_size(self) -> int:
+        return self.unet.image_size
+
+    def _encode_images(self, images: np.ndarray) -> torch.Tensor:
+        """(B, R, R, 3) uint8 -> x_0 in model space (pixels in [-1, 1], or scaled latents)."""
+        x = image_to_tensor(images).to(self.unet.device, self.unet.dtype)
+        if self.vae is None:
+            return x
+        x = x.to(self.vae.dtype)
+        latents = self.vae.encode(x).latent_dist.mode()
+        return (latents * self.vae.config.scaling_factor).to(self.unet.dtype)
+
+    def _decode(self, x: torch.Tensor) -> np.ndarray:
+        if self.vae is not None:
+            x = self.vae.decode(x.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        return tensor_to_image(x)
+
+    def _scheduler(self, name: SchedulerName, threshold: Threshold):
+        if name not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {name!r}; known: {', '.join(SCHEDULERS)}")
+        if threshold not in THRESHOLDS:
+            raise ValueError(f"unknown threshold {threshold!r}; known: {', '.join(THRESHOLDS)}")
+        if threshold != "none" and self.vae is not None:
+            raise ValueError("x_0 clipping and dynamic thresholding apply to pixel-space models only")
+        # Imagen's dynamic thresholding (Saharia et al. 2022, §2.3) at its 99.5th percentile,
+        # with DeepFloyd IF's cap on the threshold; "clip" is the same with the cap at 1.
+        options = {
+            "none": dict(clip_sample=False, thresholding=False),
+            "clip": dict(clip_sample=True, thresholding=False),
+            "dynamic": dict(
+                clip_sample=False, thresholding=True, dynamic_thresholding_ratio=0.995, sample_max_value=1.5
+            ),
+        }[threshold]
+        if name == "ddim":
+            return DDIMScheduler.from_config(self.scheduler.config, **options)
+        if threshold == "clip":  # DPM-Solver has no clip_sample: thresholding capped at 1 is clipping
+            options = dict(thresholding=True, dynamic_thresholding_ratio=0.995, sample_max_value=1.0)
+        options.pop("clip_sample", None)
+        return DPMSolverMultistepScheduler.from_config(
+            self.scheduler.config, algorithm_type="dpmsolver++", solver_order=2, **options
+        )
+
+    # -- conditions ---------------------------------------------------------------------------
+    def _rows(self, conditions: Mapping[str, Any], n: int) -> dict[str, Any]:
+        """One image's conditions -> the same for ``n`` rows (a leading batch axis)."""
+        unknown = (
+            set(conditions)
+            - {k for keys in _KEYS.values() for k in keys}
+            - {
+                "mask.image",
+                "caption.clip_tokens",
+                "caption.t5_tokens",
+            }
+        )
+        if unknown:
+            raise ValueError(f"unknown condition inputs {sorted(unknown)}; see pipelines/diffusion/inputs.py")
+        rows: dict[str, Any] = {}
+        for key, value in conditions.items():
+            if key == "text":
+                rows[key] = [str(value)] * n
+            else:
+                a = np.asarray(value)
+                rows[key] = np.repeat(a[None], n, axis=0)
+        return rows
+
+    def _check_maps(self, conditions: Mapping[str, Any]) -> None:
+        r = self.image_size
+        for key in ("sketch", "instances", "depth", "intensity", "mask", "mask.image", "semantics.image"):
+            if key in conditions and np.asarray(conditions[key]).shape[:2] != (r, r):
+                raise ValueError(
+                    f"{key} is {np.asarray(conditions[key]).shape}, the model takes {r}×{r} maps"
+                )
+
+    def encode_conditions(self, conditions: Mapping[str, Any], guidance: Guidance, n: int):
+        """Every guidance branch's conditions for ``n`` samples, encoded once for all steps."""
+        self._check_maps(conditions)
+        return self._encode_rows([conditions], [n], guidance)
+
+    def _guidance(self, guidance: Guidance | float | str, given: frozenset[str]) -> Guidance:
+        if isinstance(guidance, Guidance):
+            used = guidance.base.union(*(s for s, _ in guidance.terms))
+            if not used <= given:
+                raise ValueError(f"guidance uses {sorted(used - given)}, which the conditions do not give")
+            return guidance
+        return Guidance.parse(guidance, given)
+
+    # -- generation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        conditions: Mapping[str, Any] | None = None,
+        guidance: Guidance | float | str = 3.0,
+        num_inference_steps: int = 50,
+        num_images: int = 1,
+        seed: int | None = 0,
+        generator: torch.Generator | None = None,
+        source: np.ndarray | None = None,
+        mask: np.ndarray | None = None,
+        invert_conditions: Mapping[str, Any] | None = None,
+        invert_guidance: Guidance | float | str = 1.0,
+        scheduler: SchedulerName = "ddim",
+        threshold: Threshold | None = None,
+        output_type: Literal["np", "pil"] = "np",
+    ) -> ComposerOutput:
+        """Samples ``num_images`` images of R×R pixels.
+
+        - ``conditions``: one image's conditions (module docstring); any subset.
+        - ``guidance``: a ``Guidance``, or its text form / a number (``pipelines/diffusion/guidance.py``).
+        - ``source`` (R, R, 3) uint8 with ``mask`` (R, R) {0, 1}, 1 = regenerate: region-restricted
+          editing — pixels where mask = 0 are the source's, bit for bit; the masked source is
+          also given to the model as the ``mask`` condition.
+        - ``source`` with ``invert_conditions``: bidirectional guidance (Composer §3.2) — DDIM
+          inversion of the source under ``invert_conditions`` (c1) with ``invert_guidance``,
+          then sampling under ``conditions`` (c2) from the inverted noise.
+        - ``threshold``: x_0 "clip" | "dynamic" (Imagen) | "none"; default "clip" in pixel space
+          and "none" for latent models and for inversion, which clipping would make irreversible.
+        - ``seed`` (or ``generator``): same seed, same images.
+        """
+        request = SampleRequest(
+            conditions=dict(conditions or {}),
+            guidance=guidance,
+            num_images=num_images,
+            seed=seed,
+            generator=generator,
+            source=source,
+            mask=mask,
+            invert_conditions=invert_conditions,
+            invert_guidance=invert_guidance,
+        )
+        out = self.sample_batch([request], num_inference_steps, scheduler, threshold)[0]
+        if output_type == "pil":
+            from PIL import Image
+
+            out.images = [Image.fromarray(im) for im in out.images]
+        return out
+
+    def prepare(self, request: SampleRequest) -> PreparedRequest:
+        """Checks one request and resolves its guidance; no model call (cheap, for grouping)."""
+        conditions = dict(request.conditions)
+        source, mask = request.source, request.mask
+        if request.num_images < 1:
+            raise ValueError("num_images and num_inference_steps must be >= 1")
+        if mask is not None:
+            if source is None:
+                raise ValueError("a mask needs the source image it applies to")
+            mask = (np.asarray(mask) > 0).astype(np.uint8)
+            conditions["mask"], conditions["mask.image"] = mask, np.asarray(source, np.uint8)
+        if request.invert_conditions is not None and source is None:
+            raise ValueError("bidirectional guidance (invert_conditions) needs the source image to invert")
+        if source is not None and np.asarray(source).shape != (self.image_size, self.image_size, 3):
+            raise ValueError(
+                f"source is {np.asarray(source).shape}, expected ({self.image_size}, {self.image_size}, 3)"
+            )
+        self._check_maps(conditions)
+        guide = self._guidance(request.guidance, given_conditions(conditions))
+        inv_guide = None
+        if request.invert_conditions is not None:
+            self._check_maps(request.invert_conditions)
+            inv_guide = self._guidance(request.invert_guidance, given_conditions(request.invert_conditions))
+        return PreparedRequest(request, conditions, mask, guide, inv_guide)
+
+    @torch.no_grad()
+    def sample_batch(
+        self,
+        requests: Sequence[SampleRequest | PreparedRequest],
+        num_inference_steps: int = 50,
+        scheduler: SchedulerName = "ddim",
+        threshold: Threshold | None = None,
+    ) -> list[ComposerOutput]:
+        """Several requests in one batched sampling run; one ``ComposerOutput`` per request.
+
+        The requests must be compatible (``PreparedRequest.compatible_key``: the same condition
+        keys, guidance and inversion guidance, with or without source/mask); their rows are
+        concatenated, so each step is one UNet forward for all of them (Ray Serve's
+        ``@serve.batch`` groups requests this way). Each request draws its noise from its own
+        seed exactly as it would alone, so batching changes no sample beyond float rounding.
+        """
+        if num_inference_steps < 1:
+            raise ValueError("num_images and num_inference_steps must be >= 1")
+        prepared = [r if isinstance(r, PreparedRequest) else self.prepare(r) for r in requests]
+        if not prepared:
+            return []
+        keys = {p.compatible_key() for p in prepared}
+        if len(keys) != 1:
+            raise ValueError(f"sample_batch: the requests are not compatible ({len(keys)} kinds); group them")
+        first = prepared[0]
+        guide, inv_guide = first.guidance, first.invert_guidance
+        inverting = inv_guide is not None
+        if threshold is None:
+            threshold = "none" if (self.vae is not None or inverting) else "clip"
+        if inverting and scheduler != "ddim":
+            raise ValueError("bidirectional guidance inverts with DDIM; use scheduler='ddim'")
+        with eval_mode(self.unet):  # sampling is in eval mode whatever the caller's model mode
+            sched = self._scheduler(scheduler, threshold)
+            device, dtype = self.unet.device, self.unet.dtype
+            c, s = self.unet.config.image_channels, self.unet.config.sample_size
+            sizes = [p.request.num_images for p in prepared]
+            generators = [
+                p.request.generator
+                if p.request.generator is not None
+                else torch.Generator("cpu").manual_seed(0 if p.request.seed is None else p.request.seed)
+                for p in prepared
+            ]
+            noise = [
+                randn_tensor((n, c, s, s), generator=g, device=torch.device("cpu"), dtype=torch.float32)
+                for n, g in zip(sizes, generators, strict=True)
+            ]
+            x = torch.cat(noise).to(device, dtype)
+            encoded = self._encode_rows([p.conditions for p in prepared], sizes, guide)
+            has_source = first.request.source is not None
+            if has_source:
+                # Encoded (through the VAE, if any) once per request, then shared by its samples.
+                x0 = torch.cat(
+                    [
+                        self._encode_images(np.asarray(p.request.source, np.uint8)[None]).repeat(n, 1, 1, 1)
+                        for p, n in zip(prepared, sizes, strict=True)
+                    ]
+                )
+            if inverting:
+                inv_encoded = self._encode_rows(
+                    [p.request.invert_conditions for p in prepared], sizes, inv_guide
+                )
+                x = invert(
+                    self.unet, sched, x0, inv_encoded, inv_guide, num_inference_steps, self.progress_bar
+                )
+            known = None
+            if first.mask is not None:
+                m = torch.cat(
+                    [
+                        torch.from_numpy(p.mask).float()[None, None].repeat(n, 1, 1, 1)
+                        for p, n in zip(prepared, sizes, strict=True)
+                    ]
+                ).to(device, dtype)
+                f = self.unet.config.local_downsample
+                m = (
+                    torch.nn.functional.max_pool2d(m, f) if f > 1 else m
+                )  # a latent is regenerated if any of its pixels is
+                known_noise = torch.cat(
+                    [
+                        randn_tensor(
+                            (n, *x0.shape[1:]), generator=g, device=torch.device("cpu"), dtype=torch.float32
+                        )
+                        for n, g in zip(sizes, generators, strict=True)
+                    ]
+                )
+                known = (x0, m, known_noise.to(device, dtype))
+            x = denoise(self.unet, sched, x, encoded, guide, num_inference_steps, known, self.progress_bar)
+            images = self._decode(x)
+        outputs, start = [], 0
+        for p, n in zip(prepared, sizes, strict=True):
+            ims = images[start : start + n]
+            start += n
+            if p.mask is not None:
+                # Region-restricted editing: outside the mask the output *is* the source.
+                ims = np.where(
+                    p.mask[None, :, :, None].astype(bool), ims, np.asarray(p.request.source, np.uint8)[None]
+                )
+            outputs.append(
+                ComposerOutput(
+                    images=ims,
+                    guidance=guide.describe(),
+                    threshold=threshold,
+                    invert_guidance=None if inv_guide is None else inv_guide.describe(),
+                )
+            )
+        return outputs
+
+    def _encode_rows(self, conditions: Sequence[Mapping[str, Any]], sizes: Sequence[int], guidance: Guidance):
+        """Every guidance branch's conditions for each request's samples, encoded once for all steps.
+
+        Rows are request-major within a branch (request 0's samples, request 1's, …), the layout
+        ``guidance.presence`` and ``Guidance.combine`` expect for ``sum(sizes)`` samples.
+        """
+        per_request = [self._rows(c, n) for c, n in zip(conditions, sizes, strict=True)]
+        rows: dict[str, Any] = {}
+        for key in per_request[0]:
+            parts = [r[key] for r in per_request]
+            rows[key] = sum(parts, []) if key == "text" else np.concatenate(parts)
+        k = len(guidance.sets())
+        conds = to_conditions(self.unet, rows).repeat(k)
+        return self.unet.encode(conds, guidance.presence(sum(sizes), self.unet.device))
+
+
+@dataclass
+class SampleRequest:
+    """One generation request of ``ComposerPipeline.sample_batch`` (``__call__``'s arguments)."""
+
+    conditions: Mapping[str, Any]
+    guidance: Guidance | float | str = 3.0
+    num_images: int = 1
+    seed: int | None = 0
+    generator: torch.Generator | None = None
+    source: np.ndarray | None = None  # (R, R, 3) uint8
+    mask: np.ndarray | None = None  # (R, R) {0, 1}, 1 = regenerate
+    invert_conditions: Mapping[str, Any] | None = None
+    invert_guidance: Guidance | float | str = 1.0
+
+
+@dataclass
+class PreparedRequest:
+    """A checked ``SampleRequest``: conditions with the mask keys added, guidance resolved."""
+
+    request: SampleRequest
+    conditions: dict[str, Any]
+    mask: np.ndarray | None
+    guidance: Guidance
+    invert_guidance: Guidance | None
+
+    def compatible_key(self) -> tuple:
+        """Requests with equal keys can share one batched sampling run."""
+        inv = self.request.invert_conditions
+        return (
+            tuple(sorted(self.conditions)),
+            self.guidance,
+            self.invert_guidance,
+            None if inv is None else tuple(sorted(inv)),
+            self.request.source is not None,
+            self.mask is not None,
+        )
+
+
+__all__ = [
+    "ComposerOutput",
+    "ComposerPipeline",
+    "PreparedRequest",
+    "SampleRequest",
+    "default_scheduler",
+    "given_conditions",
+]

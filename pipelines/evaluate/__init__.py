@@ -1,0 +1,1 @@
+"""Evaluate (``recompose evaluate``): condition fidelity, the synthetic benchmark, FID/KID/CLIP."""

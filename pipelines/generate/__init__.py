@@ -1,0 +1,1 @@
+"""Generate (``recompose generate``): conditions from command-line flags → samples and pictures."""

@@ -1,0 +1,1 @@
+"""Serve (``recompose serve``): the Ray Serve app — JSON API, batched model deployment, web page."""

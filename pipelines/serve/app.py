@@ -1,0 +1,335 @@
+"""The Serve app: a FastAPI ingress and a model deployment (Ray Serve).
+
+    HTTP -> Ingress (FastAPI: auth, body limit, validation, image decoding; serves the web page)
+         -> ComposerServer (the pipeline: extractors, @serve.batch'ed sampling; GPUs, replicas)
+
+Endpoints (OpenAPI at ``/docs`` and ``/openapi.json``): ``POST /v1/decompose``, ``POST
+/v1/generate``, ``POST /v1/edit``, ``GET /v1/model``, ``GET /healthz``, and the page at ``/``.
+Every refusal is a 4xx ``{"error": {"code", "message", "field"}}`` decided in the ingress, before
+the model is called; a full model queue is a 503 (or 429) with ``Retry-After``.
+
+``build_app(config)`` returns the application for ``serve.run``; ``app_builder(args)`` is the
+import path for ``serve run`` / ``serve deploy`` config files (``infra/serve.yaml``).
+"""
+
+import asyncio
+import hmac
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel, ValidationError
+from ray import serve
+
+from pipelines.config import from_dict, to_dict
+from pipelines.serve.api import (
+    ApiError,
+    Decoder,
+    DecomposeBody,
+    EditBody,
+    GenerateBody,
+    Job,
+    png_b64,
+    validation_error,
+)
+from pipelines.serve.config import ServeConfig
+from pipelines.serve.model import ComposerServer
+
+PAGE = Path(__file__).parent / "static" / "index.html"
+API_VERSION = "v1"
+
+
+# -- the ingress ---------------------------------------------------------------------------------------
+app = FastAPI(
+    title="recompose",
+    version=API_VERSION,
+    description="Composer (arXiv 2302.09778): generate and edit images from any mix of conditions.",
+)
+
+
+def _openapi() -> dict[str, Any]:
+    """FastAPI's schema plus the request bodies, which the routes read themselves (to cap their
+    size before parsing) and so declare through ``openapi_extra``."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in (GenerateBody, EditBody, DecomposeBody):
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(body.pop("$defs", {}))
+            components[model.__name__] = body
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+app.openapi = _openapi
+
+
+def _body_doc(model: type) -> dict[str, Any]:
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+@app.exception_handler(ApiError)
+async def _api_error(request: Request, e: ApiError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+    return JSONResponse(e.body(), e.status, headers=headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+    err = validation_error(list(e.errors()))
+    return JSONResponse(err.body(), err.status)
+
+
+class _Overloaded(ApiError):
+    def __init__(self, cfg: Any):
+        super().__init__(cfg.status_code, "overloaded", "the model's queue is full; retry later")
+        self.retry_after = str(max(1, math.ceil(cfg.retry_after_s)))
+
+
+@app.exception_handler(_Overloaded)
+async def _overloaded(request: Request, e: _Overloaded) -> JSONResponse:
+    return JSONResponse(e.body(), e.status, headers={"Retry-After": e.retry_after})
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, model: Any, config: dict[str, Any]):
+        self.config = from_dict(ServeConfig, config)
+        self.model = model
+        self.token = None
+        if self.config.auth.token_env:
+            self.token = os.environ.get(self.config.auth.token_env)
+            if not self.token:
+                raise RuntimeError(
+                    f"auth.token_env={self.config.auth.token_env!r} but that environment variable is empty"
+                )
+        self._decoder: Decoder | None = None
+
+    async def _model_info(self) -> dict[str, Any]:
+        return await self._call(self.model.info)
+
+    async def decoder(self) -> Decoder:
+        """Built from the model's settings on first use (the model may still be loading at start):
+        uploads are decoded here exactly as the model's training shards were decoded."""
+        if self._decoder is None:
+            from pipelines.data.decomposer import ImageDecomposer
+
+            info = await self._model_info()
+            dec = ImageDecomposer(
+                info["decompose_settings"],
+                info["resolution"],
+                info["caption_encoder"],
+                info["semantics_encoder"],
+            )
+            defaults = {"steps": self.config.default_steps, "guidance": self.config.default_guidance}
+            self._decoder = Decoder(dec, info, self.config.limits, defaults)
+        return self._decoder
+
+    def _auth(self, request: Request) -> None:
+        if self.token is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
+            raise ApiError(401, "unauthorized", "a valid `Authorization: Bearer <token>` header is required")
+
+    async def _body(self, request: Request, model: type[BaseModel]) -> Any:
+        """The JSON body as ``model``: 413 past ``limits.max_body_bytes`` (by Content-Length, or
+        while it streams in), 400 if it is not JSON, 422 naming the first bad field."""
+        limit = self.config.limits.max_body_bytes
+        too_large = ApiError(413, "body_too_large", f"the body is over limits.max_body_bytes={limit}")
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            raise too_large
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > limit:
+                raise too_large
+        try:
+            return model.model_validate_json(bytes(data))
+        except ValidationError as e:
+            raise validation_error(list(e.errors())) from None
+
+    async def _call(self, method: Any, *args: Any) -> Any:
+        """``await method.remote(*args)``; a full queue or a missing replica become 503/429 answers."""
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+        try:
+            return await method.remote(*args)
+        except BackPressureError:
+            raise _Overloaded(self.config.backpressure) from None
+        except DeploymentUnavailableError as e:
+            raise ApiError(503, "unavailable", f"the model deployment is unavailable ({e})") from None
+
+    # -- routes -------------------------------------------------------------------------------------
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(self) -> HTMLResponse:
+        return HTMLResponse(PAGE.read_text())
+
+    @app.get("/healthz", summary="200 when the model deployment answers")
+    async def healthz(self) -> JSONResponse:
+        try:
+            await asyncio.wait_for(self._model_info(), timeout=10)
+        except Exception as e:  # noqa: BLE001 - any failure means not healthy
+            return JSONResponse({"status": "unavailable", "reason": f"{type(e).__name__}: {e}"}, 503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/v1/model", summary="the loaded model: representations, sizes, limits")
+    async def model_info(self, request: Request) -> dict[str, Any]:
+        self._auth(request)
+        info = await self._model_info()
+        limits = to_dict(self.config.limits)
+        b = self.config.batching
+        return {
+            **{k: v for k, v in info.items() if k != "decompose_settings"},
+            "limits": limits,
+            "defaults": {
+                "steps": self.config.default_steps,
+                "guidance": self.config.default_guidance,
+                "scheduler": "ddim",
+            },
+            "batching": to_dict(b),
+            "auth": self.token is not None,
+        }
+
+    @app.post(
+        "/v1/decompose",
+        summary="an image -> its representations, with preview PNGs",
+        openapi_extra=_body_doc(DecomposeBody),
+    )
+    async def decompose(self, request: Request) -> dict[str, Any]:
+        self._auth(request)
+        body = await self._body(request, DecomposeBody)
+        d = await self.decoder()
+        image, names, text = d.decompose(body)
+        reps = await self._call(self.model.decompose, image, names, text)
+        out = {}
+        for name, rep in reps.items():
+            r = {k: v for k, v in rep.items() if k not in ("picture", "map")}
+            if "picture" in rep:
+                r["png"] = png_b64(rep["picture"])
+            if "map" in rep:
+                r["map_png"] = png_b64(rep["map"])
+            out[name] = r
+        unavailable = {n: ok for n, ok in d.info["decomposable"].items() if ok is not True}
+        return {
+            "resolution": d.dec.resolution,
+            "image_png": png_b64(image),
+            "representations": out,
+            "unavailable": unavailable,
+        }
+
+    @app.post(
+        "/v1/generate", summary="images from any mix of conditions", openapi_extra=_body_doc(GenerateBody)
+    )
+    async def generate(self, request: Request) -> dict[str, Any]:
+        self._auth(request)
+        body = await self._body(request, GenerateBody)
+        d = await self.decoder()
+        return await self._sample(d.generate(body))
+
+    @app.post(
+        "/v1/edit",
+        summary="bidirectional guidance: change some conditions of a source image",
+        openapi_extra=_body_doc(EditBody),
+    )
+    async def edit(self, request: Request) -> dict[str, Any]:
+        self._auth(request)
+        body = await self._body(request, EditBody)
+        d = await self.decoder()
+        return await self._sample(d.edit(body))
+
+    async def _sample(self, job: Job) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        res = await self._call(self.model.generate, job)
+        if "error" in res:
+            e = res["error"]
+            raise ApiError(e["status"], e["code"], e["message"])
+        origins = {name: f"image {ref}" for name, ref in job.references.items()}
+        origins.update({n: "map" for n in job.maps})
+        if job.text is not None:
+            origins["caption"] = "text"
+        if job.palette is not None:
+            origins["palette"] = "colors"
+        if job.kind == "edit" and job.mask is not None:
+            origins["mask"] = "mask"
+        pictures = res["pictures"]
+        conditions = {
+            name: {"from": origin, "png": png_b64(pictures[name]) if name in pictures else None}
+            for name, origin in sorted(origins.items())
+        }
+        out = {
+            "images": [png_b64(im) for im in res["images"]],
+            "seed": job.seed,
+            "steps": job.steps,
+            "num_images": job.num_images,
+            "resolution": int(res["images"].shape[1]),
+            "guidance": {"text": job.guidance, **res["guidance"]},
+            "threshold": res["threshold"],
+            "conditions": conditions,
+            "batch": res["batch"],
+            "timings_s": {**res["timings_s"], "total": round(time.perf_counter() - t0, 4)},
+        }
+        if job.kind == "edit":
+            out["invert_guidance"] = {"text": job.invert_guidance, **res["invert_guidance"]}
+            out["source_png"] = png_b64(job.source)
+        return out
+
+
+# -- building the application ---------------------------------------------------------------------------
+def build_app(config: ServeConfig):
+    """The bound application (ingress -> model) with replicas, resources and limits from ``config``."""
+    data = to_dict(config)
+    m, ing = config.model_deployment, config.ingress
+    model_options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": m.num_cpus, "num_gpus": m.num_gpus},
+        "max_ongoing_requests": m.max_ongoing_requests,
+        "max_queued_requests": m.max_queued_requests,
+    }
+    if m.autoscaling:
+        model_options["autoscaling_config"] = {
+            "min_replicas": m.min_replicas,
+            "max_replicas": m.max_replicas,
+            "target_ongoing_requests": m.target_ongoing_requests,
+        }
+    else:
+        model_options["num_replicas"] = m.num_replicas
+    model = ComposerServer.options(**model_options).bind(data)
+    return Ingress.options(
+        num_replicas=ing.num_replicas,
+        ray_actor_options={"num_cpus": ing.num_cpus},
+        max_ongoing_requests=ing.max_ongoing_requests,
+    ).bind(model, data)
+
+
+def app_builder(args: dict[str, Any]):
+    """``serve run pipelines.serve.app:app_builder model=…`` and ``import_path`` in Serve configs.
+
+    ``args``: the ``ServeConfig`` fields (nested sections as mappings), plus ``config``: a YAML file
+    loaded first.
+    """
+    from pipelines.config import load_config
+
+    args = dict(args)
+    path = args.pop("config", None)
+    flat = {k: v for k, v in args.items() if not isinstance(v, dict)}
+    cfg = load_config(ServeConfig, path, flat, ())
+    if any(isinstance(v, dict) for v in args.values()):
+        merged = to_dict(cfg)
+        for k, v in args.items():
+            if isinstance(v, dict):
+                merged[k] = {**merged[k], **v}
+        cfg = from_dict(ServeConfig, merged)
+    return build_app(cfg)

@@ -1,0 +1,112 @@
+"""The Serve app's configuration (``recompose serve``, ``infra/serve.yaml``): one frozen config tree.
+
+Defaults are the embedded default: one CPU replica of the model on 127.0.0.1:8000, batching on,
+no authentication. ``configs/serve-*.yaml`` and ``infra/serve.yaml`` hold the other setups.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from pipelines.config import Config, nested
+
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class ModelDeployment(Config):
+    """The deployment holding the pipeline: one replica per GPU on a cluster."""
+
+    num_replicas: int = Field(1, ge=1)  # fixed replica count (when autoscaling is off)
+    autoscaling: bool = False  # Ray Serve autoscaling between min_replicas and max_replicas
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    target_ongoing_requests: float = Field(4.0, gt=0)  # autoscaling target per replica
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)  # 1 on a GPU node: the pipeline and extractors run on it
+    device: Device = "auto"  # auto: CUDA when the replica has a GPU
+    # Requests a replica works on at once; must be >= batching.max_batch_size for batches to fill.
+    max_ongoing_requests: int = Field(16, ge=1)
+    # Requests waiting for a replica before new ones are refused (503/429 + Retry-After); -1: no limit.
+    max_queued_requests: int = Field(64, ge=-1)
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelDeployment:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})"
+            )
+        if self.max_queued_requests == 0:
+            raise ValueError("max_queued_requests must be >= 1, or -1 for no limit")
+        return self
+
+
+class IngressDeployment(Config):
+    """The FastAPI deployment: validates, decodes uploads, forwards to the model; cheap."""
+
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.25, ge=0)
+    max_ongoing_requests: int = Field(128, ge=1)
+
+
+class Batching(Config):
+    """``@serve.batch`` on the model: compatible requests share one sampling run."""
+
+    enabled: bool = True
+    max_batch_size: int = Field(8, ge=1)  # samples (num_images summed), not requests
+    # How long a request arriving at an idle model waits for company; requests arriving while
+    # the model is busy are merged anyway (serve_model.ComposerServer._batched).
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+
+
+class Limits(Config):
+    """What a request may ask for; beyond them it gets a 413 or 422 and the model is not called."""
+
+    max_body_bytes: int = Field(32 * 2**20, ge=1)  # whole request body (413)
+    max_image_bytes: int = Field(10 * 2**20, ge=1)  # one encoded image (413)
+    max_image_pixels: int = Field(4096 * 4096, ge=1)  # one decoded image, width × height (413)
+    max_images: int = Field(8, ge=1)  # reference images in one request
+    max_steps: int = Field(200, ge=1)
+    max_num_images: int = Field(8, ge=1)
+    max_text_chars: int = Field(1000, ge=1)
+    max_guidance: float = Field(50.0, gt=0)  # |weight| of any guidance term
+
+
+class Auth(Config):
+    """Optional bearer-token authentication of ``/v1/*`` (``/`` and ``/healthz`` stay open)."""
+
+    # The environment variable holding the token (set it in the runtime env / a Kubernetes
+    # secret); the token itself never goes into a config file or the Serve config.
+    token_env: str | None = None
+
+
+class Backpressure(Config):
+    """The answer when the model's queue is full (``model.max_queued_requests``)."""
+
+    status_code: Literal[503, 429] = 503
+    retry_after_s: float = Field(1.0, ge=0)  # the Retry-After header, rounded up to whole seconds
+
+
+class ServeConfig(Config):
+    model: str = ""  # a saved pipeline directory or models:/<name>/<version> (MLflow)
+    host: str = "127.0.0.1"  # the Serve HTTP proxy's address; 0.0.0.0 only behind an auth proxy
+    port: int = Field(8000, ge=1, le=65535)
+    name: str = "recompose"  # the Serve application name
+    route_prefix: str = Field("/", pattern=r"^/")
+    default_steps: int = Field(50, ge=1)
+    default_guidance: str = "3"
+    model_deployment: ModelDeployment = nested(ModelDeployment)
+    ingress: IngressDeployment = nested(IngressDeployment)
+    batching: Batching = nested(Batching)
+    limits: Limits = nested(Limits)
+    auth: Auth = nested(Auth)
+    backpressure: Backpressure = nested(Backpressure)
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeConfig:
+        if not self.model:
+            raise ValueError("model is required: a saved pipeline directory or an MLflow model URI")
+        if not (1 <= self.default_steps <= self.limits.max_steps):
+            raise ValueError(f"default_steps must be in 1..limits.max_steps, got {self.default_steps}")
+        return self

@@ -1,0 +1,1 @@
+"""Train (``recompose train``): condition shards → a trained pipeline, on Ray Train, in MLflow."""

@@ -1,0 +1,113 @@
+"""The training job's configuration (``recompose train``): one frozen config tree.
+
+Defaults are the embedded default: the tiny preset on CPU workers, a local SQLite MLflow store.
+``configs/train-*.yaml`` hold the other setups. Fields marked ``resource()`` change how fast or
+how long a run goes, never what one step computes; they stay out of the config hash, so a run
+can be resumed with more steps or more workers (the hash of everything else must match).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from models import DropoutConfig
+from models.presets import PRESETS
+from pipelines.config import Config, nested, resource
+from pipelines.data.augment import AugmentConfig
+
+Strategy = Literal["ddp", "fsdp"]
+Precision = Literal["auto", "no", "bf16"]
+LRSchedule = Literal["constant", "cosine", "linear"]
+
+
+class ModelSection(Config):
+    preset: str = "tiny"  # models/presets.py: tiny (CPU, tests) … base (GPU cluster)
+    # training side length; None: the shards' resolution
+    resolution: int | None = Field(None, ge=8, multiple_of=4)
+    caption_encoder: Literal["auto", "trainable", "clip", "t5", "clip+t5"] = "auto"  # auto: from the shards
+    semantics_encoder: Literal["auto", "trainable", "clip"] = "auto"  # auto: clip if the shards have it
+    overrides: dict[str, object] = nested(
+        dict
+    )  # any other ComposerModel argument, e.g. {layers_per_block: 1}
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSection:
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
+        return self
+
+
+class OptimSection(Config):
+    batch_size: int = Field(
+        16, ge=1
+    )  # per worker and micro-step; global batch = workers × batch_size × grad_accum
+    grad_accum: int = Field(1, ge=1)  # micro-steps per optimizer step (a larger batch without more memory)
+    lr: float = Field(
+        1e-4, gt=0
+    )  # AdamW; the SD/GLIDE-family default for batch ~256, fine for the tiny preset too
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(100, ge=0)  # linear warmup: Adam's early steps are large without it
+    schedule: LRSchedule = "constant"  # after warmup; cosine/linear decay to 0 at train.max_steps
+    clip_grad_norm: float | None = Field(1.0, gt=0)  # None: no clipping
+    ema_decay: float | None = Field(
+        0.9999, gt=0, lt=1
+    )  # None: no EMA; samples and the export use the EMA weights
+    ema_warmup: bool = True  # decay grows from 0 as in diffusers' EMAModel, so short runs get useful EMA
+    # eps: plain ε-MSE; v: rows weighted by min(1/ᾱ_t, max_loss_weight), the v-prediction weighting
+    # of the x0 error (models/objective.py): more weight where colours and layout are decided.
+    loss_weighting: Literal["eps", "v"] = "eps"
+    max_loss_weight: float = Field(20.0, ge=1)
+
+
+class DataSection(Config):
+    shuffle_files: bool = True  # a new file order every epoch (Ray Data FileShuffleConfig)
+    shuffle_buffer: int = resource(256, ge=0)  # rows mixed across files in iter_torch_batches
+    prefetch_batches: int = resource(2, ge=0)  # batches prepared ahead, so the step never waits on Ray Data
+    augment_cpus: float = resource(0.5, gt=0)  # CPUs per augmentation task
+    conditions: tuple[str, ...] = ()  # train on these only; empty: every condition the shards have
+
+
+class MLflowSection(Config):
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<RUN_DIR's parent>/mlflow.db
+    experiment: str = "recompose"
+    registered_model: str | None = (
+        "recompose"  # the export is registered under this name; None: not registered
+    )
+    log_every: int = resource(10, ge=1)  # steps between metric points
+    sample_every: int = resource(500, ge=0)  # steps between sample grids (and at the end); 0: only at the end
+    sample_rows: int = resource(4, ge=1)  # held-aside images whose conditions the grids use
+    sample_steps: int = resource(25, ge=1)  # DDIM steps per grid sample
+    sample_guidance: float = 3.0
+    system_metrics: bool = resource(True)  # MLflow's CPU/GPU/memory monitor in the rank-0 worker
+
+
+class TrainConfig(Config):
+    data: str = ""  # a `recompose decompose` output directory (manifest.json, shards/)
+    output: str = resource("")  # RUN_DIR: checkpoints, export/, train.json; its name is the run name
+    max_steps: int = resource(1000, ge=1)  # optimizer steps; a rerun with a larger value trains on
+    workers: int = resource(2, ge=1)  # Ray Train workers (one per GPU on a GPU cluster)
+    gpus_per_worker: float = resource(0.0, ge=0)  # 0: CPU workers with gloo; >0: CUDA + NCCL
+    cpus_per_worker: float = resource(1.0, gt=0)
+    strategy: Strategy = resource("ddp")  # fsdp shards parameters and optimizer state (large presets)
+    precision: Precision = resource("auto")  # auto: bf16 autocast on GPU, float32 on CPU
+    seed: int = 0
+    checkpoint_every: int = resource(200, ge=1)  # optimizer steps between checkpoints (and one at the end)
+    keep_checkpoints: int = resource(2, ge=1)
+    max_failures: int = resource(2, ge=0)  # worker-group restarts from the latest checkpoint
+    fail_at_step: int | None = resource(None)  # testing only: rank 0 raises once when reaching this step
+    progress: bool = resource(True)
+    model: ModelSection = nested(ModelSection)
+    optim: OptimSection = nested(OptimSection)
+    dropout: DropoutConfig = nested(DropoutConfig)
+    augment: AugmentConfig = nested(AugmentConfig)
+    loader: DataSection = nested(DataSection)
+    mlflow: MLflowSection = nested(MLflowSection)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.strategy == "fsdp" and self.workers < 2:
+            raise ValueError("strategy fsdp shards over workers: it needs workers >= 2")
+        return self

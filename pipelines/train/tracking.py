@@ -1,0 +1,302 @@
+"""MLflow for the training job: the run (driver side) and everything rank 0 logs into it.
+
+Driver (``open_run``): the tracking URI (config, else ``$MLFLOW_TRACKING_URI``, else
+``sqlite:///<RUN_DIR's parent>/mlflow.db`` with artifacts beside it), the experiment, and the
+run — created once, with the flattened config as params and the config/manifest hashes as tags,
+its id kept in ``RUN_DIR/train.json`` so a rerun or a restarted worker group logs into the same
+run, never a second one.
+
+Rank 0 (``RankZeroTracker``): metrics every ``log_every`` steps, MLflow's system metrics,
+sample grids for fixed condition sets every ``sample_every`` steps (also saved under
+``RUN_DIR/samples/``), and at the end the EMA pipeline exported to ``RUN_DIR/export/``, logged
+and registered (pipelines/diffusion/mlflow_model.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from models import ComposerModel
+from pipelines.config import ConfigError, flatten
+from pipelines.data.augment import AugmentConfig
+from pipelines.data.batches import BatchRecipe, DataSpec, prepare_batch
+from pipelines.files import write_json
+from pipelines.log import WORKER_LOG
+from pipelines.train.config import TrainConfig
+
+# The fixed condition sets of the sample grids: (column label, conditions).
+SAMPLE_SETS = (
+    ("text only", ("caption",)),
+    ("palette only", ("palette",)),
+    ("sketch only", ("sketch",)),
+    ("semantics only", ("semantics",)),
+    ("all", None),  # every condition trained on except the mask
+)
+EXPORT_INFO = "recompose-training.json"
+
+
+def tracking_uri(cfg: TrainConfig, run_dir: Path) -> str:
+    if cfg.mlflow.tracking_uri:
+        return cfg.mlflow.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{run_dir.resolve().parent / 'mlflow.db'}"
+
+
+def _experiment_id(client: Any, name: str, uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):  # artifacts next to the database, not in the working directory
+        location = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts" / name).resolve().as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def open_run(cfg: TrainConfig, run_dir: Path, spec: DataSpec, config_hash: str, model_kwargs: dict) -> dict:
+    """Create the MLflow run of ``run_dir`` or find it again; returns what workers need to log."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = tracking_uri(cfg, run_dir)
+    client = MlflowClient(uri)
+    state_path = run_dir / "train.json"
+    if state_path.is_file():
+        state = json.loads(state_path.read_text())
+        if state["config_hash"] != config_hash:
+            raise ConfigError(
+                f"--output {run_dir} holds a run with config hash {state['config_hash']}, this config is "
+                f"{config_hash}; resume with the same config (steps, workers and logging may change) or "
+                "give a new --output"
+            )
+        if state["data"] != spec.root or state["manifest_hash"] != spec.manifest_hash:
+            raise ValueError(
+                f"--output {run_dir} was trained on other data ({state['data']}); give a new --output"
+            )
+        client.update_run(state["mlflow"]["run_id"], status="RUNNING")
+        return {**state["mlflow"], "resumed": True}
+    exp_id = _experiment_id(client, cfg.mlflow.experiment, uri)
+    run = client.create_run(
+        exp_id,
+        run_name=run_dir.name,
+        tags={
+            "recompose.config_hash": config_hash,
+            "recompose.manifest_hash": spec.manifest_hash,
+            "recompose.data": spec.root,
+            "recompose.run_dir": str(run_dir.resolve()),
+            "mlflow.source.name": "recompose train",
+        },
+    )
+    params = {k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in flatten(cfg).items()}
+    params.update({f"model.resolved.{k}": v for k, v in model_kwargs.items()})
+    params.update(
+        {"data.rows": spec.rows, "data.shards": len(spec.files), "data.conditions": ",".join(spec.conditions)}
+    )
+    for chunk in _chunks(list(params.items()), 100):
+        client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in chunk])
+    info = {"tracking_uri": uri, "experiment_id": exp_id, "run_id": run.info.run_id}
+    write_json(
+        {"config_hash": config_hash, "data": spec.root, "manifest_hash": spec.manifest_hash, "mlflow": info},
+        state_path,
+    )
+    return {**info, "resumed": False}
+
+
+def _chunks(items: list, n: int):
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+class RankZeroTracker:
+    """Everything rank 0 logs; see the module docstring."""
+
+    def __init__(self, cfg: TrainConfig, config: dict, run_dir: Path, recipe: BatchRecipe, device):
+        self.cfg, self.config, self.run_dir, self.recipe, self.device = cfg, config, run_dir, recipe, device
+        self.run_id = config["mlflow_run_id"]
+        self._rows: dict[str, Any] | None = None
+
+    def start(self, step: int) -> None:
+        import mlflow
+
+        mlflow.set_tracking_uri(self.config["tracking_uri"])
+        if self.cfg.mlflow.system_metrics:
+            mlflow.set_system_metrics_sampling_interval(5)
+        mlflow.start_run(run_id=self.run_id, log_system_metrics=self.cfg.mlflow.system_metrics)
+        if step:
+            print(f"[train] resumed at step {step} (MLflow run {self.run_id})", file=WORKER_LOG, flush=True)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        import mlflow
+
+        mlflow.log_metrics(metrics, step=step)
+
+    # -- samples ---------------------------------------------------------------------------------
+    def _sample_rows(self) -> dict[str, Any]:
+        """The held-aside rows (first rows of the first shard), prepared without random crops."""
+        if self._rows is None:
+            n = self.cfg.mlflow.sample_rows
+            pf = pq.ParquetFile(self.config["files"][0])
+            cols = list(dict.fromkeys([*self.recipe.columns, "text"]))
+            table = pf.read_row_group(0, columns=cols).slice(0, n)
+            plain = AugmentConfig(crop_scale=(1.0, 1.0), flip=False, random_intensity=False)
+            batch = prepare_batch(table, dataclasses.replace(self.recipe, augment=plain))
+            batch["text"] = np.array(table.column("text").to_pylist(), object)
+            self._rows = batch
+        return self._rows
+
+    def _conditions(self, row: int, names: tuple[str, ...]) -> dict[str, Any]:
+        b, r = self._sample_rows(), self.recipe
+        out: dict[str, Any] = {}
+        for name in names:
+            if name == "caption":
+                if r.caption_encoder == "trainable":
+                    out["text"] = str(b["text"][row])
+                else:
+                    out.update({k: b[k][row].astype(np.float32) for k in b if k.startswith("caption.")})
+            elif name == "semantics":
+                if r.semantics_encoder == "trainable":
+                    out["semantics.image"] = b["image"][row]
+                else:
+                    out["semantics"] = b["semantics"][row].astype(np.float32)
+            elif name == "palette":
+                out["palette"] = b["palette"][row].astype(np.float32)
+            else:
+                out[name] = b[name][row]
+        return out
+
+    def _export_model(self, weights: dict[str, Any]) -> ComposerModel:
+        """A plain model (on this worker's device) holding ``weights``, the EMA weights."""
+        m = ComposerModel.from_config(self.config["model_kwargs"])
+        m.load_state_dict(weights)
+        return m.to(self.device).eval()
+
+    def sample_grid(self, weights: dict[str, Any], step: int) -> np.ndarray:
+        from pipelines.conditions.palette import render_palette
+        from pipelines.diffusion.pictures import layout, text_tile
+        from pipelines.diffusion.pipeline import ComposerPipeline, default_scheduler
+
+        trained = tuple(c for c in self.recipe.conditions if c != "mask")
+        sets = [
+            (label, names or trained)
+            for label, names in SAMPLE_SETS
+            if all(c in trained for c in (names or ()))
+        ]
+        pipe = ComposerPipeline(self._export_model(weights), default_scheduler())
+        pipe.set_progress_bar_config(disable=True)
+        size = max(self.recipe.size, 96)
+        rows = []
+        b = self._sample_rows()
+        for i in range(len(b["image"])):
+            row = [("image", b["image"][i])]
+            if "caption" in trained:
+                row.append(("caption", text_tile(str(b["text"][i]), size)))
+            if "palette" in trained:
+                row.append(("palette", render_palette(b["palette"][i].astype(np.float32), size, size)))
+            if "sketch" in trained:
+                row.append(("sketch", b["sketch"][i]))
+            for label, names in sets:
+                out = pipe(
+                    conditions=self._conditions(i, names),
+                    guidance=self.cfg.mlflow.sample_guidance,
+                    num_inference_steps=self.cfg.mlflow.sample_steps,
+                    seed=i,
+                )
+                row.append((label, out.images[0]))
+            rows.append(row)
+        del pipe
+        return layout(rows, size)
+
+    def log_samples(self, weights: dict[str, Any], step: int) -> None:
+        import mlflow
+        from PIL import Image
+
+        grid = self.sample_grid(weights, step)
+        path = self.run_dir / "samples" / f"step-{step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(grid).save(path)
+        mlflow.log_artifact(str(path), artifact_path="samples")
+
+    # -- the end ---------------------------------------------------------------------------------
+    def finish(self, weights: dict[str, Any], step: int) -> None:
+        import mlflow
+
+        export = self.run_dir / "export"
+        info_path = export / EXPORT_INFO
+        done = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        if done.get("step") == step and done.get("run_id") == self.run_id:
+            print(
+                f"[train] export of step {step} already logged (version {done.get('version')})",
+                file=WORKER_LOG,
+            )
+        else:
+            self._export(weights, export)
+            from pipelines.diffusion.mlflow_model import log_pipeline
+
+            uri, version = log_pipeline(export, self.cfg.mlflow.registered_model)
+            write_json({"step": step, "run_id": self.run_id, "model_uri": uri, "version": version}, info_path)
+            where = f"models:/{self.cfg.mlflow.registered_model}/{version}" if version is not None else uri
+            print(f"[train] exported {export} and logged it as {where}", file=WORKER_LOG, flush=True)
+        plot = self.run_dir / "metrics.png"
+        plot_metrics(self.config["tracking_uri"], self.run_id, plot)
+        mlflow.log_artifact(str(plot))
+        mlflow.end_run()
+
+    def _export(self, weights: dict[str, Any], export: Path) -> None:
+        """RUN_DIR/export: the pipeline with EMA weights, swapped in atomically (a rename)."""
+        from pipelines.diffusion.pipeline import ComposerPipeline, default_scheduler
+
+        pipe = ComposerPipeline(
+            self._export_model(weights), default_scheduler(), decompose=self.config["decompose"]
+        )
+        tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=self.run_dir))
+        pipe.save_pretrained(str(tmp))
+        old = self.run_dir / ".export-old"
+        if export.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            export.rename(old)
+        tmp.rename(export)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+PLOTTED = (("loss", "loss/none", "loss/all"), ("images_per_s",), ("data_wait_fraction",), ("lr",))
+
+
+def plot_metrics(uri: str, run_id: str, path: Path) -> None:
+    """The run's loss curves, throughput, data wait and LR as one picture (the whole run's
+    history from MLflow, so restarts and resumed runs are included)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(4.2 * len(PLOTTED), 3.2))
+    for ax, keys in zip(axes, PLOTTED, strict=True):
+        for key in keys:
+            points = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+            if points:
+                ax.plot(*zip(*points, strict=True), label=key, lw=1)
+        ax.set_xlabel("step")
+        ax.set_title(", ".join(keys), fontsize=9)
+        if keys[0] == "loss":
+            ax.set_yscale("log")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def summary_of(run_dir: Path) -> dict[str, Any]:
+    """What the driver prints at the end: the export and its registered version."""
+    info_path = run_dir / "export" / EXPORT_INFO
+    return json.loads(info_path.read_text()) if info_path.is_file() else {}

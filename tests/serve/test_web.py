@@ -1,0 +1,182 @@
+"""The Serve app's web page, driven in headless Chromium against a running app (CPU, tiny model)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines.data.scene import render_sample
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def base_url(tiny_model_dir):
+    """The page's URL on a real local Serve app (under a route prefix) holding the tiny model."""
+    from tests.helpers.serve import serve_app
+
+    with serve_app(tiny_model_dir, name="web", route_prefix="/web") as url:
+        yield url
+
+
+@pytest.fixture
+def driver(monkeypatch):
+    # A missing browser fails, not skips: .ci/run installs both, and the page is only tested here.
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.path.exists(p)]
+    if missing:
+        pytest.fail(f"the web page test needs {', '.join(missing)}: apt-get install chromium chromium-driver")
+    monkeypatch.setenv("SE_OFFLINE", "true")  # selenium-manager must not reach for the network
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,1800"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    d = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    d.set_page_load_timeout(60)
+    yield d
+    d.quit()
+
+
+def _severe(driver) -> list[dict]:
+    return [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def _type(driver, element_id: str, value: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    field = driver.find_element(By.ID, element_id)
+    field.clear()
+    field.send_keys(value)
+
+
+WHITE_PIXELS = (
+    "const c = document.getElementById('mask-canvas');"
+    "const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+    "let n = 0; for (let i = 0; i < d.length; i += 4) if (d[i] > 200 && d[i+1] > 200 && d[i+2] > 200) n++;"
+    "return n;"
+)
+
+
+def test_page_generates_with_mixed_conditions(base_url, driver, tmp_path):
+    """Upload two images, see their decompositions, mix caption + semantics (a) + sketch (b) + a
+    custom palette + a painted mask on a, with per-condition guidance; generate on CPU; the results
+    decode and download as PNGs, and the browser logged no error."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    paths = []
+    for i in range(2):
+        path = tmp_path / f"scene{i}.png"
+        Image.fromarray(render_sample(0, "train", i, 64).image).save(path)
+        paths.append(str(path))
+
+    driver.get(base_url)
+    wait = WebDriverWait(driver, 60)
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "body[data-ready=true]")))
+    assert driver.find_element(By.ID, "error").is_displayed() is False
+
+    # Upload both images: each gets a name and its decomposition previews.
+    driver.find_element(By.ID, "files").send_keys("\n".join(paths))
+    for name in "ab":
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, f"#image-{name}[data-state=done]")))
+        previews = driver.find_elements(By.CSS_SELECTOR, f"#image-{name} .rep img")
+        assert len(previews) >= 2, f"image {name} shows no decomposition"
+        wait.until(
+            lambda d, name=name: all(
+                d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", img)
+                for img in d.find_elements(By.CSS_SELECTOR, f"#image-{name} .rep img")
+            )
+        )
+
+    # Conditions: caption, semantics from a, sketch from b, a custom two-colour palette.
+    driver.find_element(By.ID, "text").send_keys("a red circle above a blue star")
+    Select(driver.find_element(By.ID, "cond-semantics")).select_by_value("a")
+    Select(driver.find_element(By.ID, "cond-sketch")).select_by_value("b")
+    Select(driver.find_element(By.ID, "cond-palette")).select_by_value("custom")
+    assert driver.find_element(By.ID, "palette-editor").is_displayed()
+    for _ in range(2):
+        driver.find_element(By.ID, "palette-add").click()
+    hexes = driver.find_elements(By.CSS_SELECTOR, "#palette-colors .palette-hex")
+    weights = driver.find_elements(By.CSS_SELECTOR, "#palette-colors .palette-weight")
+    assert len(hexes) == 2
+    for field, hex_ in zip(hexes, ["#ff0000", "#0000ff"], strict=True):
+        driver.execute_script("arguments[0].value = arguments[1]", field, hex_)  # no colour picker headless
+    for field, weight in zip(weights, ["3", "1"], strict=True):
+        field.clear()
+        field.send_keys(weight)
+
+    # Mask: regenerate a stroke across the middle of image a.
+    Select(driver.find_element(By.ID, "cond-mask")).select_by_value("a")
+    canvas = driver.find_element(By.ID, "mask-canvas")
+    wait.until(lambda d: canvas.is_displayed())
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", canvas)  # actions do not scroll
+    white_before = driver.execute_script(WHITE_PIXELS)
+    ActionChains(driver).move_to_element_with_offset(canvas, -80, 0).click_and_hold().move_by_offset(
+        80, 20
+    ).move_by_offset(80, -20).release().perform()
+    assert driver.execute_script(WHITE_PIXELS) > white_before + 1000, "the stroke did not paint the mask"
+
+    _type(driver, "steps", "4")
+    _type(driver, "seed", "7")
+    _type(driver, "num-images", "2")
+    _type(driver, "weight-sketch", "2")  # per-condition guidance; the others together at the global 3
+
+    button = driver.find_element(By.ID, "generate")
+    button.click()
+    if not driver.find_elements(By.CSS_SELECTOR, "#results img"):  # still running: the busy state
+        assert not button.is_enabled()
+        assert "generating" in driver.find_element(By.ID, "status").text
+    WebDriverWait(driver, 120).until(
+        lambda d: (
+            d.find_elements(By.CSS_SELECTOR, "#results img") or d.find_element(By.ID, "error").is_displayed()
+        )
+    )
+    error = driver.find_element(By.ID, "error")
+    assert not error.is_displayed(), error.text
+    wait.until(lambda d: button.is_enabled())
+
+    results = driver.find_elements(By.CSS_SELECTOR, "#results img")
+    assert len(results) == 2
+    for i, img in enumerate(results):
+        wait.until(lambda d, img=img: d.execute_script("return arguments[0].complete", img))
+        assert driver.execute_script("return arguments[0].naturalWidth", img) > 0
+        link = driver.find_element(By.ID, f"download-{i}")
+        assert link.get_attribute("download") == f"sample-{i}.png"
+        href = link.get_attribute("href")
+        assert href.startswith("data:image/png;base64,")
+        Image.open(io.BytesIO(base64.b64decode(href.split(",", 1)[1]))).verify()
+    info = driver.find_element(By.ID, "result-info").text
+    assert "seed 7" in info and "4 steps" in info, info
+    assert "sketch=2" in info and "text+semantics+palette+mask=3" in info, info
+    used = {
+        e.get_attribute("data-rep") for e in driver.find_elements(By.CSS_SELECTOR, "#result-conditions .rep")
+    }
+    assert {"caption", "semantics", "sketch", "palette", "mask"} <= used, used
+
+    assert _severe(driver) == []
+
+    driver.execute_script("window.scrollTo(0, 0)")
+    shot = tmp_path / "page.png"
+    driver.save_screenshot(str(shot))
+    if os.environ.get("RECOMPOSE_SCREENSHOT_DIR"):
+        out = Path(os.environ["RECOMPOSE_SCREENSHOT_DIR"])
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, out / "serve_web_page.png")
+    pixels = np.asarray(Image.open(shot).convert("RGB"))
+    assert pixels.shape[0] > 500 and pixels.shape[1] > 500
+    assert pixels.reshape(-1, 3).std(0).max() > 10, "blank screenshot"

@@ -1,0 +1,295 @@
+"""``recompose train`` end to end on a real local Ray: 2 CPU DDP workers, a real MLflow SQLite
+store read back with ``MlflowClient``, a worker failure, a resumed rerun, the exported pipeline.
+
+One chain of runs shared by the module (a Ray Train run costs ~40 s here):
+  run 1  max_steps 24, checkpoint every 6, rank 0 raises once at step 12 (max_failures 1)
+  run 2  the same command with max_steps 30: resumes at 24, same MLflow run
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jobs.cli import main
+from pipelines.data.synth import write_synth
+from pipelines.decompose.config import DecomposeConfig
+from pipelines.decompose.job import run_decompose
+
+pytestmark = pytest.mark.slow
+
+R = 32
+FAST = [
+    "optim.batch_size=8",
+    "optim.lr=1e-3",
+    "optim.warmup_steps=2",
+    "optim.ema_decay=0.99",
+    "mlflow.log_every=1",
+    "mlflow.sample_every=12",
+    "mlflow.sample_rows=2",
+    "mlflow.sample_steps=3",
+    "mlflow.system_metrics=true",
+    "checkpoint_every=6",
+    "keep_checkpoints=2",
+    "progress=false",
+]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, ray_local) -> Path:
+    root = tmp_path_factory.mktemp("train-data")
+    write_synth(root / "synth", count=64, resolution=48, seed=0, split="train", progress=False)
+    cfg = DecomposeConfig(
+        input=str(root / "synth"),
+        output=str(root / "decomposed"),
+        resolution=R,
+        shard_size=32,
+        conditions=("palette", "sketch", "instances", "depth", "intensity"),
+        progress=False,
+    )
+    run_decompose(cfg)
+    return root / "decomposed"
+
+
+def _train(data: Path, run_dir: Path, uri: str, max_steps: int, *extra: str) -> int:
+    args = ["train", "--data", str(data), "--output", str(run_dir), "--preset", "tiny"]
+    args += ["--max-steps", str(max_steps), "--workers", "2"]
+    for item in [*FAST, f"mlflow.tracking_uri={uri}", "mlflow.registered_model=recompose-test", *extra]:
+        args += ["--set", item]
+    return main(args)
+
+
+@pytest.fixture(scope="module")
+def chain(data, tmp_path_factory, ray_local) -> dict:
+    root = tmp_path_factory.mktemp("train-runs")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    run_dir = root / "run"
+    first = _train(data, run_dir, uri, 24, "fail_at_step=12", "max_failures=1")
+    after_first = json.loads((run_dir / "export" / "recompose-training.json").read_text())
+    ckpts_first = _checkpoints(run_dir)
+    # What a kill in the middle of writing a checkpoint leaves: a newer, half-written folder that
+    # Ray never recorded. The rerun must resume from the last complete one (step 24), not this.
+    partial = run_dir / "checkpoint_2099-01-01_00-00-00.000000"
+    (partial / "model").mkdir(parents=True)
+    (partial / "model" / "diffusion_pytorch_model.safetensors").write_bytes(b"\0" * 100)
+    second = _train(data, run_dir, uri, 30, "max_failures=0")
+    return {
+        "root": root,
+        "uri": uri,
+        "run_dir": run_dir,
+        "rc": (first, second),
+        "export_after_first": after_first,
+        "checkpoints_after_first": ckpts_first,
+    }
+
+
+def _checkpoints(run_dir: Path) -> list[str]:
+    return sorted(
+        p.name
+        for p in run_dir.glob("checkpoint_*")
+        if p.is_dir() and not p.name.startswith("checkpoint_2099")
+    )
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def _run_id(run_dir: Path) -> str:
+    return json.loads((run_dir / "train.json").read_text())["mlflow"]["run_id"]
+
+
+def test_run_logs_params_metrics_artifacts_and_registers(chain):
+    assert chain["rc"] == (0, 0)
+    client = _client(chain["uri"])
+    runs = client.search_runs([client.get_experiment_by_name("recompose").experiment_id])
+    assert len(runs) == 1, "a failure and a rerun must continue the one MLflow run"
+    run = client.get_run(_run_id(chain["run_dir"]))
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["model.preset"] == "tiny" and params["optim.batch_size"] == "8"
+    assert params["workers"] == "2" and params["model.resolved.sample_size"] == str(R)
+    assert "augment.mask.p_boxes" in params and len(params) > 40, sorted(params)[:5]
+    assert run.data.tags["recompose.config_hash"] and run.data.tags["recompose.manifest_hash"]
+    metrics = run.data.metrics
+    for key in (
+        "loss",
+        "loss/none",
+        "loss/all",
+        "loss/with_sketch",
+        "images_per_s",
+        "data_wait_fraction",
+        "lr",
+    ):
+        assert key in metrics, key
+    assert 0 <= metrics["data_wait_fraction"] <= 1 and metrics["images_per_s"] > 0
+    assert any(k.startswith("system/") for k in metrics), "MLflow system metrics are logged"
+    samples = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
+    assert "samples/step-0000012.png" in samples and "samples/step-0000030.png" in samples
+    assert "metrics.png" in [a.path for a in client.list_artifacts(run.info.run_id)]
+    assert Image.open(chain["run_dir"] / "metrics.png").width > 400
+    grid = Image.open(chain["run_dir"] / "samples" / "step-0000030.png")
+    assert grid.width > 5 * R and grid.height > 2 * R
+    versions = client.search_model_versions("name='recompose-test'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]  # one per finished run, not per restart
+    assert all(v.run_id == run.info.run_id for v in versions)
+
+
+def test_worker_failure_restarts_from_the_checkpoint(chain):
+    run_dir = chain["run_dir"]
+    assert (run_dir / ".recompose" / "failed-at-12").exists(), "the failure really happened"
+    client = _client(chain["uri"])
+    steps = [m.step for m in client.get_metric_history(_run_id(run_dir), "loss")]
+    # Restarted from the step-12 checkpoint: no step trained twice, none skipped.
+    assert sorted(steps) == list(range(1, 31)), steps
+    assert chain["export_after_first"]["step"] == 24 and chain["export_after_first"]["version"] == 1
+    assert len(chain["checkpoints_after_first"]) == 2  # keep_checkpoints
+
+
+def test_rerun_resumes_same_run_and_step_count(chain):
+    run_dir = chain["run_dir"]
+    state = json.loads((run_dir / "export" / "recompose-training.json").read_text())
+    assert state["step"] == 30 and state["version"] == 2 and state["run_id"] == _run_id(run_dir)
+    latest = max((run_dir / c for c in _checkpoints(run_dir)), key=lambda p: p.stat().st_mtime)
+    assert json.loads((latest / "state.json").read_text())["step"] == 30
+    assert (latest / "model" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (latest / "ema" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (latest / "state.pt").is_file()
+
+
+def test_loss_falls_and_the_export_generates(chain, tmp_path, monkeypatch):
+    client = _client(chain["uri"])
+    history = sorted(client.get_metric_history(_run_id(chain["run_dir"]), "loss"), key=lambda m: m.step)
+    losses = np.array([m.value for m in history])
+    assert losses[-6:].mean() < 0.7 * losses[:3].mean(), losses.round(3)
+    for model in (str(chain["run_dir"] / "export"), "models:/recompose-test/2"):
+        out = tmp_path / model.replace("/", "_").replace(":", "")
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", chain["uri"])
+        rc = main(
+            ["generate", "--model", model, "--output", str(out), "--steps", "3", "--text", "a red circle"]
+        )
+        assert rc == 0
+        sample = np.asarray(Image.open(out / "sample-0000.png"))
+        assert sample.shape == (R, R, 3)
+
+
+def test_rerun_with_another_config_is_refused(chain, data):
+    rc = _train(data, chain["run_dir"], chain["uri"], 30, "optim.lr=5e-4")
+    assert rc == 2
+
+
+def test_refuses_foreign_output_and_bad_data(tmp_path, data):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    assert _train(data, foreign, uri, 2) == 2
+    assert (foreign / "notes.txt").read_text() == "mine"
+    assert _train(tmp_path / "nowhere", tmp_path / "run", uri, 2) == 2
+    assert (
+        _train(data, tmp_path / "run2", uri, 2, "loader.conditions=[caption, semantics, sketch, nope]") == 2
+    )
+
+
+def test_fsdp_trains_checkpoints_and_resumes_after_a_failure(data, tmp_path):
+    """FSDP2 over 2 CPU workers (gloo) with gradient accumulation: a failure at the step-3
+    checkpoint resumes from the gathered full states."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_dir = tmp_path / "fsdp"
+    extra = (
+        "strategy=fsdp",
+        "fail_at_step=3",
+        "max_failures=1",
+        "checkpoint_every=3",
+        "mlflow.sample_every=0",
+    )
+    assert _train(data, run_dir, uri, 6, *extra, "mlflow.registered_model=null") == 0
+    assert (run_dir / ".recompose" / "failed-at-3").exists()
+    steps = [m.step for m in _client(uri).get_metric_history(_run_id(run_dir), "loss")]
+    assert sorted(steps) == list(range(1, 7)), steps
+    latest = run_dir / _checkpoints(run_dir)[-1]
+    assert json.loads((latest / "state.json").read_text())["step"] == 6
+    from pipelines.diffusion.pipeline import ComposerPipeline
+
+    pipe = ComposerPipeline.from_pretrained(str(run_dir / "export"))
+    assert sum(p.numel() for p in pipe.unet.parameters()) > 1_000_000  # full weights, not a shard
+
+
+def test_prepare_batch_gives_aligned_model_inputs(data):
+    """The Ray Data UDF and the worker's conversion, without Ray: shapes, ranges, availability."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from models import CONDITIONS, ComposerModel
+    from pipelines.config import load_config
+    from pipelines.data.batches import make_recipe, open_data, prepare_batch
+    from pipelines.train.config import TrainConfig
+    from pipelines.train.loop import batch_inputs
+    from pipelines.train.run import model_arguments
+
+    spec = open_data(data)
+    assert spec.rows == 64 and spec.resolution == R and len(spec.files) == 2
+    assert spec.conditions == (
+        "caption",
+        "semantics",
+        "palette",
+        "sketch",
+        "instances",
+        "depth",
+        "intensity",
+        "mask",
+    )
+    assert set(spec.settings) == {"decode", "palette", "sketch", "instances", "depth", "intensity"}
+    cfg = load_config(TrainConfig, None, {"data": str(data), "model.resolution": 16}, [])
+    kwargs = model_arguments(cfg, spec)
+    assert kwargs["caption_encoder"] == "trainable" and kwargs["semantics_encoder"] == "trainable"
+    model = ComposerModel(**kwargs)
+    recipe = make_recipe(spec, model.config, spec.conditions, cfg.augment)
+    assert "caption" not in recipe.columns and "text" in recipe.columns  # only what the model uses
+    table = pq.read_table(spec.files[0], columns=list(recipe.columns)).slice(0, 6)
+    out = prepare_batch(table, recipe)
+    assert out["image"].shape == (6, 16, 16, 3) and out["image"].dtype == np.uint8  # cropped, resized
+    for name in ("sketch", "instances", "depth", "intensity", "mask"):
+        assert out[name].shape == (6, 16, 16) and out[name].dtype == np.uint8, name
+    assert set(np.unique(out["mask"])) <= {0, 1} and out["mask"].any()
+    assert out["text_ids"].shape == (6, model.config.caption_length) and out["has_caption"].all()
+    assert out["palette"].shape == (6, 156)
+    x0, cond, available = batch_inputs(model, {k: torch.as_tensor(v) for k, v in out.items()}, recipe)
+    assert x0.shape == (6, 3, 16, 16) and -1 <= float(x0.min()) and float(x0.max()) <= 1
+    assert available.all() and available.shape == (6, len(CONDITIONS))
+    assert cond.semantics_image is not None and cond.masked_image is not None and cond.text_ids is not None
+    eps = model(x0, torch.zeros(6, dtype=torch.long), conditions=cond, presence=available)
+    assert eps.shape == x0.shape
+
+
+def test_loss_groups():
+    import torch
+
+    from models import CONDITIONS
+    from pipelines.train.loop import _subset_losses, loss_group_names
+
+    per_row = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)
+    available = torch.ones(3, len(CONDITIONS), dtype=torch.bool)
+    presence = torch.zeros(3, len(CONDITIONS), dtype=torch.bool)
+    presence[1] = True  # row 1: everything kept
+    presence[2, 3] = True  # row 2: sketch only
+    sums = _subset_losses(per_row, presence, available).view(-1, 2)
+    got = dict(zip(loss_group_names(), sums.tolist(), strict=True))
+    assert got["loss"] == [7.0, 3.0] and got["loss/none"] == [1.0, 1.0] and got["loss/all"] == [2.0, 1.0]
+    assert got["loss/with_sketch"] == [6.0, 2.0] and got["loss/with_caption"] == [2.0, 1.0]
+
+
+def test_open_data_rejects_what_is_not_a_decomposition(tmp_path):
+    from pipelines.data.batches import DataError, open_data
+
+    with pytest.raises(DataError, match="no manifest.json"):
+        open_data(tmp_path)
+    (tmp_path / "manifest.json").write_text('{"format": "something-else"}')
+    with pytest.raises(DataError, match="manifest format"):
+        open_data(tmp_path)
