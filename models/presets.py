@@ -1,5 +1,5 @@
 """Named model sizes, ``tiny`` (tests, CPU) to ``base`` (GPU cluster). All in pixel space, 64×64
-as Composer's base model; README lists parameter counts (``python -m models``).
+as Composer's base model; docs/model.md lists parameter counts (``python -m models``).
 
 Composer's own base model is ~2B parameters (GLIDE/unCLIP-sized, §4); ``base`` here is the
 largest size that still trains with a sensible batch on one 80 GB GPU per worker.
