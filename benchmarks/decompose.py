@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import os
 import platform
 import statistics
@@ -53,10 +54,9 @@ from pipelines.conditions.palette import NUM_BINS, PaletteConfig, PaletteExtract
 from pipelines.conditions.sketch import SketchConfig, SketchExtractor  # noqa: E402
 from pipelines.data.decode import DecodeConfig, decode_image  # noqa: E402
 from pipelines.data.synth import render_sample  # noqa: E402
+from pipelines.log import configure  # noqa: E402
 
-
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+log = logging.getLogger("bench")
 
 
 def make_images(count: int, seed: int = 0) -> list[bytes]:
@@ -239,7 +239,7 @@ def ray_job(blobs: list[bytes], r: int, conditions: str) -> float:
             "shard_size": 128,
         }
         s = run_decompose(load_config(DecomposeConfig, values=values))
-        return s["inputs"] / s["elapsed_s"]
+        return s.inputs / s.elapsed_s
 
 
 def main() -> int:
@@ -251,6 +251,8 @@ def main() -> int:
     p.add_argument("--naive-count", type=int, default=64, help="images for (c), the slow baseline")
     p.add_argument("--no-ray", action="store_true", help="skip the end-to-end Ray job figures")
     args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="[bench] %(message)s", stream=sys.stderr)
+    configure(-1)  # the job's own lines are not the benchmark's: warnings only
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # read by scikit-learn's OpenMP when (c) imports it
     import cv2
     import torch
@@ -260,16 +262,16 @@ def main() -> int:
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
     r, n = args.resolution, args.count
-    log(f"making {n} JPEGs (512x384)")
+    log.info(f"making {n} JPEGs (512x384)")
     blobs = make_images(n)
 
     exts = cpu_extractors(r)
     # Warm-up: imports, and the palette's exact colour table (loaded from the per-machine cache,
     # or computed once, ~3 s, on a machine that has none).
     extract_all(decode_all(blobs[:8], r), exts, args.batch_size)
-    log("(a) decode + resize")
+    log.info("(a) decode + resize")
     ta = best_of(lambda: decode_all(blobs, r), args.repeats)
-    log("(b) decode + palette, sketch, intensity, instances")
+    log.info("(b) decode + palette, sketch, intensity, instances")
     tb = best_of(lambda: extract_all(decode_all(blobs, r), exts, args.batch_size), args.repeats)
 
     nc = min(args.naive_count, n)
@@ -278,10 +280,10 @@ def main() -> int:
     naive_defaults = Naive(r, detect=512, cluster_size=r)
     naive(blobs[:2])
     naive_defaults(blobs[:2])
-    log(f"(c) naive per-image loop on {nc} images, like for like and with controlnet_aux's defaults")
+    log.info(f"(c) naive per-image loop on {nc} images, like for like and with controlnet_aux's defaults")
     tc = best_of(lambda: naive(blobs[:nc]), max(1, args.repeats - 1))
     tc_defaults = best_of(lambda: naive_defaults(blobs[:nc]), max(1, args.repeats - 1))
-    log(f"per-representation breakdown on {nc} images")
+    log.info(f"per-representation breakdown on {nc} images")
     parts = breakdown(blobs[:nc], r, exts, naive, args.batch_size, max(1, args.repeats - 1))
 
     a, b, c, c_def = n / ta, n / tb, nc / tc, nc / tc_defaults
@@ -313,9 +315,9 @@ def main() -> int:
         import ray
 
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-        log("Ray job: decode + intensity")
+        log.info("Ray job: decode + intensity")
         job_a = statistics.median(ray_job(blobs, r, "intensity") for _ in range(2))
-        log("Ray job: decode + palette, sketch, intensity, instances")
+        log.info("Ray job: decode + palette, sketch, intensity, instances")
         job_b = statistics.median(ray_job(blobs, r, "palette,sketch,intensity,instances") for _ in range(2))
         ray.shutdown()
         out["ray_job_2cpu"] = {

@@ -1,59 +1,46 @@
-"""Write the built-in synthetic dataset: ``python -m jobs.synth --output DIR --count N``.
+"""``recompose synth`` / ``python -m jobs.synth``: the built-in synthetic shapes dataset.
 
-Thin entry point over ``pipelines.data.synth.write_synth``; see that module for the format.
+    recompose synth --output DIR [--count N] [--resolution N] [--seed N] [--split train|heldout]
+        [--config FILE] [--set key=value …] [--json]
+
+Writes images, captions and instance and depth ground truth as parquet shards (format:
+``pipelines/data/synth.py``); ``recompose decompose`` reads the directory with ``--input``.
 """
 
 from __future__ import annotations
 
 import argparse
+import typing
 
-from pipelines.data.synth import write_synth
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
+from jobs._runner import add_common_arguments, run
+from pipelines.config import add_config_arguments, load_config
+from pipelines.data.scene import Split
+from pipelines.data.synth import SynthConfig, SynthResult, run_synth
 
 
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
-    return value
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="recompose synth", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--output",
+        help="output directory, new, empty or a previous run's; recompose decompose reads it with "
+        "--input (config: output)",
+    )
+    p.add_argument("--count", type=int, help="number of samples (config: count)")
+    p.add_argument("--resolution", type=int, help="image side in pixels (config: resolution)")
+    p.add_argument("--seed", type=int, help="dataset seed (config: seed)")
+    p.add_argument("--split", choices=typing.get_args(Split), help="(config: split)")
+    add_config_arguments(p, "SynthConfig in pipelines/data/synth.py for its keys", "rows_per_file=500")
+    add_common_arguments(p, json_help="print the summary as JSON on stdout")
+    return p
 
 
-def _resolution(text: str) -> int:
-    value = int(text)
-    if not 16 <= value <= 4096:
-        raise argparse.ArgumentTypeError(f"expected an integer in [16, 4096], got {text}")
-    return value
+def synth(args: argparse.Namespace) -> SynthResult:
+    values = {k: getattr(args, k) for k in ("output", "count", "resolution", "seed", "split")}
+    return run_synth(load_config(SynthConfig, args.config, values, args.overrides))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m jobs.synth",
-        description="Write the synthetic shapes dataset (images, captions, instance and depth ground truth).",
-    )
-    parser.add_argument("--output", required=True, help="output directory (new, empty or a previous run's)")
-    parser.add_argument("--count", required=True, type=_positive, help="number of samples")
-    parser.add_argument(
-        "--resolution", type=_resolution, default=64, help="image side in pixels (default 64)"
-    )
-    parser.add_argument("--seed", type=_non_negative, default=0, help="dataset seed (default 0)")
-    parser.add_argument("--split", choices=("train", "heldout"), default="train", help="default train")
-    args = parser.parse_args(argv)
-    try:
-        summary = write_synth(args.output, args.count, args.resolution, args.seed, args.split)
-    except (FileExistsError, ValueError) as e:
-        parser.error(str(e))
-    print(
-        f"synth: {summary['count']} samples in {summary['files']} files "
-        f"({summary['written']} written, {summary['skipped']} skipped) in {summary['seconds']:.1f}s; "
-        f"preview: {summary['preview']}"
-    )
-    return 0
+    return run(parser(), synth, argv)
 
 
 if __name__ == "__main__":

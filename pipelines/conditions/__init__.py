@@ -1,9 +1,10 @@
 """The eight representations of Composer §3.1 and the one registry of their extractors.
 
-The names are part of the on-disk format (shard column names, manifest keys): ``caption``,
-``semantics``, ``palette``, ``sketch``, ``instances``, ``depth``, ``intensity``, ``mask``.
-``mask`` is generated at training and inference time (see ``pipelines/conditions/mask.py``),
-never extracted, so the decomposition job refuses it.
+Each extractor declares its name, which is part of the on-disk format (shard column names,
+manifest keys); the registry lists them in ``models.CONDITIONS`` order (the model's presence
+columns, where the names are defined; ``tests/conditions/test_registry.py`` holds the two equal
+without this module importing torch). ``mask`` is generated at training and inference time (see
+``pipelines/conditions/mask.py``), never extracted, so the decomposition job refuses it.
 """
 
 from __future__ import annotations
@@ -19,17 +20,22 @@ from pipelines.conditions.semantics import SemanticsExtractor
 from pipelines.conditions.sketch import SketchExtractor
 
 REGISTRY: dict[str, type[Extractor]] = {
-    "caption": CaptionExtractor,
-    "semantics": SemanticsExtractor,
-    "palette": PaletteExtractor,
-    "sketch": SketchExtractor,
-    "instances": InstancesExtractor,
-    "depth": DepthExtractor,
-    "intensity": IntensityExtractor,
-    "mask": MaskGenerator,
+    cls.name: cls
+    for cls in (
+        CaptionExtractor,
+        SemanticsExtractor,
+        PaletteExtractor,
+        SketchExtractor,
+        InstancesExtractor,
+        DepthExtractor,
+        IntensityExtractor,
+        MaskGenerator,
+    )
 }
 CONDITION_NAMES: tuple[str, ...] = tuple(REGISTRY)
 EXTRACTED_NAMES: tuple[str, ...] = tuple(n for n, c in REGISTRY.items() if c.extracted)
+# The conditions stored as one (R, R) uint8 map per image; they can also be given as a picture.
+MAPS: tuple[str, ...] = ("sketch", "instances", "depth", "intensity")
 
 
 def get_extractor(name: str) -> type[Extractor]:
@@ -45,6 +51,7 @@ def get_extractor(name: str) -> type[Extractor]:
 __all__ = [
     "CONDITION_NAMES",
     "EXTRACTED_NAMES",
+    "MAPS",
     "REGISTRY",
     "ColumnSpec",
     "Extractor",

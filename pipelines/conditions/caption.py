@@ -63,9 +63,6 @@ class CaptionConfig(ExtractorConfig):
 
     @model_validator(mode="after")
     def _check(self) -> CaptionConfig:
-        unknown = [e for e in self.encoders if e not in ENCODERS]
-        if unknown:
-            raise ValueError(f"caption.encoders: unknown encoder(s) {unknown}; valid: {list(ENCODERS)}")
         if not self.encoders:
             raise ValueError(f"caption.encoders is empty; choose one or more of {list(ENCODERS)}")
         if len(set(self.encoders)) != len(self.encoders):

@@ -33,6 +33,7 @@ from pydantic import Field
 
 from pipelines.conditions.base import Batch, ColumnSpec, Extractor, ExtractorConfig
 from pipelines.config import resource
+from pipelines.files import atomic_write
 
 NUM_BINS = 156
 # The authors' hue table for num_hues=11 (not evenly spaced: more bins where hue names change fast).
@@ -148,7 +149,6 @@ def _bin_table() -> np.ndarray:
     """
     import hashlib
     import os
-    import tempfile
     from pathlib import Path
 
     key = hashlib.sha256(bin_centres().tobytes()).hexdigest()[:16]
@@ -166,13 +166,9 @@ def _bin_table() -> np.ndarray:
         packed = np.arange(start, start + step, dtype=np.uint32)
         table[start : start + step] = _nearest_bins(_unpack(packed))
     try:
-        cache.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, table, allow_pickle=False)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: np.save(f, table, allow_pickle=False))
     except OSError:
-        pass
+        pass  # a read-only cache: compute the table again next time
     return table
 
 

@@ -16,15 +16,16 @@ import pyarrow.parquet as pq
 
 from models import CONDITIONS
 from models.encoders import HashTokenizer
+from pipelines.conditions import MAPS
 from pipelines.config import hash_data
 from pipelines.data.augment import AugmentConfig, augment
 from pipelines.data.shards import MANIFEST_FORMAT, SHARD_FORMAT, from_binary
+from pipelines.errors import UserError
 
-MAPS = ("sketch", "instances", "depth", "intensity")
 CAPTION_ENCODERS = ("clip", "t5")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """The training data directory is missing, incomplete or not a decomposition output."""
 
 

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from pipelines.conditions import Extractor, ExtractorUnavailable, get_extractor
+from pipelines.conditions import EXTRACTED_NAMES, MAPS, Extractor, ExtractorUnavailable, get_extractor
 from pipelines.conditions.caption import CaptionConfig
 from pipelines.conditions.depth import DepthConfig
 from pipelines.conditions.instances import InstancesConfig
@@ -33,10 +33,10 @@ from pipelines.conditions.semantics import SemanticsConfig
 from pipelines.conditions.sketch import SketchConfig
 from pipelines.config import Config, ConfigError, from_dict, nested
 from pipelines.data.decode import DecodeConfig, decode_image, resize_center_crop
+from pipelines.errors import UserError
 
 # The conditions an image (or its caption) is decomposed into; `mask` is drawn by the user.
-DECOMPOSED = ("caption", "semantics", "palette", "sketch", "instances", "depth", "intensity")
-MAPS = ("sketch", "instances", "depth", "intensity")
+DECOMPOSED = EXTRACTED_NAMES
 CaptionEncoder = Literal["trainable", "clip", "t5", "clip+t5"]
 SemanticsEncoder = Literal["trainable", "clip"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -59,7 +59,7 @@ class ExtractionSettings(Config):
     intensity: IntensityConfig = nested(IntensityConfig)
 
 
-class ImageReadError(ValueError):
+class ImageReadError(UserError):
     """An image or map file could not be read; the message names the file."""
 
 

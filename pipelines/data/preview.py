@@ -6,9 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.conditions import MAPS
 from pipelines.data.shards import read_shard
-
-MAPS = ("sketch", "instances", "depth", "intensity")
 
 
 def colourize_instances(ids: np.ndarray) -> np.ndarray:

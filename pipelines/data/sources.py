@@ -37,6 +37,8 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.errors import UserError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 IMAGE_COLUMNS = ("image", "jpg", "png", "webp", "jpeg", "img", "image_bytes", "bytes")
 CAPTION_COLUMNS = ("caption", "txt", "text", "TEXT", "prompt")
@@ -82,7 +84,7 @@ class Plan:
         return sum(len(u.members) for u in self.units)
 
 
-class SourceError(ValueError):
+class SourceError(UserError):
     """The input path cannot be read as the requested format; the message says why."""
 
 

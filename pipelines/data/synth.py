@@ -25,32 +25,34 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import sys
-import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
+from pydantic import Field
 from tqdm import tqdm
 
+from pipelines.config import Config, ConfigError, from_dict, resource
 from pipelines.data.scene import (
     COLOURS,
     DEPTH_LEVELS,
     HELDOUT_PAIRS,
     SHAPES,
-    SPLITS,
     Split,
     SynthSample,
     parse_caption,
     render_sample,
 )
-from pipelines.files import encode_png
+from pipelines.files import OutputInUse, atomic_write, claim_output, encode_png
 
 __all__ = [
     "COLOURS",
@@ -59,11 +61,16 @@ __all__ = [
     "HELDOUT_PAIRS",
     "SCHEMA",
     "SHAPES",
+    "SynthConfig",
+    "SynthResult",
     "SynthSample",
     "parse_caption",
     "render_sample",
+    "run_synth",
     "write_synth",
 ]
+
+log = logging.getLogger(__name__)
 
 FORMAT = "recompose.synth/1"
 _META_KEY = b"recompose.synth"  # parquet schema metadata: the parameters that wrote the shard
@@ -85,20 +92,47 @@ _PANEL = 128  # preview panel side in pixels
 _INSTANCE_PALETTE = np.array([(40, 40, 40), (230, 159, 0), (86, 180, 233), (0, 158, 115)], np.uint8)
 
 
+class SynthConfig(Config):
+    """The parameters of a synthetic dataset; every one but ``output`` and ``progress`` decides its bytes."""
+
+    output: str = resource("")  # the output directory (new, empty or a previous run's)
+    count: int = Field(1000, ge=1)  # samples
+    resolution: int = Field(64, ge=16, le=4096)  # image side in pixels; below 16 shapes vanish
+    seed: int = Field(0, ge=0)  # the dataset seed: sample i of (seed, split) is always the same
+    split: Split = "train"  # heldout: every scene holds a held-out colour-shape pair
+    rows_per_file: int = Field(1000, ge=1)  # rows per parquet shard: the unit of resumption
+    progress: bool = resource(True)  # progress bar on stderr
+
+    def params(self) -> dict[str, Any]:
+        """What ``synth.json`` and each shard's metadata record: a rerun must match them."""
+        keys = ("count", "resolution", "seed", "split", "rows_per_file")
+        return {"format": FORMAT, **{k: getattr(self, k) for k in keys}}
+
+
+@dataclass
+class SynthResult:
+    """What ``recompose synth --json`` prints."""
+
+    output: str
+    count: int
+    files: int  # parquet shards
+    written: int  # shards written by this run
+    skipped: int  # shards a previous run had written
+    manifest: str
+    preview: str
+    seconds: float
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; shards are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _write_shared(path: Path, data: bytes) -> None:
+    def write(f: IO[bytes]) -> None:
+        os.fchmod(f.fileno(), 0o644)  # mkstemp creates 0600; the dataset is meant to be shared
+        f.write(data)
+
+    atomic_write(path, write)
 
 
 def _part_bytes(params: dict[str, Any], start: int, stop: int, bar: tqdm) -> bytes:
@@ -127,47 +161,26 @@ def _existing_part_ok(path: Path, params: dict[str, Any], rows: int) -> bool:
         meta = pq.read_metadata(path)
         theirs = json.loads((meta.schema.to_arrow_schema().metadata or {}).get(_META_KEY, b"null"))
     except Exception as e:  # an unreadable file under our name: never overwrite what we did not write
-        raise FileExistsError(
+        raise OutputInUse(
             f"{path} is not a readable synth shard ({e}); remove it or pick another output"
         ) from e
     if theirs != params:
-        raise FileExistsError(f"{path} was written with {theirs}, not {params}; pick another output")
+        raise OutputInUse(f"{path} was written with {theirs}, not {params}; pick another output")
     return meta.num_rows == rows
 
 
-def _check_output(out: Path, params: dict[str, Any], n_parts: int) -> dict[str, str]:
+def _claim(out: Path, params: dict[str, Any], n_parts: int) -> dict[str, str]:
     """Refuse a non-empty ``out`` that is not this run's; return the manifest's {path: sha256}."""
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"output {out} exists and is not a directory")
-    if not out.exists():
-        return {}
-    manifest, recorded = out / "synth.json", {}
-    if manifest.exists():
-        try:
-            old = json.loads(manifest.read_text())
-            theirs = {k: old.get(k) for k in params}
-            recorded = {f["path"]: f["sha256"] for f in old.get("files", [])}
-        except (OSError, ValueError, AttributeError, KeyError, TypeError) as e:
-            raise FileExistsError(f"{manifest} is not a synth manifest ({e}); pick another output") from e
-        if theirs != params:
-            raise FileExistsError(
-                f"output {out} holds a synth output with different parameters {theirs}; "
-                f"requested {params}. Pick another output directory"
-            )
-    foreign = []
-    for entry in sorted(out.iterdir()):
+
+    def ours(entry: Path) -> bool:  # what an interrupted run of these parameters leaves
         m = _PART_RE.match(entry.name)
-        ours = entry.name in ("synth.json", "preview.png") or (
-            entry.name.startswith(".") and entry.name.endswith(".tmp")
+        tmp = entry.name.startswith(".") and entry.name.endswith(".tmp")
+        return entry.is_file() and (
+            entry.name == "preview.png" or tmp or bool(m and int(m.group(1)) < n_parts)
         )
-        if not (ours or (m and int(m.group(1)) < n_parts)) or not entry.is_file():
-            foreign.append(entry.name)
-    if foreign:
-        raise FileExistsError(
-            f"output {out} is not empty and not a synth output with these parameters "
-            f"(unexpected: {', '.join(foreign[:5])}); pick an empty or new directory"
-        )
-    return recorded
+
+    prev = claim_output(out, "synth.json", "synth output", identity=params, ours=ours)
+    return {f["path"]: f["sha256"] for f in (prev or {}).get("files", [])}
 
 
 def _panel(array: np.ndarray, nearest: bool) -> Image.Image:
@@ -216,37 +229,57 @@ def write_synth(
     split: Split,
     rows_per_file: int = 1000,
     progress: bool = True,
-) -> dict[str, Any]:
-    """Write ``count`` samples of (seed, split) at ``resolution`` to ``output``; return a summary.
+) -> SynthResult:
+    """``run_synth`` with the parameters as arguments; a bad one raises ``ConfigError`` naming it."""
+    values = {"output": str(output), "count": count, "resolution": resolution, "seed": seed}
+    values.update(split=split, rows_per_file=rows_per_file, progress=progress)
+    return run_synth(from_dict(SynthConfig, values))
 
-    Raises ``ValueError`` on bad arguments and ``FileExistsError`` when ``output`` is non-empty
-    and not a synth output with the same parameters. Rerunning skips shards already written.
+
+def run_synth(cfg: SynthConfig) -> SynthResult:
+    """Write ``cfg.count`` samples of (seed, split) at ``resolution`` to ``cfg.output``.
+
+    Raises ``OutputInUse`` when the output is non-empty and not a synth output with the same
+    parameters. Rerunning skips shards already written; an interrupted run resumes.
     """
-    for name, value, lo in (("count", count, 1), ("rows_per_file", rows_per_file, 1), ("seed", seed, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-            raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
-    if isinstance(resolution, bool) or not isinstance(resolution, int) or not 16 <= resolution <= 4096:
-        raise ValueError(f"resolution must be an integer in [16, 4096], got {resolution!r}")
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+    if not cfg.output:
+        raise ConfigError("output is required")
     t0 = time.perf_counter()
-    out = Path(output)
-    params = {
-        "format": FORMAT,
-        "count": count,
-        "resolution": resolution,
-        "seed": seed,
-        "split": split,
-        "rows_per_file": rows_per_file,
-    }
-    n_parts = -(-count // rows_per_file)
-    recorded = _check_output(out, params, n_parts)
+    out, params = Path(cfg.output), cfg.params()
+    n_parts = -(-cfg.count // cfg.rows_per_file)
+    recorded = _claim(out, params, n_parts)
     out.mkdir(parents=True, exist_ok=True)
+    shards, written = _write_parts(out, params, n_parts, recorded, cfg.progress)
+    _write_manifest_and_preview(out, params, shards)
+    result = SynthResult(
+        output=str(out),
+        count=cfg.count,
+        files=n_parts,
+        written=written,
+        skipped=n_parts - written,
+        manifest=str(out / "synth.json"),
+        preview=str(out / "preview.png"),
+        seconds=round(time.perf_counter() - t0, 3),
+    )
+    log.info(
+        f"{result.count} samples in {result.files} files ({result.written} written, "
+        f"{result.skipped} skipped) in {result.seconds:.1f}s; preview: {result.preview}"
+    )
+    return result
 
-    files, written = [], 0
-    with tqdm(total=count, desc=f"synth {split}", unit="img", disable=not progress, file=sys.stderr) as bar:
+
+def _write_parts(
+    out: Path, params: dict[str, Any], n_parts: int, recorded: dict[str, str], progress: bool
+) -> tuple[list[dict[str, Any]], int]:
+    """Every shard not already on disk intact; returns the manifest's file entries and how many
+    shards were written."""
+    count, per_file = params["count"], params["rows_per_file"]
+    entries, written = [], 0
+    with tqdm(
+        total=count, desc=f"synth {params['split']}", unit="img", disable=not progress, file=sys.stderr
+    ) as bar:
         for p in range(n_parts):
-            start, stop = p * rows_per_file, min(count, (p + 1) * rows_per_file)
+            start, stop = p * per_file, min(count, (p + 1) * per_file)
             path = out / f"part-{p:05d}.parquet"
             sha = None
             if path.exists() and _existing_part_ok(path, params, stop - start):
@@ -255,15 +288,20 @@ def write_synth(
                     sha = None  # changed since the manifest was written: rewrite it
             if sha is None:
                 data = _part_bytes(params, start, stop, bar)
-                _write_atomic(path, data)
+                _write_shared(path, data)
                 sha, written = _sha256(data), written + 1
             else:
                 bar.update(stop - start)
-            files.append({"path": path.name, "rows": stop - start, "sha256": sha})
+            entries.append({"path": path.name, "rows": stop - start, "sha256": sha})
+    return entries, written
 
+
+def _write_manifest_and_preview(out: Path, params: dict[str, Any], shards: list[dict[str, Any]]) -> None:
+    """synth.json and preview.png, each rewritten only when its bytes differ."""
+    seed, split, res = params["seed"], params["split"], params["resolution"]
     first = [
-        (f"{split}-{i:08d}", render_sample(seed, split, i, resolution))
-        for i in range(min(count, _PREVIEW_SAMPLES))
+        (f"{split}-{i:08d}", render_sample(seed, split, i, res))
+        for i in range(min(params["count"], _PREVIEW_SAMPLES))
     ]
     buf = io.BytesIO()
     preview_image(first).save(buf, format="PNG", compress_level=6)
@@ -273,7 +311,7 @@ def write_synth(
         "colours": {name: list(rgb) for name, rgb in COLOURS.items()},
         "heldout_pairs": [list(p) for p in HELDOUT_PAIRS],
         "depth_levels": list(DEPTH_LEVELS),
-        "files": files,
+        "files": shards,
     }
     for name, data in (
         ("preview.png", buf.getvalue()),
@@ -281,14 +319,4 @@ def write_synth(
     ):
         path = out / name
         if not path.exists() or path.read_bytes() != data:
-            _write_atomic(path, data)
-    return {
-        "output": str(out),
-        "count": count,
-        "files": n_parts,
-        "written": written,
-        "skipped": n_parts - written,
-        "manifest": str(out / "synth.json"),
-        "preview": str(out / "preview.png"),
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
+            _write_shared(path, data)

@@ -25,7 +25,7 @@ class DecomposeConfig(ExtractionSettings):
     caption_column: str | None = None  # parquet: the caption column (auto-detected if unset)
     write_webdataset: bool = False  # also write shards/<name>.tar (webdataset) next to each parquet
     read_num_cpus: float = resource(0.5, gt=0)  # CPUs per read task
-    progress: bool = resource(True)  # progress bar and summary on stderr
+    progress: bool = resource(True)  # progress bar on stderr (the log lines follow --quiet/--verbose)
     data_stats: bool = resource(False)  # print Ray Data's per-operator timing at the end (tuning)
 
     @model_validator(mode="after")

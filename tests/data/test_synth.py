@@ -26,6 +26,7 @@ from pipelines.data.synth import (
     render_sample,
     write_synth,
 )
+from pipelines.files import OutputInUse
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -184,7 +185,7 @@ def test_bad_arguments():
 def test_written_files(tmp_path):
     out = tmp_path / "synth"
     summary = write_synth(out, 5, 48, 2, "heldout", rows_per_file=2, progress=False)
-    assert summary["files"] == 3 and summary["written"] == 3 and summary["count"] == 5
+    assert summary.files == 3 and summary.written == 3 and summary.count == 5
     parts = sorted(p.name for p in out.glob("part-*.parquet"))
     assert parts == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
     manifest = json.loads((out / "synth.json").read_text())
@@ -229,13 +230,13 @@ def test_bytes_deterministic_and_idempotent(tmp_path):
     assert (a / "part-00000.parquet").read_bytes() != (c / "part-00000.parquet").read_bytes()
     before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in a.iterdir()}
     again = write_synth(a, 4, 32, 0, "train", rows_per_file=3, progress=False)
-    assert again["written"] == 0 and again["skipped"] == 2
+    assert again.written == 0 and again.skipped == 2
     assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in a.iterdir()} == before
     # An interrupted run (one shard and the manifest missing) resumes to the same bytes.
     (a / "part-00001.parquet").unlink()
     (a / "synth.json").unlink()
     resumed = write_synth(a, 4, 32, 0, "train", rows_per_file=3, progress=False)
-    assert resumed["written"] == 1
+    assert resumed.written == 1
     assert {p.name: p.read_bytes() for p in a.iterdir()} == {k: v[0] for k, v in before.items()}
 
 
@@ -243,31 +244,34 @@ def test_refuses_foreign_output(tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="not empty"):
+    with pytest.raises(OutputInUse, match="not empty and holds no synth output"):
         write_synth(foreign, 2, 16, 0, "train", progress=False)
     assert sorted(os.listdir(foreign)) == ["notes.txt"]
     other = tmp_path / "other"
     write_synth(other, 2, 16, 0, "train", progress=False)
     for kwargs in ({"count": 3}, {"seed": 1}, {"resolution": 32}):
         args = {"count": 2, "resolution": 16, "seed": 0, **kwargs}
-        with pytest.raises(FileExistsError, match="different parameters"):
+        (key,) = kwargs
+        with pytest.raises(OutputInUse, match=f"holds a synth output with another {key}"):
             write_synth(other, split="train", progress=False, **args)
     # A shard from another run without a manifest is refused too.
     (other / "synth.json").unlink()
-    with pytest.raises(FileExistsError, match="was written with"):
+    with pytest.raises(OutputInUse, match="was written with"):
         write_synth(other, 2, 16, 1, "train", progress=False)
     file_out = tmp_path / "file"
     file_out.write_text("x")
-    with pytest.raises(FileExistsError, match="not a directory"):
+    with pytest.raises(OutputInUse, match="not a directory"):
         write_synth(file_out, 2, 16, 0, "train", progress=False)
 
 
-def test_job_end_to_end(tmp_path):
+def test_job_end_to_end(tmp_path, capsys):
     out = tmp_path / "job"
     cmd = [sys.executable, "-m", "jobs.synth", "--output", str(out), "--count", "3", "--resolution", "24"]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+    done = subprocess.run([*cmd, "--json"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert "3 samples" in done.stdout and str(out / "preview.png") in done.stdout
+    summary = json.loads(done.stdout)
+    assert (summary["count"], summary["written"], summary["preview"]) == (3, 1, str(out / "preview.png"))
+    assert "[data] 3 samples in 1 files" in done.stderr
     assert json.loads((out / "synth.json").read_text())["split"] == "train"
     assert pq.read_table(out / "part-00000.parquet").num_rows == 3
     for bad in (["--count", "0"], ["--count", "2", "--split", "test"], ["--count", "2", "--resolution", "4"]):
@@ -283,6 +287,8 @@ def test_job_end_to_end(tmp_path):
     (tmp_path / "busy" / "x").write_text("x")
     from jobs.synth import main
 
-    with pytest.raises(SystemExit) as e:
-        main(["--output", str(tmp_path / "busy"), "--count", "2"])
-    assert e.value.code == 2
+    assert main(["--output", str(tmp_path / "busy"), "--count", "2"]) == 2
+    assert "recompose synth: error:" in capsys.readouterr().err
+    # Settings also come from --set, like every other verb's.
+    assert main(["--output", str(tmp_path / "set"), "--set", "count=2", "--set", "rows_per_file=1"]) == 0
+    assert len(json.loads((tmp_path / "set" / "synth.json").read_text())["files"]) == 2

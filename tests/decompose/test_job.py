@@ -19,6 +19,7 @@ from pipelines.config import ConfigError, load_config
 from pipelines.data.shards import read_shard, shard_metadata
 from pipelines.decompose.config import DecomposeConfig
 from pipelines.decompose.job import run_decompose
+from pipelines.files import OutputInUse
 from tests.helpers import images
 
 FAST = "intensity,palette,sketch"
@@ -52,7 +53,7 @@ def test_folder_with_corrupt_and_odd_inputs(tmp_path, ray_local):
     errors = pq.read_table(tmp_path / "out" / "errors.parquet").to_pydict()
     rows = all_rows(tmp_path / "out")
 
-    assert man["totals"]["inputs"] == len(files) == s["inputs"]
+    assert man["totals"]["inputs"] == len(files) == s.inputs
     assert man["totals"]["inputs"] == man["totals"]["rows"] + man["totals"]["errors"]
     assert len(rows) == man["totals"]["rows"] and len(errors["key"]) == man["totals"]["errors"]
     assert sorted(errors["key"]) == sorted(Path(k).stem for k in images.BAD)
@@ -129,7 +130,7 @@ def test_img2dataset_webdataset_layout(tmp_path, ray_local):
     man = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert man["input_format"] == "webdataset"
     assert man["totals"]["skipped_upstream"] == {"failed_to_download": 2}
-    assert (s["inputs"], s["rows"], s["errors"]) == (8, 7, 1)
+    assert (s.inputs, s.rows, s.errors) == (8, 7, 1)
     rows = all_rows(tmp_path / "out")
     assert rows["000000000"]["text"] == "caption 000000000"
     assert rows["000000000"]["source"] == "00000.tar:000000000"
@@ -148,7 +149,7 @@ def test_img2dataset_parquet_and_laion_parquet(tmp_path, ray_local):
         d / "00000.parquet",
     )
     s = run_decompose(cfg(d, tmp_path / "o1", conditions="intensity"))
-    assert (s["inputs"], s["rows"], s["skipped_upstream"]) == (5, 5, {"failed_to_download": 1})
+    assert (s.inputs, s.rows, s.skipped_upstream) == (5, 5, {"failed_to_download": 1})
     assert all_rows(tmp_path / "o1")["000000004"]["text"] == "t4"
 
     laion = tmp_path / "laion.parquet"
@@ -159,8 +160,20 @@ def test_img2dataset_parquet_and_laion_parquet(tmp_path, ray_local):
         laion,
     )
     s = run_decompose(cfg(laion, tmp_path / "o2", conditions="intensity"))
-    assert (s["inputs"], s["rows"], s["errors"]) == (4, 3, 1)
+    assert (s.inputs, s.rows, s.errors) == (4, 3, 1)
     assert all_rows(tmp_path / "o2")["laion-00000001"]["text"] == "b"
+
+
+REPO = Path(__file__).resolve().parents[2]
+# `recompose decompose` with the job's after-commit seam set to SIGKILL the driver right after its
+# third shard commit: a real kill between two commits.
+KILL_AFTER_THREE_SHARDS = """
+import os, signal, sys
+from pipelines.decompose import execute
+execute.after_commit = lambda n: n == 3 and os.kill(os.getpid(), signal.SIGKILL)
+from jobs.decompose import main
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 def _manifest(out: Path) -> dict:
@@ -176,8 +189,8 @@ def test_kill_then_resume_matches_clean_run_and_rerun_does_nothing(tmp_path, ray
     killed = tmp_path / "killed"
     cmd = [
         sys.executable,
-        "-m",
-        "jobs.decompose",
+        "-c",
+        KILL_AFTER_THREE_SHARDS,
         "--input",
         str(tmp_path / "in"),
         "--output",
@@ -189,9 +202,8 @@ def test_kill_then_resume_matches_clean_run_and_rerun_does_nothing(tmp_path, ray
         "--set",
         "shard_size=4",
     ]
-    env = dict(os.environ, RECOMPOSE_TEST_KILL_AFTER_SHARDS="3")
     proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     try:
         _, err = proc.communicate(timeout=300)
@@ -206,13 +218,13 @@ def test_kill_then_resume_matches_clean_run_and_rerun_does_nothing(tmp_path, ray
     assert len(done) == 3, done
 
     s = run_decompose(cfg(tmp_path / "in", killed, shard_size=4))
-    assert s["shards_reused"] == 3 and s["shards_computed"] == len(_manifest(clean)["shards"]) - 3
+    assert s.shards_reused == 3 and s.shards_computed == len(_manifest(clean)["shards"]) - 3
     assert _manifest(killed) == _manifest(clean)
     assert (killed / "errors.parquet").read_bytes() == (clean / "errors.parquet").read_bytes()
 
     before = {p: p.stat().st_mtime_ns for p in (killed / "shards").glob("*.parquet")}
     again = run_decompose(cfg(tmp_path / "in", killed, shard_size=4))
-    assert again["shards_computed"] == 0 and again["computed"] == {}
+    assert again.shards_computed == 0 and again.computed == {}
     assert {p: p.stat().st_mtime_ns for p in (killed / "shards").glob("*.parquet")} == before
     assert _manifest(killed) == _manifest(clean)
 
@@ -229,7 +241,7 @@ def test_version_bump_recomputes_only_that_condition(tmp_path, ray_local, monkey
 
     monkeypatch.setattr(PaletteExtractor, "version", PaletteExtractor.version + "-bumped")
     s = run_decompose(cfg(tmp_path / "in", out, shard_size=8))
-    assert s["computed"] == {"palette": first["rows"]}
+    assert s.computed == {"palette": first.rows}
     man = _manifest(out)
     assert man["extractors"]["palette"]["fingerprint"] != old_fp["palette"]["fingerprint"]
     assert man["extractors"]["sketch"]["fingerprint"] == old_fp["sketch"]["fingerprint"]
@@ -242,7 +254,7 @@ def test_version_bump_recomputes_only_that_condition(tmp_path, ray_local, monkey
     # A changed extractor setting is a new fingerprint too: only sketch is recomputed.
     thresholds = {"sketch.low_threshold": 10, "sketch.high_threshold": 20}
     s = run_decompose(cfg(tmp_path / "in", out, shard_size=8, **thresholds))
-    assert s["computed"] == {"sketch": first["rows"]}
+    assert s.computed == {"sketch": first.rows}
     assert any((all_rows(out)[k]["sketch"] != old[k]["sketch"]).any() for k in old)
     # A condition added later is computed alone and merged in.
     s = run_decompose(
@@ -254,11 +266,11 @@ def test_version_bump_recomputes_only_that_condition(tmp_path, ray_local, monkey
             **thresholds,
         )
     )
-    assert s["computed"] == {"instances": first["rows"]}
+    assert s.computed == {"instances": first.rows}
     assert "instances" in read_shard(next((out / "shards").glob("*.parquet")))
     # Dropping it again rewrites the shards without the column and computes nothing.
     s = run_decompose(cfg(tmp_path / "in", out, shard_size=8, **thresholds))
-    assert s["computed"] == {} and s["errors"] == first["errors"]
+    assert s.computed == {} and s.errors == first.errors
     assert "instances" not in read_shard(next((out / "shards").glob("*.parquet")))
     assert set(_manifest(out)["extractors"]) == {"palette", "sketch", "intensity"}
 
@@ -268,11 +280,11 @@ def test_refuses_foreign_output_and_other_input(tmp_path, ray_local):
     images.write_folder(tmp_path / "in2", n_good=3, with_bad=False)
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "precious.txt").write_text("keep me")
-    with pytest.raises(ConfigError, match="not a recompose decomposition"):
+    with pytest.raises(OutputInUse, match="not empty and holds no decomposition"):
         run_decompose(cfg(tmp_path / "in", tmp_path / "foreign"))
     assert [p.name for p in (tmp_path / "foreign").iterdir()] == ["precious.txt"]
     run_decompose(cfg(tmp_path / "in", tmp_path / "out", conditions="intensity"))
-    with pytest.raises(ConfigError, match="another input"):
+    with pytest.raises(OutputInUse, match="holds a decomposition with another input"):
         run_decompose(cfg(tmp_path / "in2", tmp_path / "out", conditions="intensity"))
 
 
@@ -285,7 +297,7 @@ def test_folder_captions_from_a_csv_file(tmp_path, ray_local):
         cfg(tmp_path / "in", tmp_path / "out", conditions="intensity", captions=str(tmp_path / "caps.csv"))
     )
     rows = all_rows(tmp_path / "out")
-    assert s["rows"] == 3
+    assert s.rows == 3
     assert (rows["good00"]["text"], rows["sub/good01"]["text"], rows["good02"]["text"]) == (
         "a red, square",
         "second",
@@ -305,7 +317,7 @@ def test_real_img2dataset_output(tmp_path, ray_local, layout):
     assert man["input_format"] == layout
     # 8 urls: 6 downloaded, one 404 and one undecodable body, which img2dataset itself reports.
     assert man["totals"]["skipped_upstream"] == {"failed_to_download": 1, "failed_to_resize": 1}
-    assert (s["inputs"], s["rows"], s["errors"]) == (6, 6, 0)
+    assert (s.inputs, s.rows, s.errors) == (6, 6, 0)
     rows = all_rows(tmp_path / "out")
     assert sorted(rows) == ["000000", "000001", "000002", "000003", "000004", "000010"]
     assert rows["000010"]["text"] == "picture number 5"

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from models import CONDITIONS
 from pipelines.config import load_config
 from pipelines.data.shards import read_shard
 from pipelines.data.synth import render_sample, write_synth
@@ -48,17 +49,9 @@ def test_every_condition_through_ray_with_local_weights(tmp_path, ray_local):
         "instances.weights": str(save_tiny_mask2former(tmp_path / "m2f")),
     }
     s = run_decompose(load_config(DecomposeConfig, values=values))
-    assert (s["inputs"], s["rows"], s["errors"]) == (5, 5, 0)
+    assert (s.inputs, s.rows, s.errors) == (5, 5, 0)
     man = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert set(man["extractors"]) == {
-        "caption",
-        "semantics",
-        "palette",
-        "sketch",
-        "instances",
-        "depth",
-        "intensity",
-    }
+    assert set(man["extractors"]) == set(CONDITIONS) - {"mask"}
     assert man["unavailable"] == {}
     shard = tmp_path / "out" / man["shards"][0]["path"]
     schema = pq.read_schema(shard)
@@ -95,7 +88,7 @@ def test_synthetic_set_uses_its_ground_truth(tmp_path, ray_local):
     )
     s = run_decompose(cfg)
     man = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert man["input_format"] == "parquet" and s["rows"] == 12
+    assert man["input_format"] == "parquet" and s.rows == 12
     # No weights given: depth and instances come from the ground truth, caption/semantics say why not.
     assert set(man["extractors"]) == {"palette", "sketch", "instances", "depth", "intensity"}
     assert set(man["unavailable"]) == {"caption", "semantics"} and all(man["unavailable"].values())

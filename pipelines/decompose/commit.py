@@ -1,0 +1,141 @@
+"""Committing one shard: its staged parts (or its stored shard, for an update) → the final files.
+
+A shard is committed in this order, each file atomically: ``shards/<name>.parquet`` (and
+``.tar``), ``.recompose/errors/<name>.parquet``, then ``.recompose/state/<name>.json``. The state
+file is written last, so a shard counts as done only once everything it describes is on disk.
+Rows are sorted by input index, so a shard's bytes do not depend on the order Ray delivered them.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines import files
+from pipelines.data import shards as S
+from pipelines.data.sources import WorkUnit
+from pipelines.decompose.plan import JobPlan, Pending
+
+Errors = dict[str, list[Any]]  # columns of shards.ERRORS_SCHEMA
+
+
+def empty_errors() -> Errors:
+    return {f.name: [] for f in S.ERRORS_SCHEMA}
+
+
+def commit_shard(job: JobPlan, p: Pending, parts: list[Path]) -> int:
+    """Write ``p``'s shard from its staged ``parts`` (every input's row, from the write stage);
+    no parts: only drop removed conditions. Returns the rows whose ``p.todo`` were computed."""
+    n = len(p.unit.members)
+    rows = _staged_rows(parts, p.unit.shard, n)
+    new_errors = _errors_from(rows, p.unit) if rows else empty_errors()
+    if p.fresh:
+        errors = new_errors
+        good = _good(n, errors)
+        data = _arrays(job, rows, good, p.todo)
+        data.update({c: np.array(rows[c].to_pylist(), object)[good] for c in ("key", "source", "text")})
+    else:
+        errors, good, data = _merge(job, p, rows, new_errors, reread=bool(parts))
+    _write(job, p.unit, errors, good, data)
+    return len(good)
+
+
+def _staged_rows(parts: list[Path], shard: str, n: int) -> dict[str, Any]:
+    """The part files' columns, rows in input order 0..n-1 (empty without parts)."""
+    if not parts:
+        return {}
+    t = pa.concat_tables([pq.read_table(f) for f in parts])
+    t = t.take(pa.compute.sort_indices(t, [("index", "ascending")]))
+    if t.column("index").to_pylist() != list(range(n)):
+        raise RuntimeError(f"shard {shard}: staged rows do not cover inputs 0..{n - 1}")
+    return {c: t.column(c) for c in t.column_names}
+
+
+def _good(n: int, errors: Errors) -> list[int]:
+    bad = set(errors["index"])
+    return [i for i in range(n) if i not in bad]
+
+
+def _merge(
+    job: JobPlan, p: Pending, rows: dict[str, Any], new_errors: Errors, reread: bool
+) -> tuple[Errors, list[int], dict[str, np.ndarray]]:
+    """The stored shard with ``p.todo``'s columns replaced by the staged ones; its errors merged."""
+    unit, n = p.unit, len(p.unit.members)
+    old_state = job.unit_state(unit)
+    old_err = pq.read_table(job.state / "errors" / f"{unit.shard}.parquet").to_pydict()
+    # Re-read rows bring their read/decode errors again; keep the old ones only without parts.
+    again = ("read", "decode") if reread else ()
+    keep = [i for i, s in enumerate(old_err["stage"]) if s not in p.todo and s not in again]
+    errors = {k: [old_err[k][i] for i in keep] + list(new_errors[k]) for k in new_errors}
+    order = sorted(range(len(errors["index"])), key=lambda i: errors["index"][i])
+    errors = {k: [v[i] for i in order] for k, v in errors.items()}
+    good = _good(n, errors)
+    pos = {idx: j for j, idx in enumerate(_good(n, old_err))}
+    if not set(good) <= set(pos) or old_state is None:
+        raise RuntimeError(f"shard {unit.shard}: cannot merge an update; delete its state to recompute")
+    old = S.read_shard(job.out / old_state["path"])
+    sel = [pos[i] for i in good]
+    data = {k: v[sel] for k, v in old.items()}
+    data.update(_arrays(job, rows, good, p.todo))
+    return errors, good, data
+
+
+def _arrays(
+    job: JobPlan, rows: dict[str, Any], good: list[int], todo: tuple[str, ...]
+) -> dict[str, np.ndarray]:
+    """The image and ``todo``'s columns of the ``good`` rows, decoded from the staged bytes."""
+    out: dict[str, np.ndarray] = {}
+    if not rows:
+        return out
+    r = job.cfg.resolution
+    out["image"] = S.from_binary(rows["image"], np.uint8, (r, r, 3))[good]
+    for name in todo:
+        for spec in job.specs[name]:
+            out[spec.name] = S.from_binary(rows[spec.name], spec.dtype, spec.shape)[good]
+    return out
+
+
+def _errors_from(rows: dict[str, Any], unit: WorkUnit) -> Errors:
+    """The error records of the staged rows that failed in some stage."""
+    stage = rows["err_stage"].to_pylist()
+    bad = [i for i, s in enumerate(stage) if s]
+    pick = {c: rows[c].to_pylist() for c in ("key", "source", "err_type", "err_msg")}
+    return {
+        "key": [pick["key"][i] for i in bad],
+        "source": [pick["source"][i] for i in bad],
+        "stage": [stage[i] for i in bad],
+        "error_type": [pick["err_type"][i] for i in bad],
+        "message": [pick["err_msg"][i] for i in bad],
+        "shard": [unit.shard] * len(bad),
+        "index": bad,
+    }
+
+
+def _write(
+    job: JobPlan, unit: WorkUnit, errors: Errors, good: list[int], data: dict[str, np.ndarray]
+) -> None:
+    table = S.build_table(job.schema, data)
+    path = job.out / "shards" / f"{unit.shard}.parquet"
+    S.write_parquet(table, path)
+    if job.cfg.write_webdataset:
+        from pipelines.data.webdataset_out import write_tar
+
+        write_tar(table, path.with_suffix(".tar"))
+    S.write_parquet(S.errors_table(errors), job.state / "errors" / f"{unit.shard}.parquet")
+    state = {
+        "unit": unit.digest(),
+        "path": f"shards/{unit.shard}.parquet",
+        "inputs": len(unit.members),
+        "rows": len(good),
+        "errors": len(errors["index"]),
+        "error_stages": sorted(set(errors["stage"])),
+        "sha256": files.sha256_file(path),
+        "fingerprints": job.fingerprints,
+    }
+    files.write_json(state, job.state / "state" / f"{unit.shard}.json")
+    shutil.rmtree(job.state / "staging" / unit.shard, ignore_errors=True)

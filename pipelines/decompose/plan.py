@@ -1,0 +1,113 @@
+"""What a decomposition run has to do: its extractors, the output's saved state, the shards to compute.
+
+The output directory's state folder ``.recompose/`` is the job's memory between runs::
+
+    job.json            {"base_hash", "input"}: which input and decode settings the output holds
+    lock                held (flock) by the run writing the directory
+    state/<shard>.json  a committed shard: its inputs' digest, row and error counts, sha256, and
+                        the extractor fingerprints it was computed with
+    errors/<shard>.parquet  that shard's error records (merged into errors.parquet)
+    staging/<shard>/    part files of a shard being computed (removed when it is committed)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipelines.conditions import EXTRACTED_NAMES, Extractor, get_extractor
+from pipelines.config import ConfigError
+from pipelines.data import shards as S
+from pipelines.data.sources import WorkUnit, plan
+from pipelines.decompose.config import DecomposeConfig
+
+STATE_DIR = ".recompose"
+
+
+def build_extractors(cfg: DecomposeConfig, has_gt: bool) -> tuple[dict[str, Extractor], dict[str, str]]:
+    """The extractors this run uses, and the reasons of the ones it cannot run."""
+    wanted = cfg.conditions or EXTRACTED_NAMES
+    chosen: dict[str, Extractor] = {}
+    unavailable: dict[str, str] = {}
+    for name in EXTRACTED_NAMES:
+        if name not in wanted:
+            continue
+        ext = get_extractor(name)(getattr(cfg, name), cfg.resolution, has_gt)
+        reason = ext.unavailable_reason()
+        if reason:
+            if cfg.conditions:
+                raise ConfigError(f"condition {name!r} was requested but is unavailable: {reason}")
+            unavailable[name] = reason
+        else:
+            chosen[name] = ext
+    if not chosen:
+        raise ConfigError(
+            "no condition can be extracted with this config: "
+            + "; ".join(f"{k}: {v}" for k, v in unavailable.items())
+        )
+    return chosen, unavailable
+
+
+@dataclass
+class Pending:
+    """A shard this run writes."""
+
+    unit: WorkUnit
+    todo: tuple[str, ...]  # conditions to compute (empty: only drop removed ones)
+    fresh: bool  # no usable previous shard: compute everything
+
+
+class JobPlan:
+    """Everything decided before the first shard is computed: inputs cut into units, extractors,
+    the shard schema and the base hash (what decides the rows and the stored image)."""
+
+    def __init__(self, cfg: DecomposeConfig):
+        if not cfg.input or not cfg.output:
+            raise ConfigError("both input and output are required")
+        self.cfg = cfg
+        self.out = Path(cfg.output)
+        self.state = self.out / STATE_DIR
+        self.plan = plan(cfg.input, cfg.format, cfg.shard_size, cfg.captions, cfg.image_column)
+        self.extractors, self.unavailable = build_extractors(cfg, self.plan.has_ground_truth)
+        self.fingerprints = {n: e.fingerprint() for n, e in self.extractors.items()}
+        self.specs = {n: e.columns() for n, e in self.extractors.items()}
+        self.schema = S.shard_schema(cfg.resolution, self.specs, self.fingerprints)
+        self.base = cfg.base_hash(self.plan.kind)
+
+    def identity(self) -> dict[str, str]:
+        """``job.json``: an output directory holds the decomposition of one input and base hash
+        (input first: a refusal names the first key that differs)."""
+        return {"input": os.path.abspath(self.cfg.input), "base_hash": self.base}
+
+    def unit_state(self, unit: WorkUnit) -> dict[str, Any] | None:
+        """The committed state of ``unit``'s shard, or None when it must be computed from scratch."""
+        p = self.state / "state" / f"{unit.shard}.json"
+        if not p.is_file():
+            return None
+        st = json.loads(p.read_text())
+        if st.get("unit") != unit.digest() or not (self.out / st["path"]).is_file():
+            return None
+        return st
+
+    def pending(self) -> list[Pending]:
+        """The shards that are missing or were computed with other extractor fingerprints."""
+        todo_all = tuple(self.extractors)
+        out = []
+        for unit in self.plan.units:
+            st = self.unit_state(unit)
+            if st is None:
+                out.append(Pending(unit, todo_all, True))
+                continue
+            old = st["fingerprints"]
+            if old == self.fingerprints:
+                continue
+            todo = tuple(n for n in todo_all if old.get(n) != self.fingerprints[n])
+            removed = set(old) - set(self.fingerprints)
+            # A row that failed in a recomputed or removed extractor has no stored columns to
+            # merge with, so such a shard is recomputed whole.
+            fresh = bool(set(st["error_stages"]) & (set(todo) | removed))
+            out.append(Pending(unit, todo_all if fresh else todo, fresh))
+        return out
