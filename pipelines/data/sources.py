@@ -161,6 +161,67 @@ def load_captions(path: str) -> dict[str, str]:
         return {row[kc]: row[cc] for row in reader}
 
 
+def _plan_folder(root: Path, shard_size: int, captions: str | None) -> list[WorkUnit]:
+    if not root.is_dir():
+        raise SourceError(f"--format folder needs a directory, got {str(root)!r}")
+    files = _walk(root, IMAGE_EXTENSIONS)
+    if not files:
+        raise SourceError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {str(root)!r}")
+    table = load_captions(captions) if captions else None
+    units = []
+    for j, chunk in _chunks(files, shard_size):
+        caps: tuple[str | None, ...] = ()
+        if table is not None:
+            caps = tuple(table.get(str(Path(f).with_suffix("")), table.get(f)) for f in chunk)
+        units.append(WorkUnit(f"folder-{j:05d}", "folder", "", tuple(chunk), caps))
+    return units
+
+
+def _plan_webdataset(root: Path, shard_size: int, skipped: Counter[str]) -> list[WorkUnit]:
+    tars = [""] if root.is_file() else _walk(root, (".tar",))
+    if not tars:
+        raise SourceError(f"no .tar files under {str(root)!r}")
+    units = []
+    for rel in tars:
+        tar = root if rel == "" else root / rel
+        keys, skip = _tar_keys(tar)
+        skipped.update(skip)
+        name = _safe_name(tar.name if rel == "" else rel)
+        for j, chunk in _chunks(keys, shard_size):
+            units.append(WorkUnit(f"{name}-{j:04d}", "webdataset", str(tar), tuple(chunk)))
+    return units
+
+
+def _plan_parquet(
+    root: Path, shard_size: int, image_column: str | None, skipped: Counter[str]
+) -> tuple[list[WorkUnit], bool]:
+    """The units of every parquet file (img2dataset's failed rows skipped), and whether every file
+    carries the synthetic set's ground-truth columns."""
+    files = [""] if root.is_file() else _walk(root, (".parquet",))
+    files = [f for f in files if (root if f == "" else root / f).name != "errors.parquet"]
+    if not files:
+        raise SourceError(f"no .parquet files under {str(root)!r}")
+    units, has_gt = [], False
+    for rel in files:
+        file = root if rel == "" else root / rel
+        if _parquet_image_column(file, image_column) is None:
+            raise SourceError(
+                f"{file}: no image column (looked for {image_column or ', '.join(IMAGE_COLUMNS)}); "
+                "set image_column=NAME"
+            )
+        schema = pq.read_schema(file)
+        has_gt = has_gt or all(c in schema.names for c in GT_COLUMNS)
+        rows = list(range(pq.ParquetFile(file).metadata.num_rows))
+        if "status" in schema.names:
+            status = pq.read_table(file, columns=["status"]).column("status").to_pylist()
+            skipped.update(s or "null" for s in status if s != "success")
+            rows = [i for i in rows if status[i] == "success"]
+        name = _safe_name(file.name if rel == "" else rel)
+        for j, chunk in _chunks(rows, shard_size):
+            units.append(WorkUnit(f"{name}-{j:04d}", "parquet", str(file), tuple(chunk)))
+    return units, has_gt
+
+
 def plan(
     path: str,
     fmt: Format = "auto",
@@ -174,54 +235,13 @@ def plan(
     if not root.exists():
         raise SourceError(f"input {path!r} does not exist")
     skipped: Counter[str] = Counter()
-    units: list[WorkUnit] = []
     has_gt = False
     if kind == "folder":
-        if not root.is_dir():
-            raise SourceError(f"--format folder needs a directory, got {path!r}")
-        files = _walk(root, IMAGE_EXTENSIONS)
-        if not files:
-            raise SourceError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {path!r}")
-        table = load_captions(captions) if captions else None
-        for j, chunk in _chunks(files, shard_size):
-            caps: tuple[str | None, ...] = ()
-            if table is not None:
-                caps = tuple(table.get(str(Path(f).with_suffix("")), table.get(f)) for f in chunk)
-            units.append(WorkUnit(f"folder-{j:05d}", "folder", "", tuple(chunk), caps))
+        units = _plan_folder(root, shard_size, captions)
     elif kind == "webdataset":
-        tars = [""] if root.is_file() else _walk(root, (".tar",))
-        if not tars:
-            raise SourceError(f"no .tar files under {path!r}")
-        for rel in tars:
-            tar = root if rel == "" else root / rel
-            keys, skip = _tar_keys(tar)
-            skipped.update(skip)
-            name = _safe_name(tar.name if rel == "" else rel)
-            for j, chunk in _chunks(keys, shard_size):
-                units.append(WorkUnit(f"{name}-{j:04d}", "webdataset", str(tar), tuple(chunk)))
+        units = _plan_webdataset(root, shard_size, skipped)
     elif kind == "parquet":
-        files = [""] if root.is_file() else _walk(root, (".parquet",))
-        files = [f for f in files if (root if f == "" else root / f).name != "errors.parquet"]
-        if not files:
-            raise SourceError(f"no .parquet files under {path!r}")
-        for rel in files:
-            file = root if rel == "" else root / rel
-            col = _parquet_image_column(file, image_column)
-            if col is None:
-                raise SourceError(
-                    f"{file}: no image column (looked for {image_column or ', '.join(IMAGE_COLUMNS)}); "
-                    "set image_column=NAME"
-                )
-            schema = pq.read_schema(file)
-            has_gt = has_gt or all(c in schema.names for c in GT_COLUMNS)
-            rows = list(range(pq.ParquetFile(file).metadata.num_rows))
-            if "status" in schema.names:
-                status = pq.read_table(file, columns=["status"]).column("status").to_pylist()
-                skipped.update(s or "null" for s in status if s != "success")
-                rows = [i for i in rows if status[i] == "success"]
-            name = _safe_name(file.name if rel == "" else rel)
-            for j, chunk in _chunks(rows, shard_size):
-                units.append(WorkUnit(f"{name}-{j:04d}", "parquet", str(file), tuple(chunk)))
+        units, has_gt = _plan_parquet(root, shard_size, image_column, skipped)
     else:
         raise SourceError(f"unknown format {kind!r}; known: auto, folder, webdataset, parquet")
     names = [u.shard for u in units]
