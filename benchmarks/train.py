@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import statistics
@@ -67,6 +68,7 @@ from benchmarks.machine import cpu_name  # noqa: E402
 from pipelines.config import load_config  # noqa: E402
 from pipelines.data.batches import BatchRecipe, DataSpec, make_recipe, open_data
 from pipelines.data.shards import from_binary  # noqa: E402
+from pipelines.log import configure  # noqa: E402
 from pipelines.train.config import DataSection, TrainConfig  # noqa: E402
 from pipelines.train.data import build_dataset, read_parallelism, read_shards
 from pipelines.train.run import model_arguments  # noqa: E402
@@ -78,8 +80,7 @@ WINDOW_METRICS = ("images_per_s", "data_wait_fraction", "step_time_s", "loss", "
 CONDITIONS = ("palette", "sketch", "instances", "depth", "intensity")
 
 
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+log = logging.getLogger("bench")
 
 
 def make_data(root: Path, count: int, resolution: int, conditions: tuple[str, ...] = CONDITIONS) -> Path:
@@ -214,14 +215,14 @@ def reader_benchmark(
         "ray_data_prepare": lambda: read_prepared(spec, recipe, batch),
     }
     for name, fn in readers.items() if warmup else ():
-        log(f"reader warm-up: {name}")
+        log.info(f"reader warm-up: {name}")
         fn()
     runs: dict[str, list[dict]] = {name: [] for name in readers}
     for i in range(repeats):
         order = list(readers) if i % 2 == 0 else list(reversed(readers))
         for name in order:
             runs[name].append(_run_figures(readers[name]()))
-            log(f"reader run {i + 1}/{repeats} {name}: {runs[name][-1]['samples_per_s']:.0f} samples/s")
+            log.info(f"reader run {i + 1}/{repeats} {name}: {runs[name][-1]['samples_per_s']:.0f} samples/s")
     out: dict = {
         "columns": list(columns),
         "batch": batch,
@@ -277,7 +278,7 @@ def train_benchmark(data: Path, steps: int, batch: int, workers: int, preset: st
         total = time.perf_counter() - t0
         client = MlflowClient(uri)
         history = {
-            name: {m.step: m.value for m in client.get_metric_history(summary["mlflow_run_id"], name)}
+            name: {m.step: m.value for m in client.get_metric_history(summary.mlflow_run_id, name)}
             for name in WINDOW_METRICS
         }
     windows = [
@@ -294,18 +295,18 @@ def train_benchmark(data: Path, steps: int, batch: int, workers: int, preset: st
         }
     return {
         "workers": workers,
-        "cpus_per_worker": summary["config"]["cpus_per_worker"],
+        "cpus_per_worker": summary.config["cpus_per_worker"],
         "batch_per_worker": batch,
         "global_batch": batch * workers,
-        "steps": summary["steps"],
+        "steps": summary.steps,
         "log_every": LOG_EVERY,
         "windows": windows,
         "first_window": windows[0] if windows else None,
         "steady": steady,
         "goal_data_wait": GOAL_DATA_WAIT,
         "goal_met": steady["data_wait_fraction"] < GOAL_DATA_WAIT if steady else None,
-        "registered_model": summary["registered_model"],
-        "fit_seconds": summary["seconds"],
+        "registered_model": summary.registered_model,
+        "fit_seconds": summary.seconds,
         "seconds_total": round(total, 1),
     }
 
@@ -325,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--skip-reader", action="store_true")
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[bench] %(message)s", stream=sys.stderr)
+    configure()  # run_train's own lines as `[train] …`
     import pyarrow
     import ray
     import torch
@@ -355,10 +358,12 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="bench-data-", ignore_cleanup_errors=True) as tmp:
             data = Path(args.data) if args.data else None
             if data is None:
-                log(f"no --data: decomposing {args.count} synthetic images at {args.resolution} px in {tmp}")
+                log.info(
+                    f"no --data: decomposing {args.count} synthetic images at {args.resolution} px in {tmp}"
+                )
                 t0 = time.perf_counter()
                 data = make_data(Path(tmp), args.count, args.resolution)
-                log(f"data ready in {time.perf_counter() - t0:.1f} s")
+                log.info(f"data ready in {time.perf_counter() - t0:.1f} s")
             spec = open_data(data)
             out["data"] = {
                 "dir": str(data) if args.data else "synthetic (temporary)",
@@ -372,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
                     spec, training_recipe(spec, args.preset), args.repeats, args.reader_batch
                 )
             if not args.skip_train:
-                log(f"training {args.steps} steps on {args.workers} CPU workers")
+                log.info(f"training {args.steps} steps on {args.workers} CPU workers")
                 out["train"] = train_benchmark(data, args.steps, args.batch, args.workers, args.preset)
     finally:
         ray.shutdown()

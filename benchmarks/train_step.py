@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import os
 import platform
 import statistics
@@ -73,8 +74,7 @@ PEAK_BF16_TFLOPS: tuple[tuple[tuple[str, ...], float], ...] = (
 )
 
 
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+log = logging.getLogger("bench")
 
 
 def peak_bf16_tflops(device_name: str) -> float | None:
@@ -212,7 +212,7 @@ def train_steps(
             loss = step()
         sync(device)
         times.append(time.perf_counter() - t)
-        log(f"  repeat {r + 1}/{repeats}: {times[-1] / steps * 1e3:.1f} ms per step")
+        log.info(f"  repeat {r + 1}/{repeats}: {times[-1] / steps * 1e3:.1f} ms per step")
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return {
         "parameters": sum(p.numel() for p in trained.parameters()),
@@ -234,7 +234,7 @@ def _ours(preset, batch, device, dtype, compile_unet, steps, warmup, repeats) ->
     with torch.no_grad():
         context_shape = tuple(model.encode(conditions, presence).context.shape)
     scheduler = default_scheduler()
-    log(f"ours: {preset} batch {batch} {dtype} compile={compile_unet} on {device}")
+    log.info(f"ours: {preset} batch {batch} {dtype} compile={compile_unet} on {device}")
     out = train_steps(
         model,
         model.unet,
@@ -260,7 +260,7 @@ def _theirs(ours, batch, device, dtype, compile_unet, steps, warmup, repeats) ->
     x0 = (torch.rand(batch, channels, s, s, generator=g) * 2 - 1).to(device)
     context = torch.randn(context_shape, generator=g).to(device)
     scheduler = default_scheduler()
-    log(f"theirs: plain UNet2DConditionModel, context {list(context_shape)}")
+    log.info(f"theirs: plain UNet2DConditionModel, context {list(context_shape)}")
     out = train_steps(
         unet,
         unet,
@@ -363,7 +363,7 @@ def gpu_suite(preset: str, steps: int, warmup: int, repeats: int) -> dict:
             torch.cuda.empty_cache()
             if not oom:
                 break
-            log(f"out of memory at batch {batch}")
+            log.info(f"out of memory at batch {batch}")
             if batch == 1:
                 raise RuntimeError(f"{preset} does not train at batch 1 on this device")
             batch //= 2
@@ -383,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads; default all cores")
     p.add_argument("--gpu-suite", action="store_true", help="CUDA: bf16 eager and compiled, batch ≤ 64")
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[bench] %(message)s", stream=sys.stderr)
     threads = args.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     diffusers_logging.set_verbosity_error()

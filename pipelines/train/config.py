@@ -97,7 +97,6 @@ class TrainConfig(Config):
     checkpoint_every: int = resource(200, ge=1)  # optimizer steps between checkpoints (and one at the end)
     keep_checkpoints: int = resource(2, ge=1)
     max_failures: int = resource(2, ge=0)  # worker-group restarts from the latest checkpoint
-    fail_at_step: int | None = resource(None)  # testing only: rank 0 raises once when reaching this step
     progress: bool = resource(True)
     model: ModelSection = nested(ModelSection)
     optim: OptimSection = nested(OptimSection)

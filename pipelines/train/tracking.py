@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,12 +26,15 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from models import ComposerModel
-from pipelines.config import ConfigError, flatten
+from pipelines import tracking
+from pipelines.config import flatten
 from pipelines.data.augment import AugmentConfig
-from pipelines.data.batches import BatchRecipe, DataSpec, prepare_batch
-from pipelines.files import write_json
-from pipelines.log import WORKER_LOG
+from pipelines.data.batches import DataSpec, prepare_batch
+from pipelines.files import atomic_write, encode_png, write_bytes, write_json
 from pipelines.train.config import TrainConfig
+from pipelines.train.loop import TrainerArgs
+
+log = logging.getLogger(__name__)
 
 # The fixed condition sets of the sample grids: (column label, conditions).
 SAMPLE_SETS = (
@@ -41,50 +44,41 @@ SAMPLE_SETS = (
     ("semantics only", ("semantics",)),
     ("all", None),  # every condition trained on except the mask
 )
+RECORD = "train.json"  # RUN_DIR's record: config hash, data, MLflow run
 EXPORT_INFO = "recompose-training.json"
 
 
+@dataclasses.dataclass(frozen=True)
+class RunInfo:
+    """The MLflow run a training run logs into (``mlflow`` of ``train.json``, plus ``resumed``)."""
+
+    tracking_uri: str
+    experiment_id: str
+    run_id: str
+    resumed: bool = False  # found again in train.json, not created
+
+
 def tracking_uri(cfg: TrainConfig, run_dir: Path) -> str:
-    if cfg.mlflow.tracking_uri:
-        return cfg.mlflow.tracking_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{run_dir.resolve().parent / 'mlflow.db'}"
+    return tracking.resolve_uri(cfg.mlflow.tracking_uri, tracking.sqlite_uri(run_dir.parent))
 
 
-def _experiment_id(client: Any, name: str, uri: str) -> str:
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    location = None
-    if uri.startswith("sqlite:///"):  # artifacts next to the database, not in the working directory
-        location = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts" / name).resolve().as_uri()
-    return client.create_experiment(name, artifact_location=location)
-
-
-def open_run(cfg: TrainConfig, run_dir: Path, spec: DataSpec, config_hash: str, model_kwargs: dict) -> dict:
-    """Create the MLflow run of ``run_dir`` or find it again; returns what workers need to log."""
-    import mlflow
+def open_run(
+    cfg: TrainConfig,
+    run_dir: Path,
+    spec: DataSpec,
+    config_hash: str,
+    model_kwargs: dict[str, Any],
+    record: dict[str, Any] | None,
+) -> RunInfo:
+    """Create the MLflow run of ``run_dir`` or, given its ``train.json`` ``record``, find it again."""
     from mlflow import MlflowClient
 
     uri = tracking_uri(cfg, run_dir)
     client = MlflowClient(uri)
-    state_path = run_dir / "train.json"
-    if state_path.is_file():
-        state = json.loads(state_path.read_text())
-        if state["config_hash"] != config_hash:
-            raise ConfigError(
-                f"--output {run_dir} holds a run with config hash {state['config_hash']}, this config is "
-                f"{config_hash}; resume with the same config (steps, workers and logging may change) or "
-                "give a new --output"
-            )
-        if state["data"] != spec.root or state["manifest_hash"] != spec.manifest_hash:
-            raise ValueError(
-                f"--output {run_dir} was trained on other data ({state['data']}); give a new --output"
-            )
-        client.update_run(state["mlflow"]["run_id"], status="RUNNING")
-        return {**state["mlflow"], "resumed": True}
-    exp_id = _experiment_id(client, cfg.mlflow.experiment, uri)
+    if record is not None:
+        client.update_run(record["mlflow"]["run_id"], status="RUNNING")
+        return RunInfo(**record["mlflow"], resumed=True)
+    exp_id = tracking.experiment_id(client, cfg.mlflow.experiment, uri)
     run = client.create_run(
         exp_id,
         run_name=run_dir.name,
@@ -96,55 +90,55 @@ def open_run(cfg: TrainConfig, run_dir: Path, spec: DataSpec, config_hash: str, 
             "mlflow.source.name": "recompose train",
         },
     )
-    params = {k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in flatten(cfg).items()}
-    params.update({f"model.resolved.{k}": v for k, v in model_kwargs.items()})
+    tracking.log_params(client, run.info.run_id, _params(cfg, spec, model_kwargs))
+    info = RunInfo(uri, exp_id, run.info.run_id)
+    where = {"tracking_uri": uri, "experiment_id": exp_id, "run_id": run.info.run_id}
+    record = {"config_hash": config_hash, "data": spec.root, "manifest_hash": spec.manifest_hash}
+    write_json({**record, "mlflow": where}, run_dir / RECORD)
+    return info
+
+
+def _params(cfg: TrainConfig, spec: DataSpec, model_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The flattened config, the model's resolved arguments and the data's size."""
+    params: dict[str, Any] = dict(flatten(cfg))
+    # str(), not JSON, for these: tuples read "(32, 64)" and lists "['a']" in every run's params,
+    # so runs compare param for param.
+    params.update({f"model.resolved.{k}": str(v) for k, v in model_kwargs.items()})
     params.update(
         {"data.rows": spec.rows, "data.shards": len(spec.files), "data.conditions": ",".join(spec.conditions)}
     )
-    for chunk in _chunks(list(params.items()), 100):
-        client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in chunk])
-    info = {"tracking_uri": uri, "experiment_id": exp_id, "run_id": run.info.run_id}
-    write_json(
-        {"config_hash": config_hash, "data": spec.root, "manifest_hash": spec.manifest_hash, "mlflow": info},
-        state_path,
-    )
-    return {**info, "resumed": False}
-
-
-def _chunks(items: list, n: int):
-    for i in range(0, len(items), n):
-        yield items[i : i + n]
+    return params
 
 
 class RankZeroTracker:
     """Everything rank 0 logs; see the module docstring."""
 
-    def __init__(self, cfg: TrainConfig, config: dict, run_dir: Path, recipe: BatchRecipe, device):
-        self.cfg, self.config, self.run_dir, self.recipe, self.device = cfg, config, run_dir, recipe, device
-        self.run_id = config["mlflow_run_id"]
+    def __init__(self, args: TrainerArgs, device: Any):
+        self.args, self.cfg, self.recipe, self.device = args, args.cfg, args.recipe, device
+        self.run_dir = Path(args.run_dir)
+        self.run_id = args.mlflow_run_id
         self._rows: dict[str, Any] | None = None
 
     def start(self, step: int) -> None:
         import mlflow
 
-        mlflow.set_tracking_uri(self.config["tracking_uri"])
+        self.client = mlflow.MlflowClient(self.args.tracking_uri)
+        mlflow.set_tracking_uri(self.args.tracking_uri)
         if self.cfg.mlflow.system_metrics:
             mlflow.set_system_metrics_sampling_interval(5)
         mlflow.start_run(run_id=self.run_id, log_system_metrics=self.cfg.mlflow.system_metrics)
         if step:
-            print(f"[train] resumed at step {step} (MLflow run {self.run_id})", file=WORKER_LOG, flush=True)
+            log.info("resumed at step %d (MLflow run %s)", step, self.run_id)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        import mlflow
-
-        mlflow.log_metrics(metrics, step=step)
+        tracking.log_metrics(self.client, self.run_id, metrics, step)
 
     # -- samples ---------------------------------------------------------------------------------
     def _sample_rows(self) -> dict[str, Any]:
         """The held-aside rows (first rows of the first shard), prepared without random crops."""
         if self._rows is None:
             n = self.cfg.mlflow.sample_rows
-            pf = pq.ParquetFile(self.config["files"][0])
+            pf = pq.ParquetFile(self.args.files[0])
             cols = list(dict.fromkeys([*self.recipe.columns, "text"]))
             table = pf.read_row_group(0, columns=cols).slice(0, n)
             plain = AugmentConfig(crop_scale=(1.0, 1.0), flip=False, random_intensity=False)
@@ -175,7 +169,7 @@ class RankZeroTracker:
 
     def _export_model(self, weights: dict[str, Any]) -> ComposerModel:
         """A plain model (on this worker's device) holding ``weights``, the EMA weights."""
-        m = ComposerModel.from_config(self.config["model_kwargs"])
+        m = ComposerModel.from_config(self.args.model_kwargs)
         m.load_state_dict(weights)
         return m.to(self.device).eval()
 
@@ -217,12 +211,9 @@ class RankZeroTracker:
 
     def log_samples(self, weights: dict[str, Any], step: int) -> None:
         import mlflow
-        from PIL import Image
 
-        grid = self.sample_grid(weights, step)
         path = self.run_dir / "samples" / f"step-{step:07d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(grid).save(path)
+        write_bytes(encode_png(self.sample_grid(weights, step)), path)
         mlflow.log_artifact(str(path), artifact_path="samples")
 
     # -- the end ---------------------------------------------------------------------------------
@@ -233,10 +224,7 @@ class RankZeroTracker:
         info_path = export / EXPORT_INFO
         done = json.loads(info_path.read_text()) if info_path.is_file() else {}
         if done.get("step") == step and done.get("run_id") == self.run_id:
-            print(
-                f"[train] export of step {step} already logged (version {done.get('version')})",
-                file=WORKER_LOG,
-            )
+            log.info("export of step %d already logged (version %s)", step, done.get("version"))
         else:
             self._export(weights, export)
             from pipelines.diffusion.mlflow_model import log_pipeline
@@ -244,9 +232,9 @@ class RankZeroTracker:
             uri, version = log_pipeline(export, self.cfg.mlflow.registered_model)
             write_json({"step": step, "run_id": self.run_id, "model_uri": uri, "version": version}, info_path)
             where = f"models:/{self.cfg.mlflow.registered_model}/{version}" if version is not None else uri
-            print(f"[train] exported {export} and logged it as {where}", file=WORKER_LOG, flush=True)
+            log.info("exported %s and logged it as %s", export, where)
         plot = self.run_dir / "metrics.png"
-        plot_metrics(self.config["tracking_uri"], self.run_id, plot)
+        plot_metrics(self.args.tracking_uri, self.run_id, plot)
         mlflow.log_artifact(str(plot))
         mlflow.end_run()
 
@@ -255,7 +243,7 @@ class RankZeroTracker:
         from pipelines.diffusion.pipeline import ComposerPipeline, default_scheduler
 
         pipe = ComposerPipeline(
-            self._export_model(weights), default_scheduler(), decompose=self.config["decompose"]
+            self._export_model(weights), default_scheduler(), decompose=self.args.decompose
         )
         tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=self.run_dir))
         pipe.save_pretrained(str(tmp))
@@ -292,7 +280,7 @@ def plot_metrics(uri: str, run_id: str, path: Path) -> None:
             ax.set_yscale("log")
             ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90))
     plt.close(fig)
 
 

@@ -2,7 +2,8 @@
 store read back with ``MlflowClient``, a worker failure, a resumed rerun, the exported pipeline.
 
 One chain of runs shared by the module (a Ray Train run costs ~40 s here):
-  run 1  max_steps 24, checkpoint every 6, rank 0 raises once at step 12 (max_failures 1)
+  run 1  max_steps 24, checkpoint every 6, rank 0 raises once at step 12 (max_failures 1), through
+         the test seam ``pipelines.train.run.step_hook`` (tests/train/faults.py)
   run 2  the same command with max_steps 30: resumes at 24, same MLflow run
 """
 
@@ -19,6 +20,8 @@ from jobs.cli import main
 from pipelines.data.synth import write_synth
 from pipelines.decompose.config import DecomposeConfig
 from pipelines.decompose.job import run_decompose
+from pipelines.train import run as train_run
+from tests.train.faults import FailOnce
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +71,9 @@ def chain(data, tmp_path_factory, ray_local) -> dict:
     root = tmp_path_factory.mktemp("train-runs")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     run_dir = root / "run"
-    first = _train(data, run_dir, uri, 24, "fail_at_step=12", "max_failures=1")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_run, "step_hook", FailOnce(12, str(root / "failed-at-12")))
+        first = _train(data, run_dir, uri, 24, "max_failures=1")
     after_first = json.loads((run_dir / "export" / "recompose-training.json").read_text())
     ckpts_first = _checkpoints(run_dir)
     # What a kill in the middle of writing a checkpoint leaves: a newer, half-written folder that
@@ -143,7 +148,7 @@ def test_run_logs_params_metrics_artifacts_and_registers(chain):
 
 def test_worker_failure_restarts_from_the_checkpoint(chain):
     run_dir = chain["run_dir"]
-    assert (run_dir / ".recompose" / "failed-at-12").exists(), "the failure really happened"
+    assert (chain["root"] / "failed-at-12").exists(), "the failure really happened"
     client = _client(chain["uri"])
     steps = [m.step for m in client.get_metric_history(_run_id(run_dir), "loss")]
     # Restarted from the step-12 checkpoint: no step trained twice, none skipped.
@@ -197,20 +202,20 @@ def test_refuses_foreign_output_and_bad_data(tmp_path, data):
     )
 
 
-def test_fsdp_trains_checkpoints_and_resumes_after_a_failure(data, tmp_path):
+def test_fsdp_trains_checkpoints_and_resumes_after_a_failure(data, tmp_path, monkeypatch):
     """FSDP2 over 2 CPU workers (gloo) with gradient accumulation: a failure at the step-3
     checkpoint resumes from the gathered full states."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_dir = tmp_path / "fsdp"
+    monkeypatch.setattr(train_run, "step_hook", FailOnce(3, str(tmp_path / "failed-at-3")))
     extra = (
         "strategy=fsdp",
-        "fail_at_step=3",
         "max_failures=1",
         "checkpoint_every=3",
         "mlflow.sample_every=0",
     )
     assert _train(data, run_dir, uri, 6, *extra, "mlflow.registered_model=null") == 0
-    assert (run_dir / ".recompose" / "failed-at-3").exists()
+    assert (tmp_path / "failed-at-3").exists()
     steps = [m.step for m in _client(uri).get_metric_history(_run_id(run_dir), "loss")]
     assert sorted(steps) == list(range(1, 7)), steps
     latest = run_dir / _checkpoints(run_dir)[-1]
@@ -266,23 +271,6 @@ def test_prepare_batch_gives_aligned_model_inputs(data):
     assert cond.semantics_image is not None and cond.masked_image is not None and cond.text_ids is not None
     eps = model(x0, torch.zeros(6, dtype=torch.long), conditions=cond, presence=available)
     assert eps.shape == x0.shape
-
-
-def test_loss_groups():
-    import torch
-
-    from models import CONDITIONS
-    from pipelines.train.loop import _subset_losses, loss_group_names
-
-    per_row = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)
-    available = torch.ones(3, len(CONDITIONS), dtype=torch.bool)
-    presence = torch.zeros(3, len(CONDITIONS), dtype=torch.bool)
-    presence[1] = True  # row 1: everything kept
-    presence[2, 3] = True  # row 2: sketch only
-    sums = _subset_losses(per_row, presence, available).view(-1, 2)
-    got = dict(zip(loss_group_names(), sums.tolist(), strict=True))
-    assert got["loss"] == [7.0, 3.0] and got["loss/none"] == [1.0, 1.0] and got["loss/all"] == [2.0, 1.0]
-    assert got["loss/with_sketch"] == [6.0, 2.0] and got["loss/with_caption"] == [2.0, 1.0]
 
 
 def test_open_data_rejects_what_is_not_a_decomposition(tmp_path):
