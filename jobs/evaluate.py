@@ -1,23 +1,23 @@
 """``recompose evaluate`` / ``python -m jobs.evaluate``: how well a trained pipeline recomposes.
 
     recompose evaluate --model DIR_OR_MLFLOW_URI --data DIR --output DIR [--num-samples N]
-        [--config FILE] [--set key=value …]
+        [--config FILE] [--set key=value …] [--json]
 
 Condition fidelity (each representation re-extracted from the generated images), the synthetic
 compositional benchmark, FID/KID/CLIP score when their weights are given locally; floor
 (unconditional) and ceiling (real images) in the same run. Generation runs on Ray actors (the
-cluster in ``RAY_ADDRESS``, as under ``ray job submit``, or a local Ray). See README, "Evaluate".
+cluster in ``RAY_ADDRESS``, as under ``ray job submit``, or a local Ray). See docs/evaluation.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
+from typing import Any
 
-from pipelines.config import ConfigError, add_config_arguments, load_config
+from jobs._runner import add_common_arguments, run
+from pipelines.config import add_config_arguments, load_config
 from pipelines.evaluate.config import EvalConfig
-from pipelines.evaluate.run import EvalError, run_evaluate
+from pipelines.evaluate.run import run_evaluate
 
 
 def parser() -> argparse.ArgumentParser:
@@ -28,33 +28,24 @@ def parser() -> argparse.ArgumentParser:
         help="a saved ComposerPipeline directory, or models:/<name>/<version> (also @alias, runs:/…) "
         "from the MLflow tracking server in MLFLOW_TRACKING_URI",
     )
-    p.add_argument("--data", required=True, help="a `recompose decompose` output: the evaluation rows")
+    p.add_argument(
+        "--data", required=True, help="a `recompose decompose` output (its --output): the evaluation rows"
+    )
     p.add_argument("--output", required=True, help="directory for results.md, metrics.parquet, plots")
-    p.add_argument("--num-samples", type=int, default=None, help="evaluation rows (default 64)")
+    p.add_argument("--num-samples", type=int, default=None, help="evaluation rows (config: num_samples)")
     add_config_arguments(p, "configs/evaluate-*.yaml", "guidance=5")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    add_common_arguments(p, json_help="print the summary (evaluate.json) as JSON on stdout")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     values = {"model": args.model, "data": args.data, "output": args.output, "num_samples": args.num_samples}
-    try:
-        cfg = load_config(EvalConfig, args.config, values, args.overrides)
-        summary = run_evaluate(cfg)
-    except (ConfigError, EvalError) as e:
-        print(f"recompose evaluate: error: {e}", file=sys.stderr)
-        return 2
-    for b in summary["quality_bar"]:
-        verdict = "" if b["pass"] is None else ("  pass" if b["pass"] else "  FAIL")
-        ratio = "" if b["ratio"] is None else f"  {b['ratio']:.2f}x the unconditional floor"
-        print(
-            f"[evaluate] {b['condition']:<22} {b['metric']:<18} {b['value']:.3f}{ratio}{verdict}",
-            file=sys.stderr,
-        )
-    if args.json:
-        print(json.dumps(summary, indent=2, default=str))
-    return 0
+    cfg = load_config(EvalConfig, args.config, values, args.overrides)
+    return run_evaluate(cfg).to_dict()  # evaluate.json's keys: no "mlflow" when nothing was logged
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(parser(), evaluate, argv)
 
 
 if __name__ == "__main__":

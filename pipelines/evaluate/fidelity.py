@@ -162,17 +162,20 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float | np.ndarray:
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float | np.ndarray:
-    """PSNR ``10 log10(255^2 / MSE)`` in dB of (R, R) / (B, R, R) uint8 maps, per map.
+    """PSNR ``10 log10(255^2 / MSE)`` in dB of (R, R) / (B, R, R) uint8 maps, per map
+    (``skimage.metrics.peak_signal_noise_ratio`` with data range 255).
 
-    Identical maps give ``inf``, as ``skimage.metrics.peak_signal_noise_ratio`` and the limit do;
-    not capped, because any cap is an arbitrary number that would then be averaged as if
-    measured. Every other pair is finite (at most 20 log10(255 R) dB: ~78 dB at 32 px), so a
-    table should average MSE or report a median rather than average PSNRs that may be inf.
+    Identical maps give ``inf``, as the limit does; not capped here, because any cap is an
+    arbitrary number that would then be averaged as if measured (the report caps it at
+    ``PSNR_CAP`` for its means). Every other pair is finite (at most 20 log10(255 R) dB: ~78 dB
+    at 32 px), so a table should average MSE or report a median rather than average PSNRs.
     """
+    from skimage.metrics import peak_signal_noise_ratio
+
     a, b, single = _maps("psnr", a, b, "uint8")
-    mse = ((a.astype(np.float64) - b) ** 2).mean(axis=(1, 2))
-    with np.errstate(divide="ignore"):
-        return _out(10 * np.log10(255.0**2 / mse), single)
+    with np.errstate(divide="ignore"):  # identical maps: MSE 0, PSNR inf
+        values = [peak_signal_noise_ratio(x, y, data_range=255) for x, y in zip(a, b, strict=True)]
+    return _out(values, single)
 
 
 # -- depth ------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""``recompose evaluate``: how well a trained pipeline recomposes, measured (issue "Evaluate").
+"""``recompose evaluate``: how well a trained pipeline recomposes, measured.
 
 For the first ``num_samples`` rows of a decomposition output, with fixed seeds (row i: seed + i
 under every subset, so subsets differ only in their conditions):
@@ -16,19 +16,22 @@ under every subset, so subsets differ only in their conditions):
   generator, seen vs held-out (colour, shape) pairs, generated from the caption alone and read
   back by ``scene_parser``; the unconditional images and the generator's own renders are the
   floor and ceiling.
-- **FID / KID / CLIP score** (``eval_quality``) when their weights are given locally: caption-only
+- **FID / KID / CLIP score** (``quality``) when their weights are given locally: caption-only
   images against the real images of the evaluation rows (the zero-shot COCO protocol).
 
-Generation and re-extraction run on ``workers`` Ray actors (one pipeline each); the driver reads
-the rows, gathers the records and writes ``eval_report``'s table, plots and MLflow run.
+Generation and re-extraction run as a Ray Data actor stage of ``workers`` actors (one pipeline
+each, ``worker.py``) over the work units (``units.py``); the driver reads the rows, gathers the
+images and measurements in unit order and writes the report (``report.py``) and MLflow run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,415 +39,97 @@ import numpy as np
 
 from pipelines.config import config_hash, to_dict
 from pipelines.evaluate.config import EvalConfig
+from pipelines.evaluate.report import FORMAT, OUTPUTS, EvalResult
+from pipelines.evaluate.units import (
+    EVAL,
+    EvalError,
+    Row,
+    RowSets,
+    Unit,
+    UnitResult,
+    benchmark_rows,
+    is_synthetic,
+    load_rows,
+    make_units,
+    runnable_subsets,
+)
 
-FORMAT = "recompose.evaluate/1"
-FIDELITY = ("palette", "sketch", "instances", "depth", "intensity")  # re-extracted representations
-
-
-class EvalError(ValueError):
-    """Bad model, data, output or configuration for the evaluation; the message says which."""
-
-
-# -- rows -----------------------------------------------------------------------------------------
-def load_rows(cfg: EvalConfig, model_config: Any, spec: Any) -> list[dict[str, Any]]:
-    """The first ``num_samples`` rows of ``spec`` at the model's side R, as the model takes them.
-
-    Each row: "key", "text", "image" (R, R, 3) uint8, "inputs" condition -> model input keys
-    (``model_inputs.py``), "given" representation -> the value given (palette (156,), maps
-    (R, R) uint8) and "mask" (R, R) {0, 1}. Maps are resized exactly as training resizes them
-    (``augment.crop_and_flip`` with the full frame), intensity is the stored BT.601 one.
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from pipelines.conditions.mask import MaskGenerator
-    from pipelines.data.augment import AugmentConfig
-    from pipelines.data.batches import make_recipe, prepare_batch
-
-    conditions = tuple(c for c in spec.conditions if c != "mask")
-    full_frame = AugmentConfig(crop_scale=(1.0, 1.0), flip=False, random_intensity=False)
-    recipe = make_recipe(spec, model_config, conditions, full_frame)
-    names = set(pq.read_schema(spec.files[0]).names)
-    columns = [c for c in ("key", "text") if c in names and c not in recipe.columns] + list(recipe.columns)
-    tables, n = [], 0
-    for f in spec.files:
-        t = pq.read_table(f, columns=columns)
-        tables.append(t.slice(0, cfg.num_samples - n))
-        n += tables[-1].num_rows
-        if n >= cfg.num_samples:
-            break
-    if n < cfg.num_samples:
-        raise EvalError(f"--data {spec.root}: holds {n} rows, fewer than --num-samples {cfg.num_samples}")
-    table = pa.concat_tables(tables)
-    batch = prepare_batch(table, recipe)
-    r = recipe.size
-    masks = MaskGenerator(full_frame.mask, r).generate(
-        n, r, np.random.default_rng(cfg.mask_seed), batch.get("instances")
-    )
-    keys = table.column("key").to_pylist() if "key" in table.column_names else list(range(n))
-    texts = table.column("text").to_pylist() if "text" in table.column_names else [""] * n
-    rows = []
-    for i in range(n):
-        inputs: dict[str, dict[str, Any]] = {}
-        if "caption" in conditions and batch["has_caption"][i]:
-            if model_config.caption_encoder == "trainable":
-                inputs["caption"] = {"text": str(texts[i])}
-            else:
-                inputs["caption"] = {k: batch[k][i] for k in batch if k.startswith("caption.")}
-        if "semantics" in conditions:
-            sem = batch.get("semantics")
-            inputs["semantics"] = (
-                {"semantics": sem[i]} if sem is not None else {"semantics.image": batch["image"][i]}
-            )
-        given = {}
-        for name in FIDELITY:
-            if name in batch:
-                given[name] = batch[name][i]
-                inputs[name] = {name: batch[name][i]}
-        inputs["mask"] = {}  # the pipeline adds the mask inputs from source= and mask=
-        rows.append(
-            {
-                "key": str(keys[i]),
-                "text": str(texts[i] or ""),
-                "image": batch["image"][i],
-                "inputs": inputs,
-                "given": given,
-                "mask": masks[i],
-            }
-        )
-    return rows
+logger = logging.getLogger(__name__)
 
 
-def is_synthetic(rows: list[dict[str, Any]]) -> bool:
-    """Whether the rows' captions are the synthetic generator's (``synth_scene`` grammar)."""
-    from pipelines.data.scene import parse_caption
+@dataclass(frozen=True)
+class _Plan:
+    """What one evaluation generates and measures."""
 
-    try:
-        for r in rows:
-            parse_caption(r["text"])
-    except ValueError:
-        return False
-    return bool(rows)
-
-
-def reextract_settings(settings: dict[str, Any], cfg: EvalConfig) -> dict[str, Any]:
-    """The pipeline's decomposition settings, with ``reextract.depth_weights`` as the depth model."""
-    settings = dict(settings)
-    if cfg.reextract.depth_weights:
-        settings["depth"] = {**settings.get("depth", {}), "weights": cfg.reextract.depth_weights}
-    return settings
+    rowsets: RowSets  # EVAL -> the data's rows; "bench/<side>" -> benchmark rows when it runs
+    synthetic: bool  # the data's captions are the synthetic generator's
+    methods: dict[str, str]  # representation -> "extractor" / "scene"
+    units: list[Unit]
+    skipped: dict[str, str]  # what is not measured -> why
 
 
-def reextract_methods(cfg: EvalConfig, synthetic: bool, unavailable: dict[str, str]) -> dict[str, str]:
-    """Representation -> how it is read back from an image ("extractor" or "scene")."""
-    out = {n: "extractor" for n in ("palette", "sketch", "intensity")}
-    for name in ("depth", "instances"):
-        m = getattr(cfg.reextract, name)
-        if m == "auto":
-            m = "scene" if synthetic else "extractor"
-        if m == "scene" and not synthetic:
-            raise EvalError(f"reextract.{name}=scene needs synthetic data (its captions are not)")
-        if m == "extractor" and name in unavailable:
-            continue
-        out[name] = m
-    return out
-
-
-# -- the work on each actor ----------------------------------------------------------------------
-class EvalWorker:
-    """One pipeline and its extractors: generates units of work and measures what it made."""
-
-    def __init__(self, model: str, cfg: EvalConfig, methods: dict[str, str], device: str = "auto"):
-        import torch
-
-        from pipelines.data.decomposer import ImageDecomposer
-        from pipelines.diffusion.loading import load_pipeline, resolve_device
-
-        if device == "auto" and cfg.gpus_per_worker == 0:
-            device = "cpu"
-        device = resolve_device(device)
-        if device == "cpu" and torch.get_num_threads() > max(1, int(cfg.cpus_per_worker)):
-            torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))  # Ray's CPU share, not the host's
-        self.pipe = load_pipeline(model, device)
-        self.pipe.set_progress_bar_config(disable=True)
-        self.cfg, self.methods = cfg, methods
-        unet = self.pipe.unet.config
-        settings = reextract_settings(self.pipe.config.decompose, cfg)
-        self.dec = ImageDecomposer(
-            settings, self.pipe.image_size, unet.caption_encoder, unet.semantics_encoder, device
-        )
-
-    def run(self, unit: dict[str, Any]) -> dict[str, Any]:
-        """unit: "name", "kind" (subset / real / bench), "rows" (indices), "data" (row dicts),
-        "conditions" -> {"name", "rows", "images" (B, R, R, 3) uint8, "records"}."""
-        import ray
-
-        from pipelines.diffusion.pipeline import SampleRequest
-
-        t0 = time.perf_counter()
-        rows = unit["data"]
-        if isinstance(rows, ray.ObjectRef):  # one copy per batch of rows in the object store
-            rows = ray.get(rows)
-        if unit["kind"] in ("real", "bench-real"):
-            images = [r["image"] for r in rows]
-        else:
-            conds = unit["conditions"]
-            guidance = unit.get("guidance", self.cfg.guidance)
-            requests = []
-            for i, r in zip(unit["rows"], rows, strict=True):
-                inputs = {k: v for c in conds for k, v in r["inputs"][c].items()}
-                masked = "mask" in conds
-                requests.append(
-                    SampleRequest(
-                        inputs,
-                        guidance=guidance if conds else 1.0,
-                        seed=self.cfg.seed + i,
-                        source=r["image"] if masked else None,
-                        mask=r["mask"] if masked else None,
-                    )
-                )
-            outs = self.pipe.sample_batch(requests, num_inference_steps=self.cfg.steps)
-            images = [np.asarray(o.images[0]) for o in outs]
-        records = [self.measure(img, r, unit) for img, r in zip(images, rows, strict=True)]
-        return {
-            "name": unit["name"],
-            "rows": unit["rows"],
-            "images": np.stack(images),
-            "records": records,
-            "seconds": time.perf_counter() - t0,
-        }
-
-    def measure(self, image: np.ndarray, row: dict[str, Any], unit: dict[str, Any]) -> dict[str, Any]:
-        from pipelines.evaluate.fidelity import condition_fidelity
-        from pipelines.evaluate.scene_parser import parse_scene, scene_maps, score
-
-        rec: dict[str, Any] = {}
-        if unit["kind"] in ("bench", "bench-real"):
-            rec["bench"] = score(parse_scene(image), row["text"])
-            return rec
-        want = [n for n in FIDELITY if n in row["given"] and n in self.methods]
-        extracted = self.dec.decompose(image, [n for n in want if self.methods[n] == "extractor"])
-        if any(self.methods[n] == "scene" for n in want):
-            extracted["instances"], extracted["depth"] = scene_maps(image)
-        for name in want:
-            kw = {"tolerance_px": self.cfg.reextract.edge_tolerance_px} if name == "sketch" else {}
-            for metric, value in condition_fidelity(name, row["given"][name], extracted[name], **kw).items():
-                rec[f"{name}.{metric}"] = float(value)
-        if "mask" in unit.get("conditions", ()):
-            m = condition_fidelity("mask", row["image"], image, mask=row["mask"])
-            rec["mask.max_abs_diff"] = float(m["max_abs_diff"])
-        return rec
-
-
-# -- units of work -------------------------------------------------------------------------------
-def benchmark_rows(cfg: EvalConfig, resolution: int) -> list[dict[str, Any]]:
-    """Fresh generator scenes: ``num_captions`` seen then as many held-out, at the model's side."""
-    from pipelines.data.scene import render_sample
-
-    n = cfg.benchmark.num_captions or cfg.num_samples
-    out = []
-    for split in ("train", "heldout"):
-        for i in range(n):
-            s = render_sample(cfg.benchmark.seed, split, i, resolution)
-            out.append({"key": f"{split}/{i}", "text": s.caption, "image": s.image, "split": split})
-    return out
-
-
-def make_units(
-    cfg: EvalConfig, rows: list[dict[str, Any]], available: set[str], bench: list[dict[str, Any]] | None
-) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """Units of at most ``batch_size`` rows: each subset, ``none``, ``real`` and the benchmark.
-
-    A subset asking for a condition the model or data lacks is skipped (reason returned)."""
-    subsets: dict[str, tuple[str, ...]] = {"none": ()}
-    skipped: dict[str, str] = {}
-    for name, conds in cfg.subsets.items():
-        missing = [c for c in conds if c not in available]
-        if missing:
-            skipped[name] = f"the model or data has no {', '.join(missing)}"
-        else:
-            subsets[name] = tuple(conds)
-    units = []
-    b = cfg.batch_size
-    for start in range(0, len(rows), b):
-        idx = list(range(start, min(len(rows), start + b)))
-        data = [rows[i] for i in idx]
-        for name, conds in subsets.items():
-            units.append({"name": name, "kind": "subset", "conditions": conds, "rows": idx, "data": data})
-        units.append({"name": "real", "kind": "real", "rows": idx, "data": data})
-    if bench:
-        n = len(bench) // 2
-        for side, part in (("seen", bench[:n]), ("heldout", bench[n:])):
-            for start in range(0, n, b):
-                idx = list(range(start, min(n, start + b)))
-                data = [{**part[i], "inputs": {"caption": {"text": part[i]["text"]}}} for i in idx]
-                units.append(
-                    {
-                        "name": f"bench/{side}",
-                        "kind": "bench",
-                        "conditions": ("caption",),
-                        "guidance": cfg.benchmark.guidance,
-                        "rows": idx,
-                        "data": data,
-                    }
-                )
-                # The floor: unconditional images of the same seeds, read against the same captions.
-                units.append(
-                    {
-                        "name": f"bench-none/{side}",
-                        "kind": "bench",
-                        "conditions": (),
-                        "rows": idx,
-                        "data": data,
-                    }
-                )
-                units.append({"name": f"bench-real/{side}", "kind": "bench-real", "rows": idx, "data": data})
-    return units, skipped
-
-
-# -- driver ---------------------------------------------------------------------------------------
-def _check_output(out: Path, ident: dict[str, Any]) -> dict[str, Any] | None:
-    """An existing evaluation in ``out`` must be of the same model, data and settings."""
-    if not out.exists():
-        return None
-    summary = out / "evaluate.json"
-    if not out.is_dir() or (any(out.iterdir()) and not summary.is_file()):
-        raise EvalError(f"--output {out}: exists and is not an evaluation output; give a new directory")
-    if not summary.is_file():
-        return None
-    prev = json.loads(summary.read_text())
-    for k, v in ident.items():
-        if prev.get(k) != v:
-            raise EvalError(
-                f"--output {out}: holds an evaluation with another {k} ({prev.get(k)!r}, now {v!r}); "
-                "give a new directory"
-            )
-    return prev
-
-
-def run_evaluate(cfg: EvalConfig, log=sys.stderr) -> dict[str, Any]:
+def run_evaluate(cfg: EvalConfig) -> EvalResult:
     """The whole evaluation (module docstring); returns the summary written to evaluate.json."""
-    import ray
-    from tqdm import tqdm
-
-    from pipelines.data.batches import DataError, open_data
-    from pipelines.diffusion.loading import ModelError, pipeline_dir
-    from pipelines.evaluate import report as eval_report
+    from pipelines.evaluate import mlflow_run, report
     from pipelines.evaluate.quality import unavailable as quality_unavailable
+    from pipelines.files import write_json
+
+    t0 = time.time()
+    pdir, spec, out, prev = _check(cfg)
+    model_config, settings, training = _model_info(pdir)
+    plan = _plan(cfg, spec, model_config, settings)
+    _log_plan(cfg, plan)
+    out.mkdir(parents=True, exist_ok=True)
+    results = generate(cfg, plan)
+    rows = plan.rowsets[EVAL]
+    images = eval_images(results, len(rows))
+    quality_missing = quality_unavailable(cfg.quality)  # loads and checks the weight files: once
+    quality = _quality(cfg, rows, images, quality_missing)
+    result = EvalResult(
+        format=FORMAT,
+        model=cfg.model,
+        pipeline_dir=str(pdir),
+        data=spec.root,
+        manifest_hash=spec.manifest_hash,
+        config_hash=config_hash(cfg),
+        config=to_dict(cfg),
+        num_rows=len(rows),
+        synthetic=plan.synthetic,
+        reextract=plan.methods,
+        skipped=plan.skipped,
+        training=training,
+        quality_unavailable=quality_missing,
+    )
+    result = report.write_report(out, result, rows, results, images, quality, cfg)
+    result = dataclasses.replace(result, seconds=round(time.time() - t0, 1))
+    if cfg.mlflow.enabled:
+        result = dataclasses.replace(result, mlflow=mlflow_run.log_run(out, result, cfg, pdir, prev))
+    write_json(result.to_dict(), out / "evaluate.json")
+    _log_result(result, out)
+    return result
+
+
+# -- check ----------------------------------------------------------------------------------------
+def _check(cfg: EvalConfig) -> tuple[Path, Any, Path, dict[str, Any] | None]:
+    """The model's pipeline directory, the data, the output directory and its earlier evaluation;
+    a ``UserError`` on anything missing, unreadable or someone else's."""
+    from pipelines.data.batches import open_data
+    from pipelines.diffusion.loading import pipeline_dir
+    from pipelines.files import claim_output
 
     if not cfg.model or not cfg.data or not cfg.output:
         raise EvalError("--model, --data and --output are required")
-    t0 = time.time()
-    try:
-        pdir = pipeline_dir(cfg.model)
-    except ModelError as e:
-        raise EvalError(str(e)) from None
-    try:
-        spec = open_data(cfg.data)
-    except DataError as e:
-        raise EvalError(str(e)) from None
+    pdir = pipeline_dir(cfg.model)
+    spec = open_data(cfg.data)
     out = Path(cfg.output)
-    ehash = config_hash(cfg)
-    prev = _check_output(out, {"format": FORMAT, "model": cfg.model, "data": spec.root, "config_hash": ehash})
-    model_config, settings, training = _model_info(pdir)
-    rows = load_rows(cfg, model_config, spec)
-    synthetic = is_synthetic(rows)
-    from pipelines.data.decomposer import ImageDecomposer
+    identity = {"format": FORMAT, "model": cfg.model, "data": spec.root, "config_hash": config_hash(cfg)}
+    # An earlier run killed before its evaluate.json leaves only files of ours behind.
+    prev = claim_output(out, "evaluate.json", "recompose evaluation", identity, ours=_ours)
+    return pdir, spec, out, prev
 
-    side = int(model_config.sample_size) * int(model_config.local_downsample)  # the model's image side
-    dec = ImageDecomposer(reextract_settings(settings, cfg), side)
-    unavailable = {n: why for n in ("depth", "instances") if (why := dec.unavailable_reason(n))}
-    methods = reextract_methods(cfg, synthetic, unavailable)
-    available = set(spec.conditions) | {"mask"}
-    bench_reason = None
-    bench = None
-    if cfg.benchmark.enabled == "on" and not synthetic:
-        raise EvalError("benchmark.enabled=on needs synthetic data (the rows' captions are not synthetic)")
-    if cfg.benchmark.enabled != "off" and synthetic:
-        if model_config.caption_encoder != "trainable":
-            bench_reason = "the model's caption encoder needs CLIP/T5 embeddings of new captions"
-        elif "caption" not in available:
-            bench_reason = "the model was not trained on captions"
-        else:
-            bench = benchmark_rows(cfg, side)
-    elif cfg.benchmark.enabled == "off":
-        bench_reason = "benchmark.enabled is off"
-    else:
-        bench_reason = "the data's captions are not the synthetic generator's"
-    units, skipped = make_units(cfg, rows, available, bench)
-    if bench_reason:
-        skipped["benchmark"] = bench_reason
-    for name in ("depth", "instances"):
-        if name not in methods:  # asked of an extractor these settings cannot run
-            skipped[f"{name} fidelity"] = unavailable[name]
-    out.mkdir(parents=True, exist_ok=True)
-    print(
-        f"[evaluate] {len(rows)} rows x {len({u['name'] for u in units if u['kind'] == 'subset'})} subsets"
-        + (f" + benchmark {len(bench)} captions" if bench else "")
-        + f" on {cfg.workers} Ray workers; re-extraction: "
-        + ", ".join(f"{k}={v}" for k, v in methods.items()),
-        file=log,
-        flush=True,
-    )
-    for name, why in skipped.items():
-        print(f"[evaluate] skipping {name}: {why}", file=log, flush=True)
 
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True)
-    env = (
-        {"MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"]}
-        if "MLFLOW_TRACKING_URI" in os.environ
-        else {}
-    )
-    worker = ray.remote(EvalWorker).options(
-        num_cpus=cfg.cpus_per_worker,
-        num_gpus=cfg.gpus_per_worker,
-        runtime_env={"env_vars": env} if env else None,
-    )
-    shared: dict[int, Any] = {}  # the units of one batch of rows share their data: put it once
-    alive = [u["data"] for u in units]  # noqa: F841 - keeps every id() unique while mapping
-    for u in units:
-        if id(u["data"]) not in shared:
-            shared[id(u["data"])] = ray.put(u["data"])
-        u["data"] = shared[id(u["data"])]
-    actors = [worker.remote(cfg.model, cfg, methods) for _ in range(cfg.workers)]
-    pool = ray.util.ActorPool(actors)
-    results: list[dict[str, Any]] = []
-    total = sum(len(u["rows"]) for u in units)
-    with tqdm(total=total, desc="evaluate", unit="img", file=log, disable=not cfg.progress) as bar:
-        for res in pool.map_unordered(lambda a, u: a.run.remote(u), units):
-            results.append(res)
-            bar.update(len(res["rows"]))
-    for a in actors:
-        ray.kill(a)
-
-    quality_missing = quality_unavailable(cfg.quality)  # loads and checks the weight files: once
-    images = eval_images(results, len(rows))
-    quality = _quality(cfg, rows, images, quality_missing)
-    summary = {
-        "format": FORMAT,
-        "model": cfg.model,
-        "pipeline_dir": str(pdir),
-        "data": spec.root,
-        "manifest_hash": spec.manifest_hash,
-        "config_hash": ehash,
-        "config": to_dict(cfg),
-        "num_rows": len(rows),
-        "synthetic": synthetic,
-        "reextract": methods,
-        "skipped": skipped,
-        "training": training,
-        "quality_unavailable": quality_missing,
-        "seconds": None,
-    }
-    report = eval_report.write_report(out, summary, rows, results, images, quality, cfg)
-    summary["seconds"] = round(time.time() - t0, 1)
-    summary.update(report)
-    if cfg.mlflow.enabled:
-        summary["mlflow"] = eval_report.log_mlflow(out, summary, cfg, pdir, prev)
-    (out / "evaluate.json").write_text(json.dumps(summary, indent=2, default=str))
-    print(f"[evaluate] done in {summary['seconds']:.0f}s: {out / 'results.md'}", file=log, flush=True)
-    return summary
+def _ours(path: Path) -> bool:
+    return path.name in OUTPUTS or (path.name.startswith(".") and path.name.endswith(".tmp"))
 
 
 def _model_info(pdir: Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
@@ -462,9 +147,136 @@ def _model_info(pdir: Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     return FrozenDict(model_config), dict(index.get("decompose") or {}), training
 
 
+# -- load rows ------------------------------------------------------------------------------------
+def _plan(cfg: EvalConfig, spec: Any, model_config: Any, settings: dict[str, Any]) -> _Plan:
+    """The rows, how each representation is read back, the units and what is skipped (and why)."""
+    from pipelines.data.decomposer import ImageDecomposer
+    from pipelines.evaluate.worker import reextract_settings
+
+    rows = load_rows(cfg, model_config, spec)
+    synthetic = is_synthetic(rows)
+    side = int(model_config.sample_size) * int(model_config.local_downsample)  # the model's image side
+    dec = ImageDecomposer(reextract_settings(settings, cfg), side)
+    unavailable = {n: why for n in ("depth", "instances") if (why := dec.unavailable_reason(n))}
+    methods = reextract_methods(cfg, synthetic, unavailable)
+    available = set(spec.conditions) | {"mask"}
+    subsets, skipped = runnable_subsets(cfg, available)
+    rowsets: RowSets = {EVAL: rows}
+    bench_reason = _benchmark_skipped(cfg, synthetic, model_config, available)
+    if bench_reason:
+        skipped["benchmark"] = bench_reason
+    else:
+        rowsets.update(benchmark_rows(cfg, side))
+    for name in ("depth", "instances"):
+        if name not in methods:  # asked of an extractor these settings cannot run
+            skipped[f"{name} fidelity"] = unavailable[name]
+    return _Plan(rowsets, synthetic, methods, make_units(cfg, rowsets, subsets), skipped)
+
+
+def reextract_methods(cfg: EvalConfig, synthetic: bool, unavailable: dict[str, str]) -> dict[str, str]:
+    """Representation -> how it is read back from an image ("extractor" or "scene")."""
+    out = {n: "extractor" for n in ("palette", "sketch", "intensity")}
+    for name in ("depth", "instances"):
+        m = getattr(cfg.reextract, name)
+        if m == "auto":
+            m = "scene" if synthetic else "extractor"
+        if m == "scene" and not synthetic:
+            raise EvalError(f"reextract.{name}=scene needs synthetic data (its captions are not)")
+        if m == "extractor" and name in unavailable:
+            continue
+        out[name] = m
+    return out
+
+
+def _benchmark_skipped(
+    cfg: EvalConfig, synthetic: bool, model_config: Any, available: set[str]
+) -> str | None:
+    """Why the compositional benchmark does not run, or None when it does."""
+    enabled = cfg.benchmark.enabled
+    if enabled == "on" and not synthetic:
+        raise EvalError("benchmark.enabled=on needs synthetic data (the rows' captions are not synthetic)")
+    if enabled == "off":
+        return "benchmark.enabled is off"
+    if not synthetic:
+        return "the data's captions are not the synthetic generator's"
+    if model_config.caption_encoder != "trainable":
+        return "the model's caption encoder needs CLIP/T5 embeddings of new captions"
+    if "caption" not in available:
+        return "the model was not trained on captions"
+    return None
+
+
+def _log_plan(cfg: EvalConfig, plan: _Plan) -> None:
+    subsets = len({u.name for u in plan.units if u.kind == "subset"})
+    bench = sum(len(v) for k, v in plan.rowsets.items() if k != EVAL)
+    logger.info(
+        "%d rows x %d subsets%s on %d Ray workers; re-extraction: %s",
+        len(plan.rowsets[EVAL]),
+        subsets,
+        f" + benchmark {bench} captions" if bench else "",
+        cfg.workers,
+        ", ".join(f"{k}={v}" for k, v in plan.methods.items()),
+    )
+    for name, why in plan.skipped.items():
+        logger.info("skipping %s: %s", name, why)
+
+
+# -- generate -------------------------------------------------------------------------------------
+def generate(cfg: EvalConfig, plan: _Plan) -> list[UnitResult]:
+    """Every unit through ``workers`` ``EvalWorker`` actors (a Ray Data actor stage, one unit per
+    call); results in unit order whatever order they finish in, so reruns write the same tables."""
+    import ray
+    from tqdm import tqdm
+
+    from pipelines.evaluate.worker import EvalWorker
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts images instead
+    rows_ref = ray.put(plan.rowsets)  # once in the object store; each actor fetches it once
+    items = [{"index": i, "unit": u.to_json()} for i, u in enumerate(plan.units)]
+    env = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI",) if k in os.environ}  # models:/ URIs
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        EvalWorker,
+        fn_constructor_kwargs={"model": cfg.model, "cfg": cfg, "methods": plan.methods, "rows": rows_ref},
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=cfg.workers),
+        num_cpus=cfg.cpus_per_worker,
+        num_gpus=cfg.gpus_per_worker or None,
+        batch_format="numpy",
+        runtime_env={"env_vars": env} if env else None,
+    )
+    got: dict[tuple[int, int], tuple[np.ndarray, dict[str, Any]]] = {}
+    total = sum(len(u.rows) for u in plan.units)
+    with tqdm(total=total, desc="evaluate", unit="img", disable=not cfg.progress) as bar:
+        for r in ds.iter_rows():
+            got[int(r["index"]), int(r["row"])] = (np.asarray(r["image"]), json.loads(r["record"]))
+            bar.update(1)
+    return [
+        UnitResult(
+            u.name,
+            u.rows,
+            np.stack([got[i, j][0] for j in u.rows]),
+            [got[i, j][1] for j in u.rows],
+        )
+        for i, u in enumerate(plan.units)
+    ]
+
+
+def eval_images(results: list[UnitResult], n: int) -> dict[str, np.ndarray]:
+    """Unit results -> name -> (n, R, R, 3) uint8 images in row order."""
+    by: dict[str, dict[int, np.ndarray]] = {}
+    for res in results:
+        d = by.setdefault(res.name, {})
+        for i, img in zip(res.rows, res.images, strict=True):
+            d[i] = img
+    return {k: np.stack([v[i] for i in sorted(v)]) for k, v in by.items()}
+
+
+# -- score ----------------------------------------------------------------------------------------
 def _quality(
-    cfg: EvalConfig, rows: list[dict[str, Any]], images: dict[str, np.ndarray], missing: dict[str, str]
-) -> dict:
+    cfg: EvalConfig, rows: list[Row], images: dict[str, np.ndarray], missing: dict[str, str]
+) -> dict[str, dict[str, Any]]:
     """FID/KID of caption-only and unconditional images against the real rows; CLIP score of
     those and of the real images with the rows' captions. Only what ``missing`` does not name."""
     from pipelines.evaluate.quality import clip_score, fid_kid_sets
@@ -484,14 +296,13 @@ def _quality(
     return {k: v for k, v in out.items() if v}
 
 
-def eval_images(results: list[dict[str, Any]], n: int) -> dict[str, np.ndarray]:
-    """Unit results -> name -> (n, R, R, 3) images in row order."""
-    by: dict[str, dict[int, np.ndarray]] = {}
-    for res in results:
-        d = by.setdefault(res["name"], {})
-        for i, img in zip(res["rows"], res["images"], strict=True):
-            d[i] = img
-    return {k: np.stack([v[i] for i in sorted(v)]) for k, v in by.items()}
+# -- log ------------------------------------------------------------------------------------------
+def _log_result(result: EvalResult, out: Path) -> None:
+    logger.info("done in %.0fs: %s", result.seconds, out / "results.md")
+    for b in result.quality_bar:
+        verdict = "" if b["pass"] is None else ("  pass" if b["pass"] else "  FAIL")
+        ratio = "" if b["ratio"] is None else f"  {b['ratio']:.2f}x the unconditional floor"
+        logger.info("%-22s %-18s %.3f%s%s", b["condition"], b["metric"], b["value"], ratio, verdict)
 
 
-__all__ = ["EvalError", "EvalWorker", "load_rows", "run_evaluate"]
+__all__ = ["EvalError", "EvalResult", "reextract_methods", "run_evaluate"]

@@ -1,6 +1,6 @@
 """Scene parser for the synthetic compositional benchmark: reads a generated image back into objects.
 
-The benchmark (issue "Evaluate") asks whether a generated image shows what its synthetic caption
+The benchmark asks whether a generated image shows what its synthetic caption
 (``pipelines.data.scene`` grammar) says: how many objects, their colours and shapes, and the
 spatial relations between them, scored separately on seen and on held-out (colour, shape) pairs.
 
