@@ -35,6 +35,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
+from pipelines.tracking import resolve_uri
+
 # The pyfunc's inputs: one row per image; both columns optional (no text: unconditional).
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "text", required=False), ColSpec("long", "seed", required=False)]),
@@ -68,11 +70,10 @@ class ComposerPyfunc(mlflow.pyfunc.PythonModel):
     """``mlflow.pyfunc`` face of a ComposerPipeline: a caption (or none) and a seed per row -> a PNG."""
 
     def load_context(self, context: Any) -> None:
-        import torch
-
+        from pipelines.diffusion.loading import resolve_device
         from pipelines.diffusion.pipeline import ComposerPipeline
 
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = resolve_device("auto")
         self.pipe = ComposerPipeline.from_pretrained(context.artifacts["pipeline"]).to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
 
@@ -145,18 +146,18 @@ def log_pipeline(
     return f"models:/{registered_model_name}/{v}", v
 
 
-def _pin(uri: str) -> tuple[str, str]:
+def _pin(uri: str, tracking_uri: str) -> tuple[str, str]:
     """``uri`` with an alias, stage or 'latest' resolved to its version, and a cache key for it."""
     from mlflow.store.artifact.utils.models import _parse_model_uri, get_model_name_and_version
 
     key = uri
     if uri.startswith("models:/") and _parse_model_uri(uri).name is not None:
-        client = mlflow.MlflowClient()
+        client = mlflow.MlflowClient(tracking_uri)
         model, v = get_model_name_and_version(client, uri)
         uri = f"models:/{model}/{v}"
         # A version deleted and registered again is another model: its source differs.
         key = f"{uri} {client.get_model_version(model, v).source}"
-    return uri, hashlib.sha256(f"{mlflow.get_tracking_uri()}\n{key}".encode()).hexdigest()[:16]
+    return uri, hashlib.sha256(f"{tracking_uri}\n{key}".encode()).hexdigest()[:16]
 
 
 def _pipeline_dir(root: Path, uri: str) -> Path:
@@ -173,23 +174,27 @@ def _pipeline_dir(root: Path, uri: str) -> Path:
     raise ValueError(f"{uri}: holds no saved ComposerPipeline (no model_index.json, no pipeline artifact)")
 
 
-def resolve_model(uri: str) -> Path:
+def resolve_model(uri: str, tracking_uri: str | None = None) -> Path:
     """``models:/<name>/<version>``, ``models:/<name>@<alias>`` or ``runs:/<run id>/<path>`` -> a
     local pipeline directory, downloaded once into ``$RECOMPOSE_CACHE/mlflow`` (default
-    ``~/.cache/recompose``). The tracking server is MLflow's (``MLFLOW_TRACKING_URI``)."""
+    ``~/.cache/recompose``). The tracking server: ``tracking_uri``, else ``$MLFLOW_TRACKING_URI``,
+    else MLflow's current one (``pipelines/tracking.py``'s precedence)."""
     if not uri.startswith(("models:/", "runs:/")):
         raise ValueError(
             f"{uri}: expected models:/<name>/<version>, models:/<name>@<alias> or runs:/<id>/<path>"
         )
+    tracking_uri = resolve_uri(tracking_uri, mlflow.get_tracking_uri())
     try:
-        pinned, key = _pin(uri)
+        pinned, key = _pin(uri, tracking_uri)
         cache = Path(os.environ.get("RECOMPOSE_CACHE", Path.home() / ".cache" / "recompose")) / "mlflow"
         root = cache / key
         if not root.is_dir():
             cache.mkdir(parents=True, exist_ok=True)
             # Downloaded beside the cache entry, then renamed: an interrupted download leaves no entry.
             with tempfile.TemporaryDirectory(dir=cache, prefix=f".{key}-", ignore_cleanup_errors=True) as tmp:
-                local = mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=tmp)
+                local = mlflow.artifacts.download_artifacts(
+                    artifact_uri=pinned, dst_path=tmp, tracking_uri=tracking_uri
+                )
                 try:
                     os.replace(local, root)
                 except OSError:  # another process finished first

@@ -20,19 +20,23 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
+from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from models import ComposerModel
 from pipelines.diffusion.guidance import Guidance
 from pipelines.diffusion.inputs import image_to_tensor, tensor_to_image, to_conditions
+from pipelines.diffusion.requests import Batch, PreparedRequest, SampleRequest
 from pipelines.diffusion.sampling import denoise, invert
-
-SchedulerName = Literal["ddim", "dpm++"]
-Threshold = Literal["none", "clip", "dynamic"]
-SCHEDULERS = ("ddim", "dpm++")
-THRESHOLDS = ("none", "clip", "dynamic")
+from pipelines.diffusion.schedulers import (
+    SCHEDULERS,
+    THRESHOLDS,
+    SchedulerName,
+    Threshold,
+    default_scheduler,
+    sampler,
+)
 
 # Which input keys make a condition "given" (model_inputs.py documents the keys).
 _KEYS = {
@@ -45,19 +49,6 @@ _KEYS = {
     "intensity": ("intensity",),
     "mask": ("mask",),
 }
-
-
-def default_scheduler() -> DDIMScheduler:
-    """The noise schedule models are trained with and the default sampler (DDIM, η = 0)."""
-    return DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_schedule="squaredcos_cap_v2",  # the cosine schedule of improved DDPM, as GLIDE/unCLIP
-        prediction_type="epsilon",
-        clip_sample=True,
-        set_alpha_to_one=True,
-        steps_offset=1,
-        timestep_spacing="leading",  # pairs exactly with DDIMInverseScheduler for inversion
-    )
 
 
 def given_conditions(conditions: Mapping[str, Any]) -> frozenset[str]:
@@ -136,30 +127,8 @@ class ComposerPipeline(DiffusionPipeline):
             x = self.vae.decode(x.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
         return tensor_to_image(x)
 
-    def _scheduler(self, name: SchedulerName, threshold: Threshold):
-        if name not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {name!r}; known: {', '.join(SCHEDULERS)}")
-        if threshold not in THRESHOLDS:
-            raise ValueError(f"unknown threshold {threshold!r}; known: {', '.join(THRESHOLDS)}")
-        if threshold != "none" and self.vae is not None:
-            raise ValueError("x_0 clipping and dynamic thresholding apply to pixel-space models only")
-        # Imagen's dynamic thresholding (Saharia et al. 2022, §2.3) at its 99.5th percentile,
-        # with DeepFloyd IF's cap on the threshold; "clip" is the same with the cap at 1.
-        options = {
-            "none": dict(clip_sample=False, thresholding=False),
-            "clip": dict(clip_sample=True, thresholding=False),
-            "dynamic": dict(
-                clip_sample=False, thresholding=True, dynamic_thresholding_ratio=0.995, sample_max_value=1.5
-            ),
-        }[threshold]
-        if name == "ddim":
-            return DDIMScheduler.from_config(self.scheduler.config, **options)
-        if threshold == "clip":  # DPM-Solver has no clip_sample: thresholding capped at 1 is clipping
-            options = dict(thresholding=True, dynamic_thresholding_ratio=0.995, sample_max_value=1.0)
-        options.pop("clip_sample", None)
-        return DPMSolverMultistepScheduler.from_config(
-            self.scheduler.config, algorithm_type="dpmsolver++", solver_order=2, **options
-        )
+    def _scheduler(self, name: SchedulerName, threshold: Threshold) -> SchedulerMixin:
+        return sampler(self.scheduler.config, name, threshold, latent=self.vae is not None)
 
     # -- conditions ---------------------------------------------------------------------------
     def _rows(self, conditions: Mapping[str, Any], n: int) -> dict[str, Any]:
@@ -301,74 +270,85 @@ class ComposerPipeline(DiffusionPipeline):
         prepared = [r if isinstance(r, PreparedRequest) else self.prepare(r) for r in requests]
         if not prepared:
             return []
-        keys = {p.compatible_key() for p in prepared}
-        if len(keys) != 1:
-            raise ValueError(f"sample_batch: the requests are not compatible ({len(keys)} kinds); group them")
-        first = prepared[0]
-        guide, inv_guide = first.guidance, first.invert_guidance
-        inverting = inv_guide is not None
+        batch = Batch(prepared)
+        first = batch.first
+        inverting = first.invert_guidance is not None
         if threshold is None:
             threshold = "none" if (self.vae is not None or inverting) else "clip"
         if inverting and scheduler != "ddim":
             raise ValueError("bidirectional guidance inverts with DDIM; use scheduler='ddim'")
         with eval_mode(self.unet):  # sampling is in eval mode whatever the caller's model mode
             sched = self._scheduler(scheduler, threshold)
-            device, dtype = self.unet.device, self.unet.dtype
-            c, s = self.unet.config.image_channels, self.unet.config.sample_size
-            sizes = [p.request.num_images for p in prepared]
-            generators = [
-                p.request.generator
-                if p.request.generator is not None
-                else torch.Generator("cpu").manual_seed(0 if p.request.seed is None else p.request.seed)
-                for p in prepared
-            ]
-            noise = [
-                randn_tensor((n, c, s, s), generator=g, device=torch.device("cpu"), dtype=torch.float32)
-                for n, g in zip(sizes, generators, strict=True)
-            ]
-            x = torch.cat(noise).to(device, dtype)
-            encoded = self._encode_rows([p.conditions for p in prepared], sizes, guide)
-            has_source = first.request.source is not None
-            if has_source:
-                # Encoded (through the VAE, if any) once per request, then shared by its samples.
-                x0 = torch.cat(
-                    [
-                        self._encode_images(np.asarray(p.request.source, np.uint8)[None]).repeat(n, 1, 1, 1)
-                        for p, n in zip(prepared, sizes, strict=True)
-                    ]
-                )
+            x = self._noise(batch)
+            encoded = self._encode_rows([p.conditions for p in prepared], batch.sizes, first.guidance)
+            x0 = self._encode_sources(batch) if first.request.source is not None else None
             if inverting:
-                inv_encoded = self._encode_rows(
-                    [p.request.invert_conditions for p in prepared], sizes, inv_guide
-                )
-                x = invert(
-                    self.unet, sched, x0, inv_encoded, inv_guide, num_inference_steps, self.progress_bar
-                )
-            known = None
-            if first.mask is not None:
-                m = torch.cat(
-                    [
-                        torch.from_numpy(p.mask).float()[None, None].repeat(n, 1, 1, 1)
-                        for p, n in zip(prepared, sizes, strict=True)
-                    ]
-                ).to(device, dtype)
-                f = self.unet.config.local_downsample
-                m = (
-                    torch.nn.functional.max_pool2d(m, f) if f > 1 else m
-                )  # a latent is regenerated if any of its pixels is
-                known_noise = torch.cat(
-                    [
-                        randn_tensor(
-                            (n, *x0.shape[1:]), generator=g, device=torch.device("cpu"), dtype=torch.float32
-                        )
-                        for n, g in zip(sizes, generators, strict=True)
-                    ]
-                )
-                known = (x0, m, known_noise.to(device, dtype))
-            x = denoise(self.unet, sched, x, encoded, guide, num_inference_steps, known, self.progress_bar)
+                x = self._invert(batch, sched, x0, num_inference_steps)
+            known = self._known_region(batch, x0) if first.mask is not None else None
+            x = denoise(
+                self.unet, sched, x, encoded, first.guidance, num_inference_steps, known, self.progress_bar
+            )
             images = self._decode(x)
+        return self._outputs(batch, images, threshold)
+
+    # -- the steps of sample_batch ------------------------------------------------------------
+    def _noise(self, batch: Batch) -> torch.Tensor:
+        """x_T (sum(sizes), C, S, S): each request's noise from its own generator, drawn on the CPU
+        in float32 so a seed gives the same images on every device and dtype."""
+        c, s = self.unet.config.image_channels, self.unet.config.sample_size
+        noise = [
+            randn_tensor((n, c, s, s), generator=g, device=torch.device("cpu"), dtype=torch.float32)
+            for n, g in zip(batch.sizes, batch.generators, strict=True)
+        ]
+        return torch.cat(noise).to(self.unet.device, self.unet.dtype)
+
+    def _encode_sources(self, batch: Batch) -> torch.Tensor:
+        """x_0 of every request's source, (sum(sizes), C, S, S) in model space."""
+        # Encoded (through the VAE, if any) once per request, then shared by its samples.
+        return torch.cat(
+            [
+                self._encode_images(np.asarray(p.request.source, np.uint8)[None]).repeat(n, 1, 1, 1)
+                for p, n in zip(batch.prepared, batch.sizes, strict=True)
+            ]
+        )
+
+    def _invert(
+        self, batch: Batch, sched: DDIMScheduler, x0: torch.Tensor, num_inference_steps: int
+    ) -> torch.Tensor:
+        """Composer §3.2, first half: the sources' x_0 -> x_T under c1 (``invert_conditions``)."""
+        guide = batch.first.invert_guidance
+        encoded = self._encode_rows([p.request.invert_conditions for p in batch.prepared], batch.sizes, guide)
+        return invert(self.unet, sched, x0, encoded, guide, num_inference_steps, self.progress_bar)
+
+    def _known_region(
+        self, batch: Batch, x0: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``denoise``'s ``known``: (x_0 of the sources, mask (B, 1, S, S) with 1 = regenerate,
+        noise to bring the sources to each step's level, drawn after x_T from the same generators)."""
+        device, dtype = self.unet.device, self.unet.dtype
+        m = torch.cat(
+            [
+                torch.from_numpy(p.mask).float()[None, None].repeat(n, 1, 1, 1)
+                for p, n in zip(batch.prepared, batch.sizes, strict=True)
+            ]
+        ).to(device, dtype)
+        f = self.unet.config.local_downsample
+        m = (
+            torch.nn.functional.max_pool2d(m, f) if f > 1 else m
+        )  # a latent is regenerated if any of its pixels is
+        noise = torch.cat(
+            [
+                randn_tensor((n, *x0.shape[1:]), generator=g, device=torch.device("cpu"), dtype=torch.float32)
+                for n, g in zip(batch.sizes, batch.generators, strict=True)
+            ]
+        )
+        return x0, m, noise.to(device, dtype)
+
+    def _outputs(self, batch: Batch, images: np.ndarray, threshold: Threshold) -> list[ComposerOutput]:
+        """The decoded (sum(sizes), R, R, 3) uint8 images split back into one output per request."""
+        first = batch.first
         outputs, start = [], 0
-        for p, n in zip(prepared, sizes, strict=True):
+        for p, n in zip(batch.prepared, batch.sizes, strict=True):
             ims = images[start : start + n]
             start += n
             if p.mask is not None:
@@ -379,9 +359,11 @@ class ComposerPipeline(DiffusionPipeline):
             outputs.append(
                 ComposerOutput(
                     images=ims,
-                    guidance=guide.describe(),
+                    guidance=first.guidance.describe(),
                     threshold=threshold,
-                    invert_guidance=None if inv_guide is None else inv_guide.describe(),
+                    invert_guidance=None
+                    if first.invert_guidance is None
+                    else first.invert_guidance.describe(),
                 )
             )
         return outputs
@@ -402,49 +384,15 @@ class ComposerPipeline(DiffusionPipeline):
         return self.unet.encode(conds, guidance.presence(sum(sizes), self.unet.device))
 
 
-@dataclass
-class SampleRequest:
-    """One generation request of ``ComposerPipeline.sample_batch`` (``__call__``'s arguments)."""
-
-    conditions: Mapping[str, Any]
-    guidance: Guidance | float | str = 3.0
-    num_images: int = 1
-    seed: int | None = 0
-    generator: torch.Generator | None = None
-    source: np.ndarray | None = None  # (R, R, 3) uint8
-    mask: np.ndarray | None = None  # (R, R) {0, 1}, 1 = regenerate
-    invert_conditions: Mapping[str, Any] | None = None
-    invert_guidance: Guidance | float | str = 1.0
-
-
-@dataclass
-class PreparedRequest:
-    """A checked ``SampleRequest``: conditions with the mask keys added, guidance resolved."""
-
-    request: SampleRequest
-    conditions: dict[str, Any]
-    mask: np.ndarray | None
-    guidance: Guidance
-    invert_guidance: Guidance | None
-
-    def compatible_key(self) -> tuple:
-        """Requests with equal keys can share one batched sampling run."""
-        inv = self.request.invert_conditions
-        return (
-            tuple(sorted(self.conditions)),
-            self.guidance,
-            self.invert_guidance,
-            None if inv is None else tuple(sorted(inv)),
-            self.request.source is not None,
-            self.mask is not None,
-        )
-
-
-__all__ = [
+__all__ = [  # the schedulers and requests are part of this module's interface
+    "SCHEDULERS",
+    "THRESHOLDS",
     "ComposerOutput",
     "ComposerPipeline",
     "PreparedRequest",
     "SampleRequest",
+    "SchedulerName",
+    "Threshold",
     "default_scheduler",
     "given_conditions",
 ]

@@ -13,6 +13,7 @@ import path for ``serve run`` / ``serve deploy`` config files (``infra/serve.yam
 """
 
 import asyncio
+import dataclasses
 import hmac
 import math
 import os
@@ -29,15 +30,16 @@ from ray import serve
 from pipelines.config import from_dict, to_dict
 from pipelines.serve.api import (
     ApiError,
-    Decoder,
     DecomposeBody,
     EditBody,
     GenerateBody,
     Job,
-    png_b64,
+    ModelInfo,
+    Refused,
     validation_error,
 )
 from pipelines.serve.config import ServeConfig
+from pipelines.serve.decoding import Decoder, png_b64
 from pipelines.serve.model import ComposerServer
 
 PAGE = Path(__file__).parent / "static" / "index.html"
@@ -101,6 +103,20 @@ async def _overloaded(request: Request, e: _Overloaded) -> JSONResponse:
     return JSONResponse(e.body(), e.status, headers={"Retry-After": e.retry_after})
 
 
+# Defined before Ingress: @serve.ingress pickles the class with the globals it finds then.
+def _origins(job: Job) -> dict[str, str]:
+    """condition -> where the request gave it: "image <name>", "map", "text", "colors", "mask"."""
+    origins = {name: f"image {ref}" for name, ref in job.references.items()}
+    origins.update({n: "map" for n in job.maps})
+    if job.text is not None:
+        origins["caption"] = "text"
+    if job.palette is not None:
+        origins["palette"] = "colors"
+    if job.kind == "edit" and job.mask is not None:
+        origins["mask"] = "mask"
+    return origins
+
+
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
 class Ingress:
@@ -116,7 +132,7 @@ class Ingress:
                 )
         self._decoder: Decoder | None = None
 
-    async def _model_info(self) -> dict[str, Any]:
+    async def _model_info(self) -> ModelInfo:
         return await self._call(self.model.info)
 
     async def decoder(self) -> Decoder:
@@ -127,10 +143,7 @@ class Ingress:
 
             info = await self._model_info()
             dec = ImageDecomposer(
-                info["decompose_settings"],
-                info["resolution"],
-                info["caption_encoder"],
-                info["semantics_encoder"],
+                info.decompose_settings, info.resolution, info.caption_encoder, info.semantics_encoder
             )
             defaults = {"steps": self.config.default_steps, "guidance": self.config.default_guidance}
             self._decoder = Decoder(dec, info, self.config.limits, defaults)
@@ -193,7 +206,7 @@ class Ingress:
         limits = to_dict(self.config.limits)
         b = self.config.batching
         return {
-            **{k: v for k, v in info.items() if k != "decompose_settings"},
+            **{k: v for k, v in dataclasses.asdict(info).items() if k != "decompose_settings"},
             "limits": limits,
             "defaults": {
                 "steps": self.config.default_steps,
@@ -223,7 +236,7 @@ class Ingress:
             if "map" in rep:
                 r["map_png"] = png_b64(rep["map"])
             out[name] = r
-        unavailable = {n: ok for n, ok in d.info["decomposable"].items() if ok is not True}
+        unavailable = {n: ok for n, ok in d.info.decomposable.items() if ok is not True}
         return {
             "resolution": d.dec.resolution,
             "image_png": png_b64(image),
@@ -252,38 +265,29 @@ class Ingress:
         return await self._sample(d.edit(body))
 
     async def _sample(self, job: Job) -> dict[str, Any]:
+        """The /v1/generate and /v1/edit answer: PNGs, what was used, how it was batched."""
         t0 = time.perf_counter()
         res = await self._call(self.model.generate, job)
-        if "error" in res:
-            e = res["error"]
-            raise ApiError(e["status"], e["code"], e["message"])
-        origins = {name: f"image {ref}" for name, ref in job.references.items()}
-        origins.update({n: "map" for n in job.maps})
-        if job.text is not None:
-            origins["caption"] = "text"
-        if job.palette is not None:
-            origins["palette"] = "colors"
-        if job.kind == "edit" and job.mask is not None:
-            origins["mask"] = "mask"
-        pictures = res["pictures"]
+        if isinstance(res, Refused):
+            raise ApiError(res.status, res.code, res.message)
         conditions = {
-            name: {"from": origin, "png": png_b64(pictures[name]) if name in pictures else None}
-            for name, origin in sorted(origins.items())
+            name: {"from": origin, "png": png_b64(res.pictures[name]) if name in res.pictures else None}
+            for name, origin in sorted(_origins(job).items())
         }
         out = {
-            "images": [png_b64(im) for im in res["images"]],
+            "images": [png_b64(im) for im in res.images],
             "seed": job.seed,
             "steps": job.steps,
             "num_images": job.num_images,
-            "resolution": int(res["images"].shape[1]),
-            "guidance": {"text": job.guidance, **res["guidance"]},
-            "threshold": res["threshold"],
+            "resolution": int(res.images.shape[1]),
+            "guidance": {"text": job.guidance, **res.guidance},
+            "threshold": res.threshold,
             "conditions": conditions,
-            "batch": res["batch"],
-            "timings_s": {**res["timings_s"], "total": round(time.perf_counter() - t0, 4)},
+            "batch": res.batch,
+            "timings_s": {**res.timings_s, "total": round(time.perf_counter() - t0, 4)},
         }
         if job.kind == "edit":
-            out["invert_guidance"] = {"text": job.invert_guidance, **res["invert_guidance"]}
+            out["invert_guidance"] = {"text": job.invert_guidance, **res.invert_guidance}
             out["source_png"] = png_b64(job.source)
         return out
 

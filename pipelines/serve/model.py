@@ -10,14 +10,58 @@ scheduler and threshold) share one ``ComposerPipeline.sample_batch`` run. The in
 import asyncio
 import time
 from collections import defaultdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from ray import serve
 
 from pipelines.config import from_dict
-from pipelines.serve.api import Job
+from pipelines.serve.api import Job, ModelInfo, Refused, Sampled
 from pipelines.serve.config import ServeConfig
+
+if TYPE_CHECKING:  # the ingress imports this module too; it never loads torch
+    from pipelines.diffusion.pipeline import ComposerOutput, PreparedRequest
+
+
+# Defined before the deployment: Ray pickles its class with the globals it finds then.
+def _palette_representation(hist: np.ndarray) -> dict[str, Any]:
+    """/v1/decompose's palette: its picture, the (156,) histogram, and its strongest colours as
+    hex with their share of those colours (up to 8, from the top decile of bins)."""
+    from pipelines.conditions.palette import bin_colours, render_palette
+
+    top = np.argsort(-hist)[:8]
+    top = top[hist[top] >= np.percentile(hist, 90)]
+    colours = bin_colours()[top]
+    return {
+        "picture": render_palette(hist),
+        "values": hist.tolist(),
+        "colors": [
+            {"hex": "#" + "".join(f"{int(v):02x}" for v in c), "weight": float(hist[i] / hist[top].sum())}
+            for c, i in zip(colours, top, strict=True)
+        ],
+    }
+
+
+def _sampled(
+    job: Job,
+    prepared: "PreparedRequest",
+    out: "ComposerOutput",
+    batch: dict[str, int],
+    timings: dict[str, float],
+) -> Sampled:
+    """One job's share of a sampling run, with the pictures of the conditions it was given."""
+    from pipelines.diffusion.pictures import condition_pictures
+
+    refs = {"semantics": job.from_image["semantics"]} if "semantics" in job.from_image else {}
+    return Sampled(
+        images=out.images,
+        guidance=out.guidance,
+        invert_guidance=out.invert_guidance,
+        threshold=out.threshold,
+        pictures=condition_pictures(prepared.conditions, job.source, job.mask, refs),
+        batch=batch,
+        timings_s=timings,
+    )
 
 
 @serve.deployment(name="ComposerServer")
@@ -63,7 +107,7 @@ class ComposerServer:
                 out[name] = str(e)
         return out
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> ModelInfo:
         cfg = self.pipe.unet.config
         r = self.pipe.image_size
         sizes = {
@@ -73,18 +117,18 @@ class ComposerServer:
             **{m: f"{r}x{r} map" for m in ("sketch", "instances", "depth", "intensity")},
             "mask": f"{r}x{r} mask + source image",
         }
-        return {
-            "model": self.config.model,
-            "resolution": r,
-            "conditions": list(sizes),
-            "inputs": sizes,
-            "decomposable": self.decomposable,
-            "caption_encoder": cfg.caption_encoder,
-            "semantics_encoder": cfg.semantics_encoder,
-            "decompose_settings": self.pipe.config.decompose,
-            "device": self.device,
-            "stats": dict(self.stats),
-        }
+        return ModelInfo(
+            model=self.config.model,
+            resolution=r,
+            conditions=list(sizes),
+            inputs=sizes,
+            decomposable=self.decomposable,
+            caption_encoder=cfg.caption_encoder,
+            semantics_encoder=cfg.semantics_encoder,
+            decompose_settings=dict(self.pipe.config.decompose),
+            device=self.device,
+            stats=dict(self.stats),
+        )
 
     # -- decompose ----------------------------------------------------------------------------------
     async def decompose(self, image: np.ndarray, names: list[str], text: str | None) -> dict[str, Any]:
@@ -92,7 +136,6 @@ class ComposerServer:
             return await asyncio.to_thread(self._decompose, image, names, text)
 
     def _decompose(self, image: np.ndarray, names: list[str], text: str | None) -> dict[str, Any]:
-        from pipelines.conditions.palette import bin_colours, render_palette
         from pipelines.data.preview import colourize_instances
 
         self.stats["decompositions"] += 1
@@ -107,19 +150,7 @@ class ComposerServer:
                 if "semantics" in values:
                     rep["values"] = np.asarray(values["semantics"], np.float32).tolist()
             elif name == "palette":
-                hist = np.asarray(values["palette"], np.float32)
-                rep["picture"] = render_palette(hist)
-                rep["values"] = hist.tolist()
-                top = np.argsort(-hist)[:8]
-                top = top[hist[top] >= np.percentile(hist, 90)]
-                colours = bin_colours()[top]
-                rep["colors"] = [
-                    {
-                        "hex": "#" + "".join(f"{int(v):02x}" for v in c),
-                        "weight": float(hist[i] / hist[top].sum()),
-                    }
-                    for c, i in zip(colours, top, strict=True)
-                ]
+                rep = _palette_representation(np.asarray(values["palette"], np.float32))
             else:
                 m = np.asarray(values[name], np.uint8)
                 rep["map"] = m
@@ -128,7 +159,7 @@ class ComposerServer:
         return out
 
     # -- generate / edit ------------------------------------------------------------------------------
-    async def generate(self, job: Job) -> dict[str, Any]:
+    async def generate(self, job: Job) -> Sampled | Refused:
         b = self.config.batching
         if b.enabled and job.num_images <= b.max_batch_size:
             return await self._batched(job)
@@ -141,7 +172,7 @@ class ComposerServer:
         max_concurrent_batches=8,
         batch_size_fn=lambda jobs: sum(j.num_images for j in jobs),
     )
-    async def _batched(self, jobs: list[Job]) -> list[dict[str, Any]]:
+    async def _batched(self, jobs: list[Job]) -> list[Sampled | Refused]:
         """``@serve.batch`` forms batches on a timer, also while the model is busy, so requests
         arriving during a sampling run get split into small batches. Each batch joins one
         queue here, and whoever gets the model next takes everything waiting (up to
@@ -169,7 +200,8 @@ class ComposerServer:
                         f.set_result(r)
         return [await f for _, f in mine]
 
-    def _inputs(self, job: Job):
+    def _inputs(self, job: Job) -> "PreparedRequest":
+        """The job's conditions extracted and checked (``ComposerPipeline.prepare``)."""
         from pipelines.diffusion.pipeline import SampleRequest
 
         dec, conditions = self.dec, {}
@@ -196,19 +228,17 @@ class ComposerServer:
         )
         return self.pipe.prepare(request)
 
-    def _run(self, jobs: list[Job]) -> list[dict[str, Any]]:
+    def _run(self, jobs: list[Job]) -> list[Sampled | Refused]:
         """Extract each job's conditions, then one batched sampling run per compatible group."""
-        from pipelines.diffusion.pictures import condition_pictures
-
         t0 = time.perf_counter()
-        results: list[dict[str, Any] | None] = [None] * len(jobs)
+        results: list[Sampled | Refused | None] = [None] * len(jobs)
         groups: dict[tuple, list[int]] = defaultdict(list)
         prepared = {}
         for i, job in enumerate(jobs):
             try:
                 prepared[i] = self._inputs(job)
             except ValueError as e:  # the ingress checks everything it can; this is what is left
-                results[i] = {"error": {"status": 422, "code": "invalid_request", "message": str(e)}}
+                results[i] = Refused(422, "invalid_request", str(e))
                 continue
             groups[(prepared[i].compatible_key(), job.steps, job.scheduler, job.threshold)].append(i)
         t_inputs = time.perf_counter() - t0
@@ -219,20 +249,11 @@ class ComposerServer:
             samples = sum(jobs[i].num_images for i in members)
             self.stats["batches"] += 1
             self.stats["largest_batch"] = max(self.stats["largest_batch"], samples)
-            t_sample = time.perf_counter() - t
+            batch = {"requests": len(members), "samples": samples, "groups": len(groups)}
+            timings = {"inputs": round(t_inputs, 4), "sample": round(time.perf_counter() - t, 4)}
             for i, out in zip(members, outs, strict=True):
-                job, p = jobs[i], prepared[i]
-                refs = {"semantics": job.from_image["semantics"]} if "semantics" in job.from_image else {}
-                results[i] = {
-                    "images": out.images,
-                    "guidance": out.guidance,
-                    "invert_guidance": out.invert_guidance,
-                    "threshold": out.threshold,
-                    "pictures": condition_pictures(p.conditions, job.source, job.mask, refs),
-                    "batch": {"requests": len(members), "samples": samples, "groups": len(groups)},
-                    "timings_s": {"inputs": round(t_inputs, 4), "sample": round(t_sample, 4)},
-                }
-        return results
+                results[i] = _sampled(jobs[i], prepared[i], out, batch, timings)
+        return results  # type: ignore[return-value] - every job is refused or sampled
 
     def check_health(self) -> None:
         if self.pipe is None:

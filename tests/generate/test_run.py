@@ -17,6 +17,13 @@ from pipelines.data.decomposer import ImageDecomposer
 from pipelines.data.scene import render_sample
 
 R = 32
+# generate.json's keys, which other tools read; a bidirectional run adds BIDIRECTIONAL.
+RECORD_KEYS = {
+    "format", "model", "arguments", "seed", "steps", "num_images", "resolution", "scheduler",
+    "threshold", "device", "guidance", "bidirectional", "decompose", "conditions", "images",
+    "files", "phases_s", "wall_time_s",
+}  # fmt: skip
+BIDIRECTIONAL = {"invert_guidance", "inverted_from_source", "source"}
 # No weights anywhere: canny sketches, clustered instances, no depth model.
 DECOMPOSE = {"resolution": R, "sketch": {"method": "canny"}, "instances": {"method": "cluster"}}
 
@@ -94,6 +101,7 @@ def test_full_run_writes_samples_pictures_grid_and_record(files, full_run, capsy
     assert grid.width > 5 * R and grid.height > 2 * R
 
     rec = json.loads((full_run / "generate.json").read_text())
+    assert set(rec) == RECORD_KEYS
     assert rec["model"] == str(files["model"].resolve())
     assert rec["seed"] == 7 and rec["steps"] == 2 and rec["num_images"] == 2 and rec["resolution"] == R
     assert rec["scheduler"] == "ddim" and rec["threshold"] == "clip"
@@ -163,6 +171,7 @@ def test_bidirectional_with_an_edited_sketch(files, full_run, tmp_path):
         _generate(files, out, *extra, "--text", "a red ring", "--source-text", "a red circle", steps=1) == 0
     )
     rec = json.loads((out / "generate.json").read_text())
+    assert set(rec) == RECORD_KEYS | BIDIRECTIONAL
     assert rec["bidirectional"] is True and rec["threshold"] == "none"
     assert rec["inverted_from_source"] == {
         "caption": "--source-text",
@@ -199,6 +208,31 @@ def test_existing_output_is_refused_then_replaced_with_overwrite(files, full_run
     )
 
 
+def test_config_file_flags_set_and_json(files, tmp_path, capsys):
+    """defaults < --config < flags < --set; --json prints generate.json; an interrupted run's
+    leftovers (samples, conditions/, temporary files) are generated over."""
+    config = tmp_path / "generate.yaml"
+    config.write_text(f"model: {files['model']}\nsteps: 5\nseed: 7\ntext: a red circle\n")
+    out = tmp_path / "out"
+    (out / "conditions").mkdir(parents=True)
+    (out / "sample-0000.png").write_bytes(b"cut short")
+    (out / ".grid.png.x1y2.tmp").write_bytes(b"cut short")
+    args = ["--config", str(config), "--output", str(out), "--steps", "1", "--set", "seed=3", "--json"]
+    assert main(["generate", *args]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads((out / "generate.json").read_text())
+    assert (printed["steps"], printed["seed"], printed["arguments"]["text"]) == (1, 3, "a red circle")
+
+
+def test_a_directory_of_other_files_is_refused(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("not a generation")
+    assert _generate(files, out, "--text", "x") == 2
+    assert "holds no generation" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -208,6 +242,8 @@ def test_existing_output_is_refused_then_replaced_with_overwrite(files, full_run
         (["--text", "x", "--guidance", "sketch=2"], "--guidance"),
         (["--mask", "m.png"], "--mask needs --source"),
         (["--steps", "0"], "--steps"),
+        (["--num-images", "0"], "--num-images"),
+        (["--set", "steps=0"], "steps: Input should be greater than or equal to 1"),
     ],
 )
 def test_bad_flags_exit_2(files, tmp_path, capsys, args, message):

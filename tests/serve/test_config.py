@@ -10,8 +10,9 @@ import yaml
 
 from jobs.serve import main as serve_main
 from pipelines.config import ConfigError, from_dict, load_config
-from pipelines.serve.api import ApiError, GenerateBody, guidance_text, validation_error
+from pipelines.serve.api import ApiError, GenerateBody, validation_error
 from pipelines.serve.config import ServeConfig
+from pipelines.serve.decoding import guidance_text
 
 ROOT = Path(__file__).resolve().parents[2]
 

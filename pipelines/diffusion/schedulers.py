@@ -1,0 +1,58 @@
+"""The noise schedule models are trained with, and the samplers that run it backwards.
+
+``default_scheduler`` is saved with every pipeline; ``sampler`` derives the scheduler one
+generation runs with from it: DDIM (η = 0) or DPM-Solver++ (2M), with x_0 clipped, dynamically
+thresholded (Imagen) or left alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, SchedulerMixin
+
+SchedulerName = Literal["ddim", "dpm++"]
+Threshold = Literal["none", "clip", "dynamic"]
+SCHEDULERS = ("ddim", "dpm++")
+THRESHOLDS = ("none", "clip", "dynamic")
+
+
+def default_scheduler() -> DDIMScheduler:
+    """The noise schedule models are trained with and the default sampler (DDIM, η = 0)."""
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="squaredcos_cap_v2",  # the cosine schedule of improved DDPM, as GLIDE/unCLIP
+        prediction_type="epsilon",
+        clip_sample=True,
+        set_alpha_to_one=True,
+        steps_offset=1,
+        timestep_spacing="leading",  # pairs exactly with DDIMInverseScheduler for inversion
+    )
+
+
+def sampler(config: Any, name: SchedulerName, threshold: Threshold, latent: bool) -> SchedulerMixin:
+    """The scheduler ``name`` over the noise schedule ``config`` (a saved scheduler's config) with
+    x_0 ``threshold``; ``latent``: the model samples a VAE's latents, which are never thresholded."""
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; known: {', '.join(SCHEDULERS)}")
+    if threshold not in THRESHOLDS:
+        raise ValueError(f"unknown threshold {threshold!r}; known: {', '.join(THRESHOLDS)}")
+    if threshold != "none" and latent:
+        raise ValueError("x_0 clipping and dynamic thresholding apply to pixel-space models only")
+    # Imagen's dynamic thresholding (Saharia et al. 2022, §2.3) at its 99.5th percentile,
+    # with DeepFloyd IF's cap on the threshold; "clip" is the same with the cap at 1.
+    options = {
+        "none": dict(clip_sample=False, thresholding=False),
+        "clip": dict(clip_sample=True, thresholding=False),
+        "dynamic": dict(
+            clip_sample=False, thresholding=True, dynamic_thresholding_ratio=0.995, sample_max_value=1.5
+        ),
+    }[threshold]
+    if name == "ddim":
+        return DDIMScheduler.from_config(config, **options)
+    if threshold == "clip":  # DPM-Solver has no clip_sample: thresholding capped at 1 is clipping
+        options = dict(thresholding=True, dynamic_thresholding_ratio=0.995, sample_max_value=1.0)
+    options.pop("clip_sample", None)
+    return DPMSolverMultistepScheduler.from_config(
+        config, algorithm_type="dpmsolver++", solver_order=2, **options
+    )

@@ -1,0 +1,339 @@
+"""Decoding and checking Serve API requests: a body -> a ``Job`` of arrays, or an ``ApiError``.
+
+``Decoder.generate`` / ``Decoder.edit`` / ``Decoder.decompose`` check what a schema cannot —
+limits from the config, images that decode, guidance that names given conditions, conditions the
+model can decompose — and decode every image exactly as the model's training shards were decoded.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from typing import Any
+
+import numpy as np
+
+from pipelines.data.decomposer import MAPS
+from pipelines.serve.api import (
+    ApiError,
+    Conditions,
+    DecomposeBody,
+    EditBody,
+    GenerateBody,
+    Guidance,
+    Job,
+    MapSource,
+    ModelInfo,
+    PaletteSource,
+    Sampling,
+)
+from pipelines.serve.config import Limits
+
+
+def b64_bytes(value: str, where: str, limits: Limits) -> bytes:
+    """base64 (or a data URL) -> bytes; 422 if it is not base64, 413 if it is too big."""
+    if value.startswith("data:"):
+        head, sep, value = value.partition(",")
+        if not sep or ";base64" not in head:
+            raise ApiError(422, "invalid_image", "a data URL must be base64 (data:…;base64,…)", where)
+    if len(value) * 3 // 4 > limits.max_image_bytes + 3:
+        raise ApiError(
+            413,
+            "image_too_large",
+            f"the image is over limits.max_image_bytes={limits.max_image_bytes}",
+            where,
+        )
+    try:
+        data = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(422, "invalid_image", "not valid base64", where) from None
+    if not data:
+        raise ApiError(422, "invalid_image", "empty image", where)
+    return data
+
+
+def check_pixels(data: bytes, where: str, limits: Limits) -> None:
+    """413 when the image's header says it is over ``max_image_pixels`` (before decoding it)."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            w, h = Image.open(io.BytesIO(data)).size
+    except Image.DecompressionBombError:
+        raise ApiError(413, "image_too_large", "decompression bomb refused", where) from None
+    except Exception as e:  # noqa: BLE001 - any failure to read the header: not an image
+        raise ApiError(
+            422, "undecodable_image", f"cannot decode the image ({type(e).__name__})", where
+        ) from e
+    if w * h > limits.max_image_pixels:
+        raise ApiError(
+            413,
+            "image_too_large",
+            f"{w}x{h} = {w * h} pixels is over limits.max_image_pixels={limits.max_image_pixels}",
+            where,
+        )
+
+
+def png_b64(a: np.ndarray) -> str:
+    """(H, W) or (H, W, 3) uint8 -> base64 PNG."""
+    from pipelines.files import encode_png
+
+    return base64.b64encode(encode_png(np.ascontiguousarray(a))).decode()
+
+
+def guidance_text(value: Guidance, where: str) -> str:
+    """Any of the three guidance forms -> the text form of ``pipelines/diffusion/guidance.py``."""
+    if isinstance(value, dict):
+        if not value:
+            raise ApiError(422, "invalid_guidance", "per-condition guidance needs at least one weight", where)
+        parts = []
+        for k, w in value.items():
+            if not isinstance(w, (int, float)) or isinstance(w, bool):
+                raise ApiError(422, "invalid_guidance", f"the weight of {k!r} must be a number", where)
+            parts.append(f"{k}={float(w)!r}")
+        text = ",".join(parts)
+    elif isinstance(value, bool):
+        raise ApiError(422, "invalid_guidance", "guidance must be a number, text or mapping", where)
+    else:
+        text = str(value)
+    return text
+
+
+class Decoder:
+    """Decodes a request's images the way the model's training shards were decoded.
+
+    ``dec``: the model's ``ImageDecomposer`` (its decode settings and resolution; the ingress
+    never runs an extractor); ``info``: the model deployment's ``info()``.
+    """
+
+    def __init__(self, dec: Any, info: ModelInfo, limits: Limits, defaults: dict[str, Any]):
+        self.dec, self.info, self.limits, self.defaults = dec, info, limits, defaults
+
+    # -- pieces -----------------------------------------------------------------------------------
+    def image(self, value: str, where: str) -> np.ndarray:
+        data = b64_bytes(value, where, self.limits)
+        check_pixels(data, where, self.limits)
+        from pipelines.data.decode import decode_image
+
+        try:
+            return decode_image(data, self.dec.resolution, self.dec.config.decode)
+        except Exception as e:  # noqa: BLE001 - any decoder failure is a bad upload
+            raise ApiError(
+                422, "undecodable_image", f"cannot decode the image ({type(e).__name__}: {e})", where
+            ) from e
+
+    def map(self, name: str, value: str, where: str) -> np.ndarray:
+        data = b64_bytes(value, where, self.limits)
+        check_pixels(data, where, self.limits)
+        try:
+            return self.dec.load_map(name, data)
+        except Exception as e:  # noqa: BLE001
+            raise ApiError(422, "undecodable_image", f"cannot decode the {name} map ({e})", where) from e
+
+    def mask(self, value: str, where: str) -> np.ndarray:
+        data = b64_bytes(value, where, self.limits)
+        check_pixels(data, where, self.limits)
+        try:
+            mask = self.dec.load_mask(data)
+        except Exception as e:  # noqa: BLE001
+            raise ApiError(422, "undecodable_image", f"cannot decode the mask ({e})", where) from e
+        if not mask.any():
+            raise ApiError(422, "empty_mask", "the mask marks nothing to regenerate (no white pixel)", where)
+        return mask
+
+    def decomposable(self, name: str, where: str) -> None:
+        ok = self.info.decomposable.get(name, f"{name} cannot be decomposed")
+        if ok is not True:
+            raise ApiError(422, "unavailable_condition", f"{name}: {ok}", where)
+
+    # -- requests ---------------------------------------------------------------------------------
+    def _sampling(self, body: Sampling, job: Job) -> None:
+        lim = self.limits
+        job.steps = self.defaults["steps"] if body.steps is None else body.steps
+        if not 1 <= job.steps <= lim.max_steps:
+            raise ApiError(
+                422, "out_of_range", f"steps must be in 1..{lim.max_steps}, got {job.steps}", "steps"
+            )
+        if not 1 <= body.num_images <= lim.max_num_images:
+            raise ApiError(
+                422,
+                "out_of_range",
+                f"num_images must be in 1..{lim.max_num_images}, got {body.num_images}",
+                "num_images",
+            )
+        if not 0 <= body.seed < 2**63:
+            raise ApiError(422, "out_of_range", f"seed must be in 0..2^63-1, got {body.seed}", "seed")
+        job.num_images, job.seed = body.num_images, body.seed
+        job.scheduler, job.threshold = body.scheduler, body.threshold
+        g = self.defaults["guidance"] if body.guidance is None else body.guidance
+        job.guidance = guidance_text(g, "guidance")
+
+    def _images(self, images: dict[str, str]) -> dict[str, str]:
+        if len(images) > self.limits.max_images:
+            raise ApiError(
+                422, "out_of_range", f"at most limits.max_images={self.limits.max_images} images", "images"
+            )
+        return images
+
+    def _conditions(
+        self, cond: Conditions, images: dict[str, str], job: Job, where: str
+    ) -> dict[str, np.ndarray]:
+        decoded: dict[str, np.ndarray] = {}
+
+        def ref(name: str, at: str) -> np.ndarray:
+            if name not in images:
+                known = ", ".join(sorted(images)) or "none"
+                raise ApiError(
+                    422, "unknown_image", f"no image named {name!r} in images (given: {known})", at
+                )
+            if name not in decoded:
+                decoded[name] = self.image(images[name], f"images.{name}")
+            return decoded[name]
+
+        lim = self.limits
+        if cond.text is not None:
+            if len(cond.text) > lim.max_text_chars:
+                raise ApiError(
+                    422,
+                    "out_of_range",
+                    f"text is over limits.max_text_chars={lim.max_text_chars}",
+                    f"{where}.text",
+                )
+            self.decomposable("caption", f"{where}.text")
+            job.text = cond.text
+        if cond.semantics is not None:
+            self.decomposable("semantics", f"{where}.semantics")
+            job.from_image["semantics"] = ref(cond.semantics.image, f"{where}.semantics.image")
+            job.references["semantics"] = cond.semantics.image
+        if cond.palette is not None:
+            job_palette(self, cond.palette, job, ref, f"{where}.palette")
+        for name in MAPS:
+            if getattr(cond, name) is not None:
+                self._map_condition(name, getattr(cond, name), job, ref, f"{where}.{name}")
+        if cond.mask is not None:
+            job.source = ref(cond.mask.source, f"{where}.mask.source")
+            job.mask = self.mask(cond.mask.mask, f"{where}.mask.mask")
+            job.references["mask"] = cond.mask.source
+        return decoded
+
+    def _map_condition(self, name: str, src: MapSource, job: Job, ref: Any, at: str) -> None:
+        """A local condition from a reference image (decomposed by the model) or a ready map."""
+        if (src.image is None) == (src.map is None):
+            raise ApiError(422, "invalid_request", f"give {name}.image or {name}.map, exactly one", at)
+        if src.image is not None:
+            self.decomposable(name, at)
+            job.from_image[name] = ref(src.image, f"{at}.image")
+            job.references[name] = src.image
+        else:
+            job.maps[name] = self.map(name, src.map, f"{at}.map")
+
+    def _check_guidance(self, text: str, given: frozenset[str], where: str) -> None:
+        from pipelines.diffusion.guidance import Guidance
+
+        try:
+            g = Guidance.parse(text, given)
+        except ValueError as e:
+            raise ApiError(422, "invalid_guidance", str(e), where) from None
+        worst = max((abs(w) for _, w in g.terms), default=0.0)
+        if worst > self.limits.max_guidance:
+            raise ApiError(
+                422, "out_of_range", f"guidance weights must be within ±{self.limits.max_guidance}", where
+            )
+
+    def generate(self, body: GenerateBody) -> Job:
+        job = Job(kind="generate")
+        self._sampling(body, job)
+        self._conditions(body.conditions, self._images(body.images), job, "conditions")
+        self._check_guidance(job.guidance, job.given(), "guidance")
+        return job
+
+    def edit(self, body: EditBody) -> Job:
+        """Bidirectional guidance (Composer §3.2): invert ``source`` under the changed conditions'
+        names valued as the source decomposes, then sample under the new values."""
+        job = Job(kind="edit")
+        self._sampling(body, job)
+        if body.scheduler != "ddim":
+            raise ApiError(
+                422, "invalid_request", "edit inverts with DDIM; use scheduler 'ddim'", "scheduler"
+            )
+        if body.conditions.mask is not None:
+            raise ApiError(
+                422, "invalid_request", "give the edit's mask as `mask`, not a condition", "conditions.mask"
+            )
+        self._conditions(body.conditions, self._images(body.images), job, "conditions")
+        changed = job.given()
+        if not changed:
+            raise ApiError(
+                422, "invalid_request", "an edit needs at least one condition to change", "conditions"
+            )
+        job.source = self.image(body.source, "source")
+        for name in changed:  # the source is decomposed under the same names
+            self.decomposable(name, f"conditions.{'text' if name == 'caption' else name}")
+        if body.source_text is not None and len(body.source_text) > self.limits.max_text_chars:
+            raise ApiError(422, "out_of_range", "source_text is over limits.max_text_chars", "source_text")
+        job.source_text = body.source_text
+        if "caption" in changed and job.source_text is None:
+            job.source_text = job.text
+        if body.mask is not None:
+            job.mask = self.mask(body.mask, "mask")
+        job.invert_guidance = guidance_text(body.invert_guidance, "invert_guidance")
+        self._check_guidance(job.guidance, job.given(), "guidance")
+        self._check_guidance(job.invert_guidance, changed, "invert_guidance")
+        return job
+
+    def decompose(self, body: DecomposeBody) -> tuple[np.ndarray, list[str], str | None]:
+        names = body.conditions
+        if names is None:
+            names = [n for n, ok in self.info.decomposable.items() if ok is True]
+            if body.text is None:
+                names = [n for n in names if n != "caption"]
+        for i, name in enumerate(names):
+            if name not in self.info.decomposable:
+                known = ", ".join(self.info.decomposable)
+                raise ApiError(
+                    422,
+                    "unknown_condition",
+                    f"unknown representation {name!r}; known: {known}",
+                    f"conditions[{i}]",
+                )
+            self.decomposable(name, f"conditions[{i}]")
+        if "caption" in names and body.text is None:
+            raise ApiError(422, "invalid_request", "the caption representation needs `text`", "text")
+        if body.text is not None and len(body.text) > self.limits.max_text_chars:
+            raise ApiError(422, "out_of_range", "text is over limits.max_text_chars", "text")
+        return self.image(body.image, "image"), list(dict.fromkeys(names)), body.text
+
+
+def job_palette(d: Decoder, src: PaletteSource, job: Job, ref: Any, at: str) -> None:
+    """A palette from hex colours (with the model's smoothing) or from a reference image."""
+    from pipelines.conditions.palette import palette_from_hex
+
+    if (src.image is None) == (src.colors is None):
+        raise ApiError(422, "invalid_request", "give palette.colors or palette.image, exactly one", at)
+    if src.image is not None:
+        if src.weights is not None:
+            raise ApiError(422, "invalid_request", "palette.weights go with palette.colors", f"{at}.weights")
+        d.decomposable("palette", at)
+        job.from_image["palette"] = ref(src.image, f"{at}.image")
+        job.references["palette"] = src.image
+        return
+    if not src.colors or len(src.colors) > 156:
+        raise ApiError(422, "out_of_range", "palette.colors needs 1..156 colours", f"{at}.colors")
+    weights = src.weights
+    if weights is not None and (
+        len(weights) != len(src.colors) or any(w < 0 for w in weights) or sum(weights) <= 0
+    ):
+        raise ApiError(
+            422,
+            "invalid_palette",
+            "palette.weights: one per colour, >= 0, with a positive sum",
+            f"{at}.weights",
+        )
+    try:
+        job.palette = palette_from_hex(list(src.colors), weights, sigma=d.dec.config.palette.sigma)
+    except ValueError as e:
+        raise ApiError(422, "invalid_palette", str(e), f"{at}.colors") from None
