@@ -54,7 +54,8 @@ def main() -> None:
     from pipelines.data.augment import AugmentConfig
     from pipelines.data.batches import make_recipe, open_data, prepare_batch
     from pipelines.data.decomposer import ImageDecomposer
-    from pipelines.diffusion.pipeline import ComposerPipeline, default_scheduler
+    from pipelines.diffusion.pipeline import ComposerPipeline
+    from pipelines.diffusion.schedulers import default_scheduler
     from pipelines.train.loop import batch_inputs
     from pipelines.train.run import model_arguments
 

@@ -51,7 +51,8 @@ from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 from benchmarks.machine import cpu_name  # noqa: E402
 from models import build_model  # noqa: E402
 from pipelines.diffusion.guidance import Guidance  # noqa: E402
-from pipelines.diffusion.pipeline import ComposerPipeline, default_scheduler  # noqa: E402
+from pipelines.diffusion.pipeline import ComposerPipeline  # noqa: E402
+from pipelines.diffusion.schedulers import default_scheduler
 
 GUIDANCE_SCALE = 3.0
 BASE = frozenset({"sketch"})  # c1

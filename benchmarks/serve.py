@@ -100,7 +100,8 @@ def make_model(out_dir: Path, resolution: int, preset: str = "tiny") -> str:
     import torch
 
     from models import build_model
-    from pipelines.diffusion.pipeline import ComposerPipeline, default_scheduler
+    from pipelines.diffusion.pipeline import ComposerPipeline
+    from pipelines.diffusion.schedulers import default_scheduler
 
     torch.manual_seed(0)
     pipe = ComposerPipeline(build_model(preset, sample_size=resolution).eval(), default_scheduler())

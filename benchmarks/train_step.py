@@ -57,7 +57,7 @@ from benchmarks.machine import cpu_name  # noqa: E402
 from models import CONDITIONS, ComposerModel, Conditions, build_model  # noqa: E402
 from models.conditioning import PALETTE_BINS  # noqa: E402
 from models.objective import diffusion_loss  # noqa: E402
-from pipelines.diffusion.pipeline import default_scheduler  # noqa: E402
+from pipelines.diffusion.schedulers import default_scheduler  # noqa: E402
 
 GOAL_RATIO = 0.9
 LEARNING_RATE = 1e-4

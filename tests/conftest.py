@@ -10,7 +10,8 @@ from models import ConditionDropout, build_model
 from models.objective import diffusion_loss
 from pipelines.data.scene import render_sample
 from pipelines.diffusion.inputs import image_to_tensor, to_conditions
-from pipelines.diffusion.pipeline import ComposerPipeline, default_scheduler
+from pipelines.diffusion.pipeline import ComposerPipeline
+from pipelines.diffusion.schedulers import default_scheduler
 from tests.helpers import block_network
 
 # No test may touch the network: every hub lookup must be answered from local files.

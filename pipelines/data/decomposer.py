@@ -35,8 +35,6 @@ from pipelines.config import Config, ConfigError, from_dict, nested
 from pipelines.data.decode import DecodeConfig, decode_image, resize_center_crop
 from pipelines.errors import UserError
 
-# The conditions an image (or its caption) is decomposed into; `mask` is drawn by the user.
-DECOMPOSED = EXTRACTED_NAMES
 CaptionEncoder = Literal["trainable", "clip", "t5", "clip+t5"]
 SemanticsEncoder = Literal["trainable", "clip"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -237,8 +235,10 @@ class ImageDecomposer:
         """``names`` of ``image`` (and ``text`` for the caption) -> the model's condition inputs."""
         out: dict[str, Any] = {}
         for name in names:
-            if name not in DECOMPOSED:
-                raise ValueError(f"cannot decompose {name!r}; decomposed conditions: {', '.join(DECOMPOSED)}")
+            if name not in EXTRACTED_NAMES:  # `mask` is drawn by the user, never decomposed
+                raise ValueError(
+                    f"cannot decompose {name!r}; decomposed conditions: {', '.join(EXTRACTED_NAMES)}"
+                )
             if name == "caption":
                 if text is None:
                     raise ValueError("the caption condition needs a text")

@@ -30,11 +30,8 @@ from pipelines.diffusion.inputs import image_to_tensor, tensor_to_image, to_cond
 from pipelines.diffusion.requests import Batch, PreparedRequest, SampleRequest
 from pipelines.diffusion.sampling import denoise, invert
 from pipelines.diffusion.schedulers import (
-    SCHEDULERS,
-    THRESHOLDS,
     SchedulerName,
     Threshold,
-    default_scheduler,
     sampler,
 )
 
@@ -382,17 +379,3 @@ class ComposerPipeline(DiffusionPipeline):
         k = len(guidance.sets())
         conds = to_conditions(self.unet, rows).repeat(k)
         return self.unet.encode(conds, guidance.presence(sum(sizes), self.unet.device))
-
-
-__all__ = [  # the schedulers and requests are part of this module's interface
-    "SCHEDULERS",
-    "THRESHOLDS",
-    "ComposerOutput",
-    "ComposerPipeline",
-    "PreparedRequest",
-    "SampleRequest",
-    "SchedulerName",
-    "Threshold",
-    "default_scheduler",
-    "given_conditions",
-]

@@ -80,7 +80,7 @@ class EvalWorker:
 
     def generate(self, unit: Unit, rows: list[Row]) -> list[np.ndarray]:
         """One batched sampling of ``rows`` under ``unit.conditions``; row i with seed + i."""
-        from pipelines.diffusion.pipeline import SampleRequest
+        from pipelines.diffusion.requests import SampleRequest
 
         conds = unit.conditions
         guidance = self.cfg.guidance if unit.guidance is None else unit.guidance

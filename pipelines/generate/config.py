@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from pipelines.conditions import MAPS
 from pipelines.config import Config, ConfigError, load_config, parse_overrides, resource
-from pipelines.data.decomposer import MAPS
 from pipelines.diffusion.schedulers import SchedulerName, Threshold
 from pipelines.errors import UserError
 

@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.conditions import ExtractorUnavailable
+from pipelines.conditions import MAPS, ExtractorUnavailable
 from pipelines.config import to_dict
-from pipelines.data.decomposer import MAPS, ImageDecomposer
+from pipelines.data.decomposer import ImageDecomposer
 from pipelines.diffusion.loading import MODEL_URIS, load_pipeline, resolve_device
 from pipelines.diffusion.pipeline import ComposerOutput, ComposerPipeline
 from pipelines.files import claim_output, encode_png, write_bytes, write_json

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.data.decomposer import MAPS
+from pipelines.conditions import MAPS
 from pipelines.serve.api import (
     ApiError,
     Conditions,

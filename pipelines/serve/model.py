@@ -20,7 +20,8 @@ from pipelines.serve.api import Job, ModelInfo, Refused, Sampled
 from pipelines.serve.config import ServeConfig
 
 if TYPE_CHECKING:  # the ingress imports this module too; it never loads torch
-    from pipelines.diffusion.pipeline import ComposerOutput, PreparedRequest
+    from pipelines.diffusion.pipeline import ComposerOutput
+    from pipelines.diffusion.requests import PreparedRequest
 
 
 # Defined before the deployment: Ray pickles its class with the globals it finds then.
@@ -89,12 +90,11 @@ class ComposerServer:
 
     def _decomposable(self) -> dict[str, bool | str]:
         """Which representations can be taken from an image with this pipeline's settings."""
-        from pipelines.conditions import ExtractorUnavailable
-        from pipelines.data.decomposer import DECOMPOSED
+        from pipelines.conditions import EXTRACTED_NAMES, ExtractorUnavailable
 
         cfg = self.pipe.unet.config
         out: dict[str, bool | str] = {}
-        for name in DECOMPOSED:
+        for name in EXTRACTED_NAMES:
             if (name == "caption" and cfg.caption_encoder == "trainable") or (
                 name == "semantics" and cfg.semantics_encoder == "trainable"
             ):
@@ -202,7 +202,7 @@ class ComposerServer:
 
     def _inputs(self, job: Job) -> "PreparedRequest":
         """The job's conditions extracted and checked (``ComposerPipeline.prepare``)."""
-        from pipelines.diffusion.pipeline import SampleRequest
+        from pipelines.diffusion.requests import SampleRequest
 
         dec, conditions = self.dec, {}
         if job.text is not None:

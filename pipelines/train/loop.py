@@ -29,7 +29,7 @@ from models import CONDITIONS, ComposerModel, ConditionDropout
 from models.objective import diffusion_loss
 from pipelines.data.batches import BatchRecipe
 from pipelines.diffusion.inputs import image_to_tensor, to_conditions
-from pipelines.diffusion.pipeline import default_scheduler
+from pipelines.diffusion.schedulers import default_scheduler
 from pipelines.log import configure_worker
 from pipelines.train import parallel
 from pipelines.train import state as train_state

@@ -176,7 +176,8 @@ class RankZeroTracker:
     def sample_grid(self, weights: dict[str, Any], step: int) -> np.ndarray:
         from pipelines.conditions.palette import render_palette
         from pipelines.diffusion.pictures import layout, text_tile
-        from pipelines.diffusion.pipeline import ComposerPipeline, default_scheduler
+        from pipelines.diffusion.pipeline import ComposerPipeline
+        from pipelines.diffusion.schedulers import default_scheduler
 
         trained = tuple(c for c in self.recipe.conditions if c != "mask")
         sets = [
@@ -240,7 +241,8 @@ class RankZeroTracker:
 
     def _export(self, weights: dict[str, Any], export: Path) -> None:
         """RUN_DIR/export: the pipeline with EMA weights, swapped in atomically (a rename)."""
-        from pipelines.diffusion.pipeline import ComposerPipeline, default_scheduler
+        from pipelines.diffusion.pipeline import ComposerPipeline
+        from pipelines.diffusion.schedulers import default_scheduler
 
         pipe = ComposerPipeline(
             self._export_model(weights), default_scheduler(), decompose=self.args.decompose

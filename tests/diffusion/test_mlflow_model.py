@@ -22,7 +22,8 @@ def registry(tmp_path_factory) -> dict:
 
     from models import build_model
     from pipelines.diffusion.mlflow_model import log_pipeline
-    from pipelines.diffusion.pipeline import ComposerPipeline, default_scheduler
+    from pipelines.diffusion.pipeline import ComposerPipeline
+    from pipelines.diffusion.schedulers import default_scheduler
     from tests.helpers import block_network
 
     root = tmp_path_factory.mktemp("mlflow")

@@ -13,8 +13,9 @@ from models import CONDITIONS, build_model
 from pipelines.data.scene import render_sample
 from pipelines.diffusion.guidance import Guidance
 from pipelines.diffusion.inputs import to_conditions
-from pipelines.diffusion.pipeline import ComposerPipeline, default_scheduler
+from pipelines.diffusion.pipeline import ComposerPipeline
 from pipelines.diffusion.sampling import guided_noise
+from pipelines.diffusion.schedulers import default_scheduler
 
 R = 32
 
@@ -279,7 +280,7 @@ def test_unconditional_generation_is_one_branch():
 
 # -- batched sampling (what Ray Serve's @serve.batch groups) -------------------------------------
 def test_sample_batch_gives_each_request_what_it_would_get_alone():
-    from pipelines.diffusion.pipeline import SampleRequest
+    from pipelines.diffusion.requests import SampleRequest
 
     pipe = make_pipe()
     source, _ = scene(5)

@@ -10,7 +10,8 @@ from models import build_model
 from pipelines.conditions.palette import palette_from_hex
 from pipelines.data.scene import render_sample
 from pipelines.diffusion import recipes
-from pipelines.diffusion.pipeline import ComposerPipeline, default_scheduler
+from pipelines.diffusion.pipeline import ComposerPipeline
+from pipelines.diffusion.schedulers import default_scheduler
 
 R = 32
 STEPS = dict(num_inference_steps=3)

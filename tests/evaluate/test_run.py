@@ -18,7 +18,8 @@ from pipelines.data.scene import render_sample
 from pipelines.data.synth import write_synth
 from pipelines.decompose.config import DecomposeConfig
 from pipelines.decompose.job import run_decompose
-from pipelines.diffusion.pipeline import ComposerPipeline, default_scheduler
+from pipelines.diffusion.pipeline import ComposerPipeline
+from pipelines.diffusion.schedulers import default_scheduler
 from pipelines.evaluate.config import EvalConfig
 from pipelines.evaluate.fidelity import depth_rmse_ssi, instances_miou
 from pipelines.evaluate.report import fidelity_table, quality_bar

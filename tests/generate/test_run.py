@@ -32,7 +32,8 @@ def _save_pipeline(directory: Path, decompose: dict, **model_kw) -> Path:
     import torch
 
     from models import build_model
-    from pipelines.diffusion.pipeline import ComposerPipeline, default_scheduler
+    from pipelines.diffusion.pipeline import ComposerPipeline
+    from pipelines.diffusion.schedulers import default_scheduler
 
     torch.manual_seed(0)
     model = build_model("tiny", sample_size=R, **model_kw).eval()

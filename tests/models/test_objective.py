@@ -8,7 +8,7 @@ import torch
 from models import CONDITIONS, build_model
 from models.conditioning import Conditions
 from models.objective import diffusion_loss
-from pipelines.diffusion.pipeline import default_scheduler
+from pipelines.diffusion.schedulers import default_scheduler
 
 
 def _rows(weighting: str, max_weight: float = 20.0) -> torch.Tensor:

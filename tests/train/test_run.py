@@ -240,16 +240,7 @@ def test_prepare_batch_gives_aligned_model_inputs(data):
 
     spec = open_data(data)
     assert spec.rows == 64 and spec.resolution == R and len(spec.files) == 2
-    assert spec.conditions == (
-        "caption",
-        "semantics",
-        "palette",
-        "sketch",
-        "instances",
-        "depth",
-        "intensity",
-        "mask",
-    )
+    assert spec.conditions == tuple(CONDITIONS)
     assert set(spec.settings) == {"decode", "palette", "sketch", "instances", "depth", "intensity"}
     cfg = load_config(TrainConfig, None, {"data": str(data), "model.resolution": 16}, [])
     kwargs = model_arguments(cfg, spec)
