@@ -1,7 +1,7 @@
 """``benchmarks/serve.py`` end to end on tiny settings: the JSON's fields and no errors, no timings.
 
 The benchmark starts (and shuts down) a Ray of its own, which cannot share a process with the
-session's ``ray_local``; so ``main([...])`` runs in a fresh interpreter.
+module's ``ray_local``; so ``main([...])`` runs in a fresh interpreter.
 """
 
 from __future__ import annotations

@@ -114,10 +114,10 @@ def test_same_seed_same_draw():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(p_drop=1.5), "p_drop must be in"),
-        (dict(p_drop=-0.1), "p_drop must be in"),
-        (dict(p_drop_all=-0.1), "p_drop_all must be in"),
-        (dict(p_keep_all=2.0), "p_keep_all must be in"),
+        (dict(p_drop=1.5), r"p_drop\n  Input should be less than or equal to 1"),
+        (dict(p_drop=-0.1), r"p_drop\n  Input should be greater than or equal to 0"),
+        (dict(p_drop_all=-0.1), r"p_drop_all\n  Input should be greater than or equal to 0"),
+        (dict(p_keep_all=2.0), r"p_keep_all\n  Input should be less than or equal to 1"),
         (dict(p_drop_all=0.6, p_keep_all=0.6), r"p_drop_all \+ p_keep_all must be <= 1"),
         (dict(per_condition={"colour": 0.5}), "unknown condition 'colour'; known: caption, semantics"),
         (dict(per_condition={"depth": 1.2}), r"per_condition\['depth'\] must be in"),
