@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -10,6 +11,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(10 * np.log10(255.0**2 / max(mse, 1e-12)))
 
 
+@pytest.mark.slow  # trained_tiny: a minute of training first
 def test_inversion_then_reconstruction_returns_the_source(trained_tiny):
     """Stated bound: >= 20 dB PSNR at 20 DDIM steps for the briefly trained tiny model (measured
     ~25-30 dB); a random-init model gives ~5 dB, so the bound does test the inversion."""
@@ -21,6 +23,7 @@ def test_inversion_then_reconstruction_returns_the_source(trained_tiny):
         assert psnr(out.images[0], images[i]) >= 20.0
 
 
+@pytest.mark.slow  # trained_tiny: a minute of training first
 def test_bidirectional_sampling_under_other_conditions_changes_the_image(trained_tiny):
     """Inverted under c1, sampled under c2 (another image's caption and intensity): further from
     the source than sampling back under c1 (measured 2.6-9 dB further on these six)."""

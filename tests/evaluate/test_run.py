@@ -114,6 +114,7 @@ def _value(table, group, subset, metric):
     return hits[0]
 
 
+@pytest.mark.slow  # a tiny model trained, then the whole evaluation on a local Ray
 def test_writes_table_plots_and_summary(evaluated):
     assert evaluated["rc"] == (0, 0)
     out = evaluated["out"]
@@ -166,6 +167,7 @@ def test_writes_table_plots_and_summary(evaluated):
     assert "299x299" in md and "pt_inception-2015-12-05-6726825d.pth sha256:" in md and "clip_variant" in md
 
 
+@pytest.mark.slow  # a tiny model trained, then the whole evaluation on a local Ray
 def test_same_seeds_same_numbers(evaluated):
     table2 = pq.read_table(evaluated["out"] / "metrics.parquet").to_pylist()
     assert len(table2) == len(evaluated["table1"])
@@ -174,6 +176,7 @@ def test_same_seeds_same_numbers(evaluated):
         assert a["value"] == pytest.approx(b["value"], abs=1e-6, nan_ok=True)
 
 
+@pytest.mark.slow  # a tiny model trained, then the whole evaluation on a local Ray
 def test_mlflow_run_nested_under_the_training_run(evaluated, trained):
     from mlflow import MlflowClient
 
@@ -200,6 +203,7 @@ def test_mlflow_run_nested_under_the_training_run(evaluated, trained):
     assert len(children) == 2  # one per evaluation of the output
 
 
+@pytest.mark.slow  # a tiny model trained, then the whole evaluation on a local Ray
 def test_refuses_other_settings_bad_data_and_foreign_output(evaluated, trained, data, tmp_path, capsys):
     assert _evaluate(trained, data, evaluated["out"], *evaluated["weights"], "guidance=5") == 2
     assert "another config_hash" in capsys.readouterr().err
