@@ -70,8 +70,12 @@ def log_params(client: Any, run_id: str, params: Mapping[str, Any]) -> None:
         client.log_batch(run_id, params=items[i : i + PARAM_BATCH])
 
 
-def log_metrics(client: Any, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
-    """Every finite metric at ``step`` in batches (keys made MLflow-safe)."""
+def log_metrics(
+    client: Any, run_id: str, metrics: Mapping[str, float], step: int = 0, finite_only: bool = False
+) -> None:
+    """Every metric at ``step`` in batches (keys made MLflow-safe). A NaN loss is logged as NaN,
+    so a diverging run shows it; ``finite_only`` leaves out NaN and infinities (summary tables,
+    where they mean "no value")."""
     import math
 
     from mlflow.entities import Metric
@@ -80,7 +84,7 @@ def log_metrics(client: Any, run_id: str, metrics: Mapping[str, float], step: in
     items = [
         Metric(metric_key(k), float(v), ts, step)
         for k, v in metrics.items()
-        if v is not None and math.isfinite(float(v))
+        if v is not None and not (finite_only and not math.isfinite(float(v)))
     ]
     for i in range(0, len(items), METRIC_BATCH):
         client.log_batch(run_id, metrics=items[i : i + METRIC_BATCH])

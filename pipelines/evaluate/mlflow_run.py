@@ -56,7 +56,7 @@ def log_run(
     for b in result.quality_bar:
         if b["ratio"] is not None:
             metrics[f"ratio_to_none/{b['condition']}"] = b["ratio"]
-    tracking.log_metrics(client, rid, metrics)
+    tracking.log_metrics(client, rid, metrics, finite_only=True)
     for name in ("results.md", "metrics.parquet", "per_image.parquet", *result.plots):
         client.log_artifact(rid, str(out / name))
     client.set_terminated(rid)
