@@ -28,7 +28,11 @@ def add_common_arguments(p: argparse.ArgumentParser, json_help: str | None = Non
 
 
 def to_json(result: Any) -> str:
-    if dataclasses.is_dataclass(result) and not isinstance(result, type):
+    """A result's own ``to_dict()`` where it has one (the record it writes leaves out keys that
+    do not apply), else the dataclass's fields."""
+    if hasattr(result, "to_dict"):
+        result = result.to_dict()
+    elif dataclasses.is_dataclass(result) and not isinstance(result, type):
         result = dataclasses.asdict(result)
     return json.dumps(result, indent=2, default=str)
 

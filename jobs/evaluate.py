@@ -12,11 +12,11 @@ cluster in ``RAY_ADDRESS``, as under ``ray job submit``, or a local Ray). See do
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 from jobs._runner import add_common_arguments, run
 from pipelines.config import add_config_arguments, load_config
 from pipelines.evaluate.config import EvalConfig
+from pipelines.evaluate.report import EvalResult
 from pipelines.evaluate.run import run_evaluate
 
 
@@ -38,10 +38,10 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+def evaluate(args: argparse.Namespace) -> EvalResult:
     values = {"model": args.model, "data": args.data, "output": args.output, "num_samples": args.num_samples}
     cfg = load_config(EvalConfig, args.config, values, args.overrides)
-    return run_evaluate(cfg).to_dict()  # evaluate.json's keys: no "mlflow" when nothing was logged
+    return run_evaluate(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:

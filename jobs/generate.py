@@ -18,7 +18,7 @@ from typing import Any
 from jobs._runner import add_common_arguments, run
 from pipelines.config import add_config_arguments
 from pipelines.generate.config import GenerateConfig, load_generate_config
-from pipelines.generate.run import run_generate
+from pipelines.generate.run import GenerateResult, run_generate
 
 IMAGES = {k for k in GenerateConfig.model_fields if k.endswith(("_from", "_map"))} | {"mask", "source"}
 SAMPLING = ("guidance", "invert_guidance", "steps", "seed", "num_images", "scheduler", "threshold", "device")
@@ -47,9 +47,9 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def generate(args: argparse.Namespace) -> dict[str, Any]:
+def generate(args: argparse.Namespace) -> GenerateResult:
     flags = {k: v for k, v in vars(args).items() if k in GenerateConfig.model_fields}
-    return run_generate(load_generate_config(args.config, flags, args.overrides)).to_dict()
+    return run_generate(load_generate_config(args.config, flags, args.overrides))
 
 
 def main(argv: list[str] | None = None) -> int:
