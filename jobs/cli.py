@@ -26,6 +26,7 @@ COMMANDS = {
     "generate": ("jobs.generate", "generate or edit images with a trained pipeline from any conditions"),
     "evaluate": ("jobs.evaluate", "measure a trained pipeline: condition fidelity, benchmark, FID (Ray)"),
     "serve": ("jobs.serve", "serve a trained pipeline over HTTP: JSON API and web page (Ray Serve)"),
+    "reference": ("jobs.reference", "pack a training run as the shipped reference model, evaluated"),
 }
 
 DOCS_PATH = "docs/cli.md"

@@ -1,6 +1,6 @@
 """``recompose evaluate`` / ``python -m jobs.evaluate``: how well a trained pipeline recomposes.
 
-    recompose evaluate --model DIR_OR_MLFLOW_URI --data DIR --output DIR [--num-samples N]
+    recompose evaluate [--model DIR_OR_MLFLOW_URI] --data DIR --output DIR [--num-samples N]
         [--config FILE] [--set key=value …] [--json]
 
 Condition fidelity (each representation re-extracted from the generated images), the synthetic
@@ -24,9 +24,10 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="recompose evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--model",
-        required=True,
+        default=None,
         help="a saved ComposerPipeline directory, or models:/<name>/<version> (also @alias, runs:/…) "
-        "from the MLflow tracking server in MLFLOW_TRACKING_URI",
+        "from the MLflow tracking server in MLFLOW_TRACKING_URI (default: recompose:reference, the "
+        "reference model shipped with recompose)",
     )
     p.add_argument(
         "--data", required=True, help="a `recompose decompose` output (its --output): the evaluation rows"

@@ -1,6 +1,6 @@
 """``recompose generate`` / ``python -m jobs.generate``: a trained pipeline + conditions -> images.
 
-    recompose generate --model DIR --output DIR [--text …] [--palette '#ff0000,#00ff00']
+    recompose generate [--model DIR] --output DIR [--text …] [--palette '#ff0000,#00ff00']
         [--semantics-from IMG] [--sketch-from IMG] [--depth-from IMG] [--instances-from IMG]
         [--intensity-from IMG] [--mask IMG --source IMG] [--guidance …] [--steps N] [--seed S]
         [--num-images N] [--config FILE] [--set key=value …] [--json]

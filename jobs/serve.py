@@ -1,6 +1,6 @@
 """``recompose serve`` / ``python -m jobs.serve``: the Ray Serve app for a trained pipeline.
 
-    recompose serve --model DIR_OR_MLFLOW_URI [--host H] [--port N] [--detach] [--config FILE]
+    recompose serve [--model DIR_OR_MLFLOW_URI] [--host H] [--port N] [--detach] [--config FILE]
         [--set key=value …]
 
 Starts (or joins, with RAY_ADDRESS) a Ray cluster, deploys the ingress and model deployments
@@ -23,7 +23,7 @@ def parser() -> argparse.ArgumentParser:
         "--model",
         default=None,
         help="a saved ComposerPipeline directory (e.g. RUN_DIR/export) or models:/<name>/<version> "
-        "(MLFLOW_TRACKING_URI)",
+        "(MLFLOW_TRACKING_URI); default: recompose:reference, the reference model shipped with recompose",
     )
     p.add_argument("--host", default=None, help="HTTP address (config: host)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (config: port)")

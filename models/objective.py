@@ -1,11 +1,20 @@
-"""The training objective: ε-prediction MSE (Ho et al. 2020, Eq. 14), as GLIDE/unCLIP and Composer.
+"""The training objective: the denoising MSE (Ho et al. 2020, Eq. 14), as GLIDE/unCLIP and Composer.
 
-``weighting="v"`` weights each row's ε-MSE by ``(SNR + 1) / SNR = 1 / ᾱ_t``, which is the
-v-prediction objective's weighting of the x0 error (Salimans & Ho 2022, §4: x0 error weighted by
-``SNR + 1`` instead of ε's ``SNR``), capped at ``max_weight`` because ᾱ_t goes to ~0 at the last
-steps. Plain ε-MSE gives the x0 error at high noise almost no weight, which is where an image's
-global content (its colours, what the palette and caption say) is decided; the model and
-sampler stay ε-prediction.
+What the network predicts (``prediction``, saved as the pipeline scheduler's ``prediction_type``):
+
+- ``"epsilon"``: the noise, as Composer. The x0 it implies at high noise divides the error by
+  √ᾱ_t, so the colours decided in the first sampling steps come out shifted until long training.
+- ``"v_prediction"``: v = √ᾱ_t ε − √(1−ᾱ_t) x0 (Salimans & Ho 2022, §4): a direct x0 estimate at
+  high noise and an ε estimate at low noise, the better-conditioned target for short runs.
+
+How rows are weighted (``weighting``), with SNR = ᾱ_t / (1 − ᾱ_t):
+
+- ``"eps"``: none (the plain MSE of the chosen target).
+- ``"v"``: ``min((SNR + 1) / SNR, max_weight)`` on the ε-MSE: the v objective's weighting of the x0
+  error, for an ε model (more weight at high noise, where an image's colours and layout are set).
+- ``"min_snr"``: Min-SNR-γ (Hang et al. 2023, arXiv 2303.09556): the x0-error weight clipped at
+  γ = ``min_snr_gamma``, i.e. ``min(SNR, γ) / SNR`` for ε and ``min(SNR, γ) / (SNR + 1)`` for v;
+  low-noise steps no longer dominate the gradient, which converges several times faster.
 """
 
 from __future__ import annotations
@@ -18,6 +27,9 @@ from diffusers import SchedulerMixin
 from models.composer import ComposerModel
 from models.conditioning import Conditions
 
+PREDICTIONS = ("epsilon", "v_prediction")
+WEIGHTINGS = ("eps", "v", "min_snr")
+
 
 def diffusion_loss(
     model: ComposerModel,
@@ -27,26 +39,36 @@ def diffusion_loss(
     presence: torch.Tensor,
     generator: torch.Generator | None = None,
     reduction: Literal["mean", "none"] = "mean",
-    weighting: Literal["eps", "v"] = "eps",
+    weighting: Literal["eps", "v", "min_snr"] = "eps",
     max_weight: float = 20.0,
+    min_snr_gamma: float = 5.0,
 ) -> torch.Tensor:
-    """Mean squared error of the predicted noise for x0 (B, C, S, S) at uniformly drawn timesteps.
+    """Mean squared error of the model's prediction for x0 (B, C, S, S) at uniformly drawn timesteps.
 
-    ``scheduler`` supplies the noise schedule (``add_noise``; the pipeline's DDIM scheduler).
-    Randomness is drawn on the CPU from ``generator`` so a seeded run is reproducible anywhere.
-    ``reduction="none"`` gives the (B,) per-row losses (training logs them per condition subset).
-    ``weighting``: "eps" (plain) or "v" (rows weighted by ``min(1 / ᾱ_t, max_weight)``, module doc).
+    ``scheduler`` supplies the noise schedule (``add_noise``) and the target (its
+    ``prediction_type``, module doc); the pipeline saves the same scheduler. Randomness is drawn on
+    the CPU from ``generator`` so a seeded run is reproducible anywhere. ``reduction="none"`` gives
+    the (B,) per-row losses (training logs them per condition subset).
     """
-    if weighting not in ("eps", "v"):
-        raise ValueError(f"weighting must be 'eps' or 'v', got {weighting!r}")
+    prediction = scheduler.config.prediction_type
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction_type must be one of {PREDICTIONS}, got {prediction!r}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     b = x0.shape[0]
     t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator)
     noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
     t = t.to(x0.device)
     x_t = scheduler.add_noise(x0, noise, t)
-    eps = model(x_t, t, conditions=conditions, presence=presence)
-    per_row = (eps.float() - noise.float()).pow(2).flatten(1).mean(1)
-    if weighting == "v":
-        alpha_bar = scheduler.alphas_cumprod.to(per_row.device)[t].float()
-        per_row = per_row * (1.0 / alpha_bar.clamp(min=1e-12)).clamp(max=max_weight)
+    out = model(x_t, t, conditions=conditions, presence=presence)
+    target = noise if prediction == "epsilon" else scheduler.get_velocity(x0, noise, t)
+    per_row = (out.float() - target.float()).pow(2).flatten(1).mean(1)
+    if weighting != "eps":
+        alpha_bar = scheduler.alphas_cumprod.to(per_row.device)[t].float().clamp(1e-12, 1 - 1e-7)
+        snr = alpha_bar / (1 - alpha_bar)
+        if weighting == "v":
+            per_row = per_row * ((snr + 1) / snr).clamp(max=max_weight)
+        else:
+            clipped = snr.clamp(max=min_snr_gamma)
+            per_row = per_row * (clipped / snr if prediction == "epsilon" else clipped / (snr + 1))
     return per_row.mean() if reduction == "mean" else per_row

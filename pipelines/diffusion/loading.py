@@ -14,6 +14,10 @@ if TYPE_CHECKING:
     from pipelines.diffusion.pipeline import ComposerPipeline
 
 MODEL_URIS = ("models:/", "runs:/")  # --model values resolved through MLflow, not paths
+# The model shipped inside the package (pipelines/diffusion/reference/README.md says how it was
+# made): what generate, serve and evaluate use when no --model is given.
+REFERENCE_MODEL = "recompose:reference"
+REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
 
 
 class ModelError(UserError):
@@ -36,11 +40,19 @@ def pipeline_dir(model_dir: str) -> Path:
     loading any weights; ``ModelError`` saying what is wrong otherwise.
 
     ``model_dir`` is a directory, or an MLflow ``models:/<name>/<version>``, ``models:/<name>@<alias>``
-    or ``runs:/<run id>/<path>`` URI (``pipelines/diffusion/mlflow_model.py``; downloaded once, then cached).
+    or ``runs:/<run id>/<path>`` URI (``pipelines/diffusion/mlflow_model.py``; downloaded once, then cached),
+    or ``REFERENCE_MODEL``: the reference model shipped with recompose.
     """
     from pipelines.diffusion.pipeline import ComposerPipeline
 
-    if model_dir.startswith(MODEL_URIS):
+    if model_dir == REFERENCE_MODEL:
+        if not (REFERENCE_DIR / "model_index.json").is_file():
+            raise ModelError(
+                f"--model {REFERENCE_MODEL}: this installation has no reference model "
+                f"({REFERENCE_DIR} is missing); give --model a trained pipeline directory"
+            )
+        p = REFERENCE_DIR
+    elif model_dir.startswith(MODEL_URIS):
         from pipelines.diffusion.mlflow_model import resolve_model  # imports MLflow: only when a URI is given
 
         try:
@@ -68,11 +80,15 @@ def pipeline_dir(model_dir: str) -> Path:
 
 def load_pipeline(model_dir: str, device: str) -> ComposerPipeline:
     """The saved ``ComposerPipeline`` that ``model_dir`` names (``pipeline_dir``), on ``device``."""
+    import torch
+
     from pipelines.diffusion.pipeline import ComposerPipeline
 
     p = pipeline_dir(model_dir)
     try:
-        pipe = ComposerPipeline.from_pretrained(str(p))
+        # float32 whatever the weights were saved in (the reference model ships float16): sampling
+        # is then the same computation on every machine, and CPUs have no fast float16 kernels.
+        pipe = ComposerPipeline.from_pretrained(str(p), torch_dtype=torch.float32)
     except Exception as e:  # noqa: BLE001 - diffusers raises many types for a broken save
         raise ModelError(f"--model {model_dir}: could not load the pipeline ({type(e).__name__}: {e})") from e
     return pipe.to(device)

@@ -17,12 +17,13 @@ SCHEDULERS = ("ddim", "dpm++")
 THRESHOLDS = ("none", "clip", "dynamic")
 
 
-def default_scheduler() -> DDIMScheduler:
-    """The noise schedule models are trained with and the default sampler (DDIM, η = 0)."""
+def default_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
+    """The noise schedule models are trained with and the default sampler (DDIM, η = 0);
+    ``prediction_type``: what the model predicts, "epsilon" or "v_prediction" (models/objective.py)."""
     return DDIMScheduler(
         num_train_timesteps=1000,
         beta_schedule="squaredcos_cap_v2",  # the cosine schedule of improved DDPM, as GLIDE/unCLIP
-        prediction_type="epsilon",
+        prediction_type=prediction_type,
         clip_sample=True,
         set_alpha_to_one=True,
         steps_offset=1,

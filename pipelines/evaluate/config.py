@@ -13,6 +13,7 @@ from pydantic import Field, field_validator, model_validator
 
 from models import CONDITIONS
 from pipelines.config import Config, nested, resource
+from pipelines.diffusion.loading import REFERENCE_MODEL
 from pipelines.evaluate.quality import QualityConfig
 
 # Every subset is a set of condition names (models.CONDITIONS); "none" (all dropped, the
@@ -68,7 +69,9 @@ class MLflowSection(Config):
 
 
 class EvalConfig(Config):
-    model: str = ""  # a saved pipeline directory or models:/ / runs:/ URI
+    model: str = (
+        REFERENCE_MODEL  # a saved pipeline directory, models:/ / runs:/ URI, or the shipped reference
+    )
     data: str = ""  # a `recompose decompose` output: the evaluation rows and the real images
     output: str = resource("")
     num_samples: int = Field(64, ge=2)  # evaluation rows (the first of the data in manifest order)

@@ -118,7 +118,7 @@ def _check(cfg: EvalConfig) -> tuple[Path, Any, Path, dict[str, Any] | None]:
     from pipelines.files import claim_output
 
     if not cfg.model or not cfg.data or not cfg.output:
-        raise EvalError("--model, --data and --output are required")
+        raise EvalError("--data and --output are required (and --model, when given, must not be empty)")
     pdir = pipeline_dir(cfg.model)
     spec = open_data(cfg.data)
     out = Path(cfg.output)

@@ -16,6 +16,7 @@ from pydantic import Field, model_validator
 
 from pipelines.conditions import MAPS
 from pipelines.config import Config, ConfigError, load_config, parse_overrides, resource
+from pipelines.diffusion.loading import REFERENCE_MODEL
 from pipelines.diffusion.schedulers import SchedulerName, Threshold
 from pipelines.errors import UserError
 
@@ -52,9 +53,10 @@ class GenerateConfig(Config):
     here are read by ``run_generate``."""
 
     model: str = Field(
-        "",
+        REFERENCE_MODEL,
         description="a saved ComposerPipeline directory, or a registered model models:/<name>/<version> "
-        "(or models:/<name>@<alias>, runs:/<run id>/<path>) from the MLflow server in MLFLOW_TRACKING_URI",
+        "(or models:/<name>@<alias>, runs:/<run id>/<path>) from the MLflow server in MLFLOW_TRACKING_URI; "
+        f"default {REFERENCE_MODEL}, the reference model shipped with recompose",
     )
     output: str = resource("", description="output directory (samples, conditions/, grid.png, generate.json)")
     text: str | None = Field(None, description="the caption")
@@ -94,7 +96,7 @@ class GenerateConfig(Config):
     @model_validator(mode="after")
     def _check(self) -> GenerateConfig:
         if not self.model or not self.output:
-            raise GenerateError("--model and --output are required")
+            raise GenerateError("--output is required (and --model, when given, must not be empty)")
         for name in MAPS:
             if getattr(self, f"{name}_from") and getattr(self, f"{name}_map"):
                 raise GenerateError(f"give --{name}-from or --{name}-map, not both")

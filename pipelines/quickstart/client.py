@@ -1,8 +1,10 @@
 """The quickstart's serve stage from the outside: the JSON API of ``recompose serve`` over HTTP.
 
-It asks a running app which conditions it can decompose, then generates from one reference image
-under each condition subset (caption, each local map, mask + caption, all), as any HTTP client
-would (docs/serving.md), and keeps every PNG that came back.
+It asks a running app which conditions it can decompose, then generates from one image (the
+first synthetic one, "a" in the requests) under each condition subset (caption, each local map,
+mask + caption, all), as any HTTP client would (docs/serving.md), and keeps every PNG that came
+back. When the shipped reference model is served too (its own app, under ``/reference``), it
+gets the same requests with the same seeds, so the report can show both side by side.
 """
 
 from __future__ import annotations
@@ -111,24 +113,65 @@ def _save_answer(out: Path, name: str, conditions: dict[str, Any], answer: dict[
     return Generation(subset=name, conditions=sorted(conditions), images=images, given=given)
 
 
-def generate_subsets(
-    client: ServeClient, ref: Reference, out: Path, steps: int, num_images: int
-) -> ServeResult:
-    """``num_images`` generations per condition subset the app can serve, written to ``out``
-    (``reference.png``, ``<subset>-<k>.png``, ``<subset>-given-<condition>.png``,
-    ``generations.json``)."""
+def _decomposable(client: ServeClient) -> list[str]:
+    """The conditions the app decomposes from an image (its ``GET /v1/model``); the caption and the
+    mask are given as text / a drawn mask, never decomposed."""
     model = client.get("/v1/model")
-    write_bytes(ref.png, out / "reference.png")
-    skip = ("caption", "mask")  # given as text / a drawn mask, never decomposed from the image
-    decomposable = [n for n, ok in model["decomposable"].items() if ok is True and n not in skip]
+    return [n for n, ok in model["decomposable"].items() if ok is True and n not in ("caption", "mask")]
+
+
+def _generate(
+    client: ServeClient,
+    subsets: dict[str, dict[str, Any]],
+    ref: Reference,
+    out: Path,
+    steps: int,
+    num_images: int,
+    who: str,
+) -> list[Generation]:
+    """One ``POST /v1/generate`` per subset (seed 0 each), the PNGs written to ``out``."""
     made = []
-    for name, conditions in condition_subsets(decomposable, ref).items():
+    for name, conditions in subsets.items():
         body: dict[str, Any] = {"conditions": conditions, "steps": steps, "seed": 0, "num_images": num_images}
         if not ("text" in conditions and len(conditions) == 1):  # caption only: no image to send
             body["images"] = {"a": base64.b64encode(ref.png).decode()}
         answer = client.post("/v1/generate", body)
         made.append(_save_answer(out, name, conditions, answer))
-        log.info("  POST /v1/generate %s: %d images in %s", name, len(answer["images"]), answer["timings_s"])
-    result = ServeResult(url=client.base, text=ref.text, generations=made)
+        log.info(
+            "  %s: POST /v1/generate %s: %d images in %s",
+            who,
+            name,
+            len(answer["images"]),
+            answer["timings_s"],
+        )
+    return made
+
+
+def generate_subsets(
+    client: ServeClient,
+    ref: Reference,
+    out: Path,
+    steps: int,
+    num_images: int,
+    reference_app: ServeClient | None = None,
+) -> ServeResult:
+    """``num_images`` generations per condition subset the app can serve, written to ``out``
+    (``reference.png``: the image conditioned on, ``<subset>-<k>.png``,
+    ``<subset>-given-<condition>.png``, ``generations.json``).
+
+    ``reference_app``: the shipped reference model's app, asked the same requests (same seeds) and
+    written the same way to ``out/reference/``; a subset it cannot decompose is left out for it.
+    """
+    subsets = condition_subsets(_decomposable(client), ref)
+    write_bytes(ref.png, out / "reference.png")
+    made = _generate(client, subsets, ref, out, steps, num_images, "your model")
+    theirs: list[Generation] = []
+    if reference_app is not None:
+        can = set(_decomposable(reference_app))
+        same = {n: c for n, c in subsets.items() if all(k in can or k in ("text", "mask") for k in c)}
+        for name in subsets.keys() - same.keys():
+            log.info("  reference model: %s left out (it cannot decompose all of it)", name)
+        theirs = _generate(reference_app, same, ref, out / "reference", steps, num_images, "reference model")
+    result = ServeResult(url=client.base, text=ref.text, generations=made, reference=theirs)
     write_json(asdict(result), out / "generations.json")
     return result

@@ -3,6 +3,10 @@
 The page is ``templates/report.html.j2`` (jinja2, autoescaped) rendered from the stages' records
 and the evaluation's own data: ``evaluate.json`` (settings, quality bar, what was skipped) and
 ``metrics.parquet`` (one row per group, subset and metric), as ``recompose evaluate`` wrote them.
+
+Beside the trained model it shows the shipped reference model (``pipelines.diffusion.loading.
+REFERENCE_DIR``), when the installation has one: its generations from the serve stage, how long
+it was trained (``reference.json``) and the evaluation shipped with it (``evaluation/``).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from pipelines.diffusion import loading
 from pipelines.files import write_bytes
 from pipelines.quickstart.results import EvaluateResult, ReportResult, ServeResult, Summary, TrainResult
 
@@ -80,19 +85,36 @@ def _quality(rows: list[dict[str, Any]]) -> Table | None:
     return Table(["images", *QUALITY_COLUMNS.values(), "n"], out)
 
 
-def load_evaluation(out: Path, evaluation: EvaluateResult) -> Evaluation:
-    """The tables of ``out/metrics.parquet`` and the settings of ``out/evaluate.json``."""
+def _benchmark_from_summary(metrics: dict[str, float]) -> list[dict[str, Any]]:
+    """Benchmark rows from evaluate.json's ``metrics`` ("<source>/<side>/<metric>" -> value;
+    image counts unknown), for an evaluation directory without its metrics.parquet."""
+    rows = []
+    for key, value in metrics.items():
+        parts = key.split("/")
+        if len(parts) == 3 and parts[1] in ("seen", "heldout"):
+            rows.append({"subset": f"{parts[0]}/{parts[1]}", "metric": parts[2], "value": value, "n": None})
+    return rows
+
+
+def load_evaluation(out: Path, evaluation: EvaluateResult | None = None) -> Evaluation:
+    """The tables of ``out/metrics.parquet`` and the settings and quality bar of ``out/evaluate.json``
+    (the quality bar of ``evaluation``, the stage's record, when given). Without metrics.parquet the
+    fidelity and quality tables are empty and the benchmark comes from evaluate.json's metrics."""
     import json
 
     import pyarrow.parquet as pq
 
     settings = json.loads((out / "evaluate.json").read_text())
-    rows = pq.read_table(out / "metrics.parquet").to_pylist()
+    if (out / "metrics.parquet").is_file():
+        rows = pq.read_table(out / "metrics.parquet").to_pylist()
+    else:
+        rows = [{**r, "group": "benchmark"} for r in _benchmark_from_summary(settings.get("metrics") or {})]
     group = {g: [r for r in rows if r["group"] == g] for g in ("fidelity", "benchmark", "quality")}
     missing: dict[str, list[str]] = {}
     for metric, why in (settings.get("quality_unavailable") or {}).items():
         missing.setdefault(why, []).append(metric)  # FID and KID share one reason
-    bar = [[b.get(c) for c in BAR_COLUMNS] for b in evaluation.quality_bar]
+    quality_bar = evaluation.quality_bar if evaluation is not None else settings.get("quality_bar") or []
+    bar = [[b.get(c) for c in BAR_COLUMNS] for b in quality_bar]
     return Evaluation(
         settings=settings,
         fidelity=_fidelity(group["fidelity"]),
@@ -102,6 +124,74 @@ def load_evaluation(out: Path, evaluation: EvaluateResult) -> Evaluation:
         benchmark=_benchmark(group["benchmark"]),
         quality=_quality(group["quality"]),
         quality_missing=missing,
+    )
+
+
+# Evaluation settings that say where it ran or how fast, not what it measured.
+NOT_SETTINGS = {"model", "data", "output", "num_samples", "workers", "cpus_per_worker", "gpus_per_worker"}
+NOT_SETTINGS |= {"batch_size", "grid_rows", "progress", "mlflow"}
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def settings_differ(theirs: dict[str, Any], ours: dict[str, Any]) -> list[str]:
+    """The evaluation settings (``evaluate.json``'s config) of ``theirs`` that differ from ``ours``,
+    as "key value (this run: value)"; the rows, model, data and resources left out."""
+    t = {k: v for k, v in _flat(theirs).items() if k.split(".")[0] not in NOT_SETTINGS}
+    o = {k: v for k, v in _flat(ours).items() if k.split(".")[0] not in NOT_SETTINGS}
+    return [
+        f"{k} {t.get(k, '–')} (this run: {o.get(k, '–')})"
+        for k in sorted(t.keys() | o.keys())
+        if t.get(k) != o.get(k)
+    ]
+
+
+@dataclass(frozen=True)
+class ReferenceModel:
+    """The shipped reference model as the report shows it."""
+
+    path: str
+    steps: int | None  # reference.json's training steps
+    training: str  # "M steps, H h" of training, as reference.json records them
+    machine: str | None  # what it was trained on
+    evaluation: Evaluation | None  # the shipped evaluation/ (None: not shipped)
+    differs: list[str]  # its evaluation settings that differ from this run's, rows aside
+
+
+def _machine(m: dict[str, Any]) -> str | None:
+    if not m:
+        return None
+    where = f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores"
+    return where + (f", {m['gpu']}" if m.get("gpu") else ", no GPU")
+
+
+def load_reference(directory: Path, ours: dict[str, Any]) -> ReferenceModel:
+    """``directory`` (the installed reference model): ``reference.json`` and ``evaluation/``;
+    ``ours``: this run's evaluation settings (evaluate.json's config), to say what differs."""
+    import json
+
+    record_path = directory / "reference.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    steps, seconds = record.get("steps"), record.get("train_seconds")
+    hours = f"{seconds / 3600:.2f} h" if seconds else "unknown time"
+    ev_dir = directory / "evaluation"
+    evaluation = load_evaluation(ev_dir) if (ev_dir / "evaluate.json").is_file() else None
+    differs = settings_differ(evaluation.settings.get("config") or {}, ours) if evaluation else []
+    return ReferenceModel(
+        path=str(directory),
+        steps=steps,
+        training=f"{steps if steps is not None else '?'} steps, {hours}",
+        machine=_machine(record.get("machine") or {}),
+        evaluation=evaluation,
+        differs=differs,
     )
 
 
@@ -117,7 +207,7 @@ def cell(value: Any, digits: int = 3) -> str:
 
 
 def _copy_pictures(
-    paths: Mapping[str, Path], images: Path, generations: ServeResult
+    paths: Mapping[str, Path], images: Path, generations: ServeResult, reference: Path | None
 ) -> dict[str, str | None]:
     """Copy every picture the page shows into ``images``; name -> its src (None: not written)."""
 
@@ -142,6 +232,13 @@ def _copy_pictures(
     for g in generations.generations:
         for f in [*g.images, *g.given.values()]:
             copy(gens / f, f)
+    for g in generations.reference:  # the reference model's: generations/reference/<f>
+        for f in g.images:
+            copy(gens / "reference" / f, f"reference-model-{f}")
+    if reference is not None:
+        pics["reference_fidelity"] = copy(
+            reference / "evaluation" / "fidelity.png", "reference-model-fidelity.png"
+        )
     return pics
 
 
@@ -168,17 +265,25 @@ def write_report(
     train: TrainResult,
     evaluation: EvaluateResult,
     generations: ServeResult,
+    reference: Path | None = None,
 ) -> ReportResult:
-    """``out/index.html`` and ``out/images/``; ``paths``: stage name -> its directory."""
+    """``out/index.html`` and ``out/images/``; ``paths``: stage name -> its directory;
+    ``reference``: the installed reference model's directory (None: there is none)."""
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
+    ev = load_evaluation(paths["evaluate"], evaluation)
+    seconds = f"{train.seconds:.0f} s" if train.seconds is not None else "unknown time"
     page = render(
         fast=mode == "fast",
         where=summary,
         train=train,
-        pics=_copy_pictures(paths, images, generations),
+        pics=_copy_pictures(paths, images, generations, reference),
         generations=generations,
-        ev=load_evaluation(paths["evaluate"], evaluation),
+        theirs={g.subset: g for g in generations.reference},
+        yours=f"{train.steps} steps, {seconds} on this machine",
+        ev=ev,
+        ref=load_reference(reference, ev.settings.get("config") or {}) if reference is not None else None,
+        reference_dir=str(loading.REFERENCE_DIR),
     )
     write_bytes(page.encode(), out / "index.html")
     return ReportResult(report=str(out / "index.html"), images=sorted(p.name for p in images.iterdir()))

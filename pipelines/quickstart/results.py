@@ -10,7 +10,7 @@ the same typed object whether the stage ran now or earlier. The JSON keys are th
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -79,13 +79,18 @@ class Generation:
 
 @dataclass(frozen=True)
 class ServeResult:
-    url: str
-    text: str  # the reference image's caption
-    generations: list[Generation]
+    url: str  # the trained model's app
+    text: str  # the caption of the image every generation is conditioned on
+    generations: list[Generation]  # the trained model's, in generations/
+    # The shipped reference model's (its app at URL/reference), the same requests, in
+    # generations/reference/; empty when the installation has no reference model.
+    reference: list[Generation] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ServeResult:
-        return cls(data["url"], data["text"], [Generation(**g) for g in data["generations"]])
+        """Also a record written before the reference model was served (no "reference" key)."""
+        gens = [Generation(**g) for g in data["generations"]]
+        return cls(data["url"], data["text"], gens, [Generation(**g) for g in data.get("reference", [])])
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,8 @@ finished (``.quickstart/<stage>.json``, read back as its record in ``results.py`
     train      the tiny model, tracked in MLflow (Ray Train)   train/ (export: train/export), mlflow.db
     evaluate   condition fidelity and the benchmark (Ray)     eval/
     serve      Ray Serve on 127.0.0.1, samples over HTTP      generations/  (client.py)
+               from the trained model (/) and the shipped      generations/reference/
+               reference model (/reference/), when installed
     report     an HTML page with PNGs of all of the above     report/index.html  (report.py)
 
 ``--fast`` shrinks every stage to seconds (the CI check that everything is wired up); its model
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from pipelines.data.synth import SynthResult, write_synth
+from pipelines.diffusion import loading
 from pipelines.files import claim_output, write_json
 from pipelines.quickstart.client import ServeClient, first_synth_image, generate_subsets
 from pipelines.quickstart.report import write_report
@@ -73,6 +76,19 @@ PLANS = {
     "fast": Plan("fast", 48, 6, 1, 0, 4, 4, 2),
 }
 
+# The Serve apps: the trained model at /, the shipped reference model (when installed) at
+# /reference. Both must fit the local Ray of a 2-CPU machine (a replica that cannot be scheduled
+# waits forever): 2 x (0.5 + 0.1) CPUs, where the defaults (1 + 0.25 each) would need 2.5.
+APPS = {"recompose": "/", "reference": "/reference"}
+APP_RESOURCES = {"model_deployment": {"num_cpus": 0.5}, "ingress": {"num_cpus": 0.1}}
+
+
+def reference_dir() -> Path | None:
+    """The shipped reference model's directory (``loading.REFERENCE_DIR``), None when this
+    installation has none (no ``model_index.json`` there)."""
+    d = loading.REFERENCE_DIR
+    return d if (d / "model_index.json").is_file() else None
+
 
 class Quickstart:
     """The stages of one work directory (module docstring), run or reused in order."""
@@ -116,17 +132,37 @@ class Quickstart:
             else None,
             mlflow_tracking_uri=self.tracking_uri,
             mlflow_ui=f"mlflow ui --backend-store-uri {self.tracking_uri}",
-            web_page=f"http://127.0.0.1:{self.port}/",
+            web_page=self.web_page("recompose"),
             evaluation=str(self.paths["evaluate"] / "results.md"),
             seconds=seconds,
         )
 
-    def deploy(self, export: str) -> str:
-        """``recompose serve --model EXPORT --port PORT --detach``: the app's base URL, ready."""
+    def web_page(self, app: str) -> str:
+        """The web page of the Serve app ``app`` (``APPS``), ending with "/"."""
+        return f"http://127.0.0.1:{self.port}{APPS[app].rstrip('/')}/"
+
+    def deploy(self, export: str) -> tuple[str, str | None]:
+        """``recompose serve --model EXPORT --port PORT --detach`` (the app "recompose" at /), and
+        the reference model as the app "reference" at /reference on the same port when it is
+        installed: their base URLs (no trailing slash; None: no reference model), ready."""
+        from pipelines.config import from_dict
         from pipelines.serve import launch
         from pipelines.serve.config import ServeConfig
 
-        return launch.deploy(ServeConfig(model=export, port=self.port)).rstrip("/")
+        models = {"recompose": export}
+        ref = reference_dir()
+        if ref is not None:
+            # its directory, not REFERENCE_MODEL: the replicas load what this process checked
+            models["reference"] = str(ref)
+        else:
+            log.info(
+                "  no reference model in this installation (%s): serving yours alone", loading.REFERENCE_DIR
+            )
+        urls = {}
+        for app, model in models.items():
+            fields = {"model": model, "port": self.port, "name": app, "route_prefix": APPS[app]}
+            urls[app] = launch.deploy(from_dict(ServeConfig, {**fields, **APP_RESOURCES})).rstrip("/")
+        return urls["recompose"], urls.get("reference")
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def _claim(self) -> None:
@@ -205,14 +241,20 @@ class Quickstart:
         )
 
     def _serve(self, train: TrainResult) -> ServeResult:
-        """Serve the export and ask its HTTP API for generations under each condition subset."""
+        """Serve the export (and the reference model, when installed) and ask each HTTP API for
+        generations under each condition subset, the same requests to both."""
         from ray import serve
 
-        client = ServeClient(self.deploy(train.export))
+        base, reference = self.deploy(train.export)
         try:
-            ref = first_synth_image(self.paths["synth"])
+            image = first_synth_image(self.paths["synth"])
             return generate_subsets(
-                client, ref, self.paths["serve"], self.plan.eval_steps, self.plan.http_images
+                ServeClient(base),
+                image,
+                self.paths["serve"],
+                self.plan.eval_steps,
+                self.plan.http_images,
+                reference_app=ServeClient(reference) if reference else None,
             )
         finally:
             serve.shutdown()
@@ -222,7 +264,14 @@ class Quickstart:
     ) -> ReportResult:
         summary = self.summary(train, seconds=0.0)  # the report shows where things are, not how long
         return write_report(
-            self.paths["report"], self.paths, self.plan.mode, summary, train, evaluation, generations
+            self.paths["report"],
+            self.paths,
+            self.plan.mode,
+            summary,
+            train,
+            evaluation,
+            generations,
+            reference=reference_dir(),
         )
 
 
@@ -257,7 +306,7 @@ def _stdout_to_stderr() -> Iterator[None]:
         os.close(stdout)
 
 
-def _log_summary(s: Summary, serving: bool) -> None:
+def _log_summary(s: Summary, serving: bool, reference_page: str | None) -> None:
     again = "" if serving else f"   (serve it again: recompose serve --model {s.export})"
     log.info("finished in %.0fs; everything is in %s", s.seconds, s.workdir)
     log.info("  report       %s", s.report)
@@ -265,6 +314,9 @@ def _log_summary(s: Summary, serving: bool) -> None:
     log.info("  evaluation   %s", s.evaluation)
     log.info("  MLflow       %s   (then open http://127.0.0.1:5000)", s.mlflow_ui)
     log.info("  web page     %s%s", s.web_page, again)
+    if reference_page is not None:
+        again = "" if serving else "   (serve it alone: recompose serve, its default --model)"
+        log.info("  reference    %s%s", reference_page, again)
 
 
 def run_quickstart(workdir: str | Path, fast: bool = False, port: int = 8000, detach: bool = True) -> Summary:
@@ -280,7 +332,7 @@ def run_quickstart(workdir: str | Path, fast: bool = False, port: int = 8000, de
         finally:
             if detach:
                 ray.shutdown()  # no late Ray message after stdout is back
-    _log_summary(summary, serving=not detach)
+    _log_summary(summary, not detach, qs.web_page("reference") if reference_dir() else None)
     if not detach:
         from pipelines.serve import launch
 

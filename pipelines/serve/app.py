@@ -4,7 +4,8 @@
          -> ComposerServer (the pipeline: extractors, @serve.batch'ed sampling; GPUs, replicas)
 
 Endpoints (OpenAPI at ``/docs`` and ``/openapi.json``): ``POST /v1/decompose``, ``POST
-/v1/generate``, ``POST /v1/edit``, ``GET /v1/model``, ``GET /healthz``, and the page at ``/``.
+/v1/generate``, ``POST /v1/edit``, ``GET /v1/model``, ``GET /healthz``, the page at ``/`` and its
+example images at ``/examples/`` (``examples.json`` and the PNGs it lists; anything else is a 404).
 Every refusal is a 4xx ``{"error": {"code", "message", "field"}}`` decided in the ingress, before
 the model is called; a full model queue is a 503 (or 429) with ``Retry-After``.
 
@@ -23,7 +24,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from ray import serve
 
@@ -40,6 +41,7 @@ from pipelines.serve.api import (
 )
 from pipelines.serve.config import ServeConfig
 from pipelines.serve.decoding import Decoder, png_b64
+from pipelines.serve.examples import EXAMPLES_DIR, MANIFEST, example_files
 from pipelines.serve.model import ComposerServer
 
 PAGE = Path(__file__).parent / "static" / "index.html"
@@ -131,6 +133,17 @@ class Ingress:
                     f"auth.token_env={self.config.auth.token_env!r} but that environment variable is empty"
                 )
         self._decoder: Decoder | None = None
+        self._examples: dict[str, Path] | None = None
+
+    def _example_files(self) -> dict[str, Path]:
+        """{name: path} of what ``/examples/`` serves: the manifest and the PNGs it lists."""
+        if self._examples is None:
+            try:
+                files = example_files(EXAMPLES_DIR)
+            except (OSError, ValueError, KeyError, TypeError):  # no or a broken manifest: serve nothing
+                files = {}
+            self._examples = {n: p for n, p in files.items() if n == MANIFEST or n.endswith(".png")}
+        return self._examples
 
     async def _model_info(self) -> ModelInfo:
         return await self._call(self.model.info)
@@ -190,6 +203,17 @@ class Ingress:
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> HTMLResponse:
         return HTMLResponse(PAGE.read_text())
+
+    @app.get("/examples/{name}", include_in_schema=False)
+    async def example(self, name: str) -> Response:
+        """The page's example images: only the manifest and the files it lists (no auth, like ``/``)."""
+        path = self._example_files().get(name)
+        if path is None or not path.is_file():
+            raise ApiError(404, "not_found", "no such example file")
+        media = "application/json" if name == MANIFEST else "image/png"
+        return Response(
+            path.read_bytes(), media_type=media, headers={"Cache-Control": "public, max-age=3600"}
+        )
 
     @app.get("/healthz", summary="200 when the model deployment answers")
     async def healthz(self) -> JSONResponse:

@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from pipelines.config import Config, nested
+from pipelines.diffusion.loading import REFERENCE_MODEL
 
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -89,7 +90,8 @@ class Backpressure(Config):
 
 
 class ServeConfig(Config):
-    model: str = ""  # a saved pipeline directory or models:/<name>/<version> (MLflow)
+    # a saved pipeline directory, models:/<name>/<version> (MLflow), or the shipped reference model
+    model: str = REFERENCE_MODEL
     host: str = "127.0.0.1"  # the Serve HTTP proxy's address; 0.0.0.0 only behind an auth proxy
     port: int = Field(8000, ge=1, le=65535)
     name: str = "recompose"  # the Serve application name
@@ -106,7 +108,9 @@ class ServeConfig(Config):
     @model_validator(mode="after")
     def _check(self) -> ServeConfig:
         if not self.model:
-            raise ValueError("model is required: a saved pipeline directory or an MLflow model URI")
+            raise ValueError(
+                f"model must not be empty: a saved pipeline directory, an MLflow model URI or {REFERENCE_MODEL}"
+            )
         if not (1 <= self.default_steps <= self.limits.max_steps):
             raise ValueError(f"default_steps must be in 1..limits.max_steps, got {self.default_steps}")
         return self

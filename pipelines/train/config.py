@@ -28,6 +28,8 @@ class ModelSection(Config):
     resolution: int | None = Field(None, ge=8, multiple_of=4)
     caption_encoder: Literal["auto", "trainable", "clip", "t5", "clip+t5"] = "auto"  # auto: from the shards
     semantics_encoder: Literal["auto", "trainable", "clip"] = "auto"  # auto: clip if the shards have it
+    # what the network predicts, saved as the pipeline scheduler's prediction_type (models/objective.py)
+    prediction: Literal["epsilon", "v_prediction"] = "epsilon"
     overrides: dict[str, object] = nested(
         dict
     )  # any other ComposerModel argument, e.g. {layers_per_block: 1}
@@ -56,10 +58,11 @@ class OptimSection(Config):
         0.9999, gt=0, lt=1
     )  # None: no EMA; samples and the export use the EMA weights
     ema_warmup: bool = True  # decay grows from 0 as in diffusers' EMAModel, so short runs get useful EMA
-    # eps: plain ε-MSE; v: rows weighted by min(1/ᾱ_t, max_loss_weight), the v-prediction weighting
-    # of the x0 error (models/objective.py): more weight where colours and layout are decided.
-    loss_weighting: Literal["eps", "v"] = "eps"
+    # eps: the plain MSE; v: ε-MSE rows weighted by min(1/ᾱ_t, max_loss_weight), the v-prediction
+    # weighting of the x0 error; min_snr: Min-SNR-γ with γ = min_snr_gamma (models/objective.py).
+    loss_weighting: Literal["eps", "v", "min_snr"] = "eps"
     max_loss_weight: float = Field(20.0, ge=1)
+    min_snr_gamma: float = Field(5.0, gt=0)
 
 
 class DataSection(Config):

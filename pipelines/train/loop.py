@@ -204,7 +204,9 @@ class Step:
         global_batch = cfg.optim.batch_size * cfg.optim.grad_accum * world
         dropout = ConditionDropout(cfg.dropout)
         amp = _resolve_precision(cfg, device)
-        return cls(cfg, args.recipe, device, global_batch, default_scheduler(), dropout, amp)
+        return cls(
+            cfg, args.recipe, device, global_batch, default_scheduler(cfg.model.prediction), dropout, amp
+        )
 
 
 def train_step(t: Training, s: Step, stream: Iterator[dict], window: Window) -> None:
@@ -232,6 +234,7 @@ def train_step(t: Training, s: Step, stream: Iterator[dict], window: Window) -> 
                     reduction="none",
                     weighting=cfg.optim.loss_weighting,
                     max_weight=cfg.optim.max_loss_weight,
+                    min_snr_gamma=cfg.optim.min_snr_gamma,
                 )
             (per_row.mean() / cfg.optim.grad_accum).backward()
         window.add(per_row.detach().float(), presence, available)

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from models import ComposerModel
 from pipelines import tracking
-from pipelines.config import flatten
+from pipelines.config import flatten, to_dict
 from pipelines.data.augment import AugmentConfig
 from pipelines.data.batches import DataSpec, prepare_batch
 from pipelines.files import atomic_write, encode_png, write_bytes, write_json
@@ -94,6 +94,8 @@ def open_run(
     info = RunInfo(uri, exp_id, run.info.run_id)
     where = {"tracking_uri": uri, "experiment_id": exp_id, "run_id": run.info.run_id}
     record = {"config_hash": config_hash, "data": spec.root, "manifest_hash": spec.manifest_hash}
+    # the output-affecting config itself: what `recompose reference` writes into the model's README
+    record["config"] = to_dict(cfg, outputs_only=True)
     write_json({**record, "mlflow": where}, run_dir / RECORD)
     return info
 
@@ -185,7 +187,7 @@ class RankZeroTracker:
             for label, names in SAMPLE_SETS
             if all(c in trained for c in (names or ()))
         ]
-        pipe = ComposerPipeline(self._export_model(weights), default_scheduler())
+        pipe = ComposerPipeline(self._export_model(weights), default_scheduler(self.cfg.model.prediction))
         pipe.set_progress_bar_config(disable=True)
         size = max(self.recipe.size, 96)
         rows = []
@@ -245,7 +247,9 @@ class RankZeroTracker:
         from pipelines.diffusion.schedulers import default_scheduler
 
         pipe = ComposerPipeline(
-            self._export_model(weights), default_scheduler(), decompose=self.args.decompose
+            self._export_model(weights),
+            default_scheduler(self.cfg.model.prediction),
+            decompose=self.args.decompose,
         )
         tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=self.run_dir))
         pipe.save_pretrained(str(tmp))

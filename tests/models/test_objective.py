@@ -1,4 +1,4 @@
-"""The training objective (models/objective.py): ε-MSE and its v-prediction weighting."""
+"""The training objective (models/objective.py): ε or v targets, and the v and Min-SNR-γ weightings."""
 
 from __future__ import annotations
 
@@ -11,16 +11,29 @@ from models.objective import diffusion_loss
 from pipelines.diffusion.schedulers import default_scheduler
 
 
-def _rows(weighting: str, max_weight: float = 20.0) -> torch.Tensor:
+def _rows(weighting: str, max_weight: float = 20.0, prediction: str = "epsilon", model=None) -> torch.Tensor:
     torch.manual_seed(0)
-    model = build_model("tiny", sample_size=16).eval()
+    model = model or build_model("tiny", sample_size=16).eval()
     x0 = torch.rand(6, 3, 16, 16) * 2 - 1
     presence = torch.zeros(6, len(CONDITIONS), dtype=torch.bool)
     g = torch.Generator().manual_seed(1)
+    sched = default_scheduler(prediction)
     with torch.no_grad():
-        return diffusion_loss(
-            model, default_scheduler(), x0, Conditions(), presence, g, "none", weighting, max_weight
-        )
+        return diffusion_loss(model, sched, x0, Conditions(), presence, g, "none", weighting, max_weight)
+
+
+def _draws() -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss's own timesteps and noise for _rows (the same generator, drawn in the same order)."""
+    g = torch.Generator().manual_seed(1)
+    t = torch.randint(0, 1000, (6,), generator=g)
+    return t, torch.randn((6, 3, 16, 16), generator=g)
+
+
+class _Constant(torch.nn.Module):
+    """A "model" predicting zeros: its loss is the target's own mean square."""
+
+    def forward(self, x_t, t, conditions=None, presence=None):
+        return torch.zeros_like(x_t)
 
 
 def test_v_weighting_scales_each_row_by_one_over_alpha_bar_capped():
@@ -35,6 +48,38 @@ def test_v_weighting_scales_each_row_by_one_over_alpha_bar_capped():
 def test_unknown_weighting_is_refused():
     with pytest.raises(ValueError, match="weighting"):
         _rows("snr")
+
+
+def test_v_prediction_regresses_the_velocity():
+    torch.manual_seed(0)
+    x0 = torch.rand(6, 3, 16, 16) * 2 - 1  # _rows' x0
+    t, noise = _draws()
+    a = default_scheduler().alphas_cumprod[t].float()[:, None, None, None]
+    velocity = a.sqrt() * noise - (1 - a).sqrt() * x0
+    got = _rows("eps", prediction="v_prediction", model=_Constant())
+    assert torch.allclose(got, velocity.pow(2).flatten(1).mean(1), rtol=1e-5)
+    eps = _rows("eps", prediction="epsilon", model=_Constant())
+    assert torch.allclose(eps, noise.pow(2).flatten(1).mean(1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_min_snr_clips_the_x0_weight_at_gamma(prediction):
+    plain, weighted = _rows("eps", prediction=prediction), _rows("min_snr", prediction=prediction)
+    t, _ = _draws()
+    a = default_scheduler().alphas_cumprod[t].float()
+    snr = a / (1 - a)
+    expected = snr.clamp(max=5.0) / (snr if prediction == "epsilon" else snr + 1)
+    assert torch.allclose(weighted / plain, expected, rtol=1e-4)
+    assert (expected <= 1 + 1e-6).all() and expected.min() < 0.5  # low-noise rows down-weighted
+
+
+def test_unknown_prediction_is_refused():
+    from pipelines.train.config import ModelSection
+
+    with pytest.raises(ValueError, match="prediction_type"):
+        _rows("eps", prediction="sample")
+    with pytest.raises(ValueError, match="prediction"):
+        ModelSection(prediction="x0")
 
 
 def test_scale_shift_resnets_train_and_bad_values_are_refused():

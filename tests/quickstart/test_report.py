@@ -3,103 +3,14 @@ the stage records, every picture copied beside it, every value escaped."""
 
 from __future__ import annotations
 
-import json
 from html.parser import HTMLParser
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from pipelines.files import encode_png
-from pipelines.quickstart.report import cell, load_evaluation, write_report
-from pipelines.quickstart.results import EvaluateResult, Generation, ServeResult, Summary, TrainResult
-
-PNG = encode_png(__import__("numpy").zeros((4, 4, 3), "uint8"))
-BAR = [
-    {
-        "condition": "palette",
-        "metric": "palette.chi2",
-        "value": 0.2,
-        "floor": 0.8,
-        "ceiling": 0.01,
-        "ratio": 0.25,
-        "target": "≤ 0.5×",
-        "pass": True,
-    },
-    {
-        "condition": "sketch",
-        "metric": "sketch.f1",
-        "value": 0.1,
-        "floor": 0.1,
-        "ceiling": None,
-        "ratio": 1.0,
-        "target": "≥ 2.0×",
-        "pass": False,
-    },
-]
-
-
-def _row(group, subset, metric, value, direction="higher", n=4, std=None):
-    return {
-        "group": group,
-        "subset": subset,
-        "metric": metric,
-        "direction": direction,
-        "value": value,
-        "std": std,
-        "n": n,
-        "floor": None,
-        "ratio_to_floor": None,
-    }
-
-
-def _evaluation(out: Path, quality: bool) -> EvaluateResult:
-    """An evaluation output as `recompose evaluate` writes it (the files the report reads)."""
-    rows = [
-        _row("fidelity", s, m, v, d)
-        for s in ("none", "palette", "<b>sketch</b>", "real")
-        for m, v, d in (("palette.chi2", 0.5, "lower"), ("sketch.f1", float("nan"), "higher"))
-    ]
-    rows += [
-        _row("benchmark", f"{src}/{side}", m, 0.5, n=3)
-        for side in ("heldout", "seen")
-        for src in ("caption", "real")
-        for m in ("count", "all")
-    ]
-    if quality:
-        rows += [
-            _row("quality", "caption", "fid", 123.4, "lower", n=8),
-            _row("quality", "caption", "kid_mean", 0.1, "lower", 8, 0.01),
-        ]
-        rows += [_row("quality", "real", "clip_score", 25.0, n=8)]
-    out.mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist(rows), out / "metrics.parquet")
-    summary = {
-        "model": "/m/export",
-        "data": "/d",
-        "num_rows": 4,
-        "manifest_hash": "abc",
-        "config_hash": "def",
-        "config": {
-            "seed": 0,
-            "steps": 4,
-            "guidance": 3.0,
-            "benchmark": {"guidance": 5.0},
-            "quality": {"inception_weights": "/w/inception.pt", "clip_model": None, "kid_subset_size": 1000},
-        },
-        "reextract": {"depth": "scene", "instances": "scene"},
-        "skipped": {"depth fidelity": "no <depth> weights"},
-        "quality_unavailable": {}
-        if quality
-        else {"fid": "no Inception weights", "kid": "no Inception weights", "clip_score": "no CLIP"},
-        "quality_bar": BAR,
-        "seconds": 12.0,
-    }
-    (out / "evaluate.json").write_text(json.dumps(summary))
-    for name in ("fidelity.png", "examples.png"):  # no benchmark.png: a picture not written is left out
-        (out / name).write_bytes(PNG)
-    return EvaluateResult(output=str(out), seconds=12.0, quality_bar=BAR)
+from pipelines.quickstart.report import cell, load_evaluation, settings_differ, write_report
+from pipelines.quickstart.results import Generation, ServeResult, Summary, TrainResult
+from tests.quickstart.fabricate import PNG, REFERENCE_BAR, write_evaluation
 
 
 class _Page(HTMLParser):
@@ -114,7 +25,7 @@ class _Page(HTMLParser):
             self.src.append(dict(attrs)["src"])
 
 
-def _workdir(tmp_path: Path, quality: bool):
+def _workdir(tmp_path: Path, quality: bool, reference: bool = False):
     paths = {
         s: tmp_path / d
         for s, d in (
@@ -146,7 +57,13 @@ def _workdir(tmp_path: Path, quality: bool):
     for g in gens:
         for f in [*g.images, *g.given.values()]:
             (paths["serve"] / f).write_bytes(PNG)
-    evaluation = _evaluation(paths["evaluate"], quality)
+    # the reference model's, in generations/reference/ (mask+caption: not asked of it)
+    theirs = [Generation("caption", ["text"], ["caption-0.png", "caption-1.png"], {})] if reference else []
+    for g in theirs:
+        (paths["serve"] / "reference").mkdir()
+        for f in g.images:
+            (paths["serve"] / "reference" / f).write_bytes(PNG)
+    evaluation = write_evaluation(paths["evaluate"], quality)
     summary = Summary(
         str(tmp_path),
         str(paths["report"] / "index.html"),
@@ -159,7 +76,7 @@ def _workdir(tmp_path: Path, quality: bool):
         0.0,
     )
     train = TrainResult("/m", "/m/export", 6, None, None, None, None, 1.5)
-    serve = ServeResult("http://127.0.0.1:8000", "a red <circle> & a blue square", gens)
+    serve = ServeResult("http://127.0.0.1:8000", "a red <circle> & a blue square", gens, theirs)
     return paths, summary, train, evaluation, serve
 
 
@@ -197,10 +114,77 @@ def test_report_shows_every_picture_and_the_evaluation_tables(tmp_path, quality)
         assert "123.400" in page and "FID / KID / CLIP score" in page
     else:
         assert "Not computed: fid/kid: no Inception weights; clip_score: no CLIP" in page
+    # no reference model: said once in the evaluation section and in the header table, no reference rows
+    assert page.count("No reference model is installed") == 1
+    assert "<th>reference model</th><td>none installed" in page
+    assert "your model: 6 steps, 2 s on this machine" in page and "reference model:" not in page
+    assert not any("reference-model" in src for src in parsed.src)
+
+
+def test_report_compares_with_the_reference_model(tmp_path, reference_model):
+    paths, summary, train, evaluation, serve = _workdir(tmp_path, quality=True, reference=True)
+    result = write_report(
+        paths["report"], paths, "fast", summary, train, evaluation, serve, reference=reference_model
+    )
+    page = Path(result.report).read_text()
+    parsed = _Page()
+    parsed.feed(page)
+    for src in parsed.src:
+        assert (paths["report"] / src).read_bytes() == PNG, src
+    assert set(result.images) == {Path(s).name for s in parsed.src}
+    # both models' generations of a subset, each row labelled with how long it was trained
+    for needed in ("caption-0.png", "reference-model-caption-0.png", "reference-model-caption-1.png"):
+        assert f"images/{needed}" in parsed.src
+    yours, theirs = (
+        "your model: 6 steps, 2 s on this machine",
+        "reference model: 20000 steps, 2.50 h (reference.json)",
+    )
+    assert page.count(yours) == 2 and page.count(theirs) == 2  # one row each per subset
+    caption = page[page.index("<h3>caption</h3>") : page.index("<h3>mask+caption</h3>")]
+    assert caption.index(yours) < caption.index("images/caption-0.png") < caption.index(theirs)
+    assert caption.index(theirs) < caption.index("images/reference-model-caption-0.png")
+    assert "not generated" in page[page.index("<h3>mask+caption</h3>") :]  # not asked of it
+    # the header row: where it is, how long and on what it was trained
+    assert (
+        f"<code>{reference_model}</code>: 20000 steps, 2.50 h of training on Test CPU, 8 cores, no GPU"
+        in page
+    )
+    # its shipped evaluation: fidelity plot, quality bar and benchmark, on its own 64 rows
+    assert "images/reference-model-fidelity.png" in parsed.src
+    assert parsed.tables == 5 + 2  # this run's tables (with FID/KID), then the reference's two
+    shipped = page[page.index("The reference model's shipped evaluation") :]
+    assert "on its own 64 rows" in shipped and "steps 25 (this run: 4)" in shipped
+    assert "<td>0.050</td>" in shipped and "<td>1.050</td>" in shipped  # its quality bar
+    assert "<td>0.875</td>" in shipped and "caption/seen" in shipped  # its benchmark
+    assert "<td><b>no</b></td>" not in shipped  # every bar of it passes
+    assert "No reference model is installed" not in page
+
+
+def test_the_reference_evaluation_loads_from_its_own_files(tmp_path, reference_model):
+    ev = load_evaluation(reference_model / "evaluation")  # the quality bar from its evaluate.json
+    assert [r[2] for r in ev.quality_bar.rows] == [b["value"] for b in REFERENCE_BAR]
+    assert ev.settings["num_rows"] == 64 and ev.benchmark.rows[0][:2] == ["caption/seen", 3]
+    # without metrics.parquet, the benchmark comes from evaluate.json's metrics (counts unknown)
+    (reference_model / "evaluation" / "metrics.parquet").unlink()
+    ev = load_evaluation(reference_model / "evaluation")
+    assert ev.benchmark.header == ["source/side", "images", "count", "all"]
+    assert ev.benchmark.rows[0] == ["caption/seen", None, 0.875, 0.875] and len(ev.benchmark.rows) == 4
+    assert ev.fidelity.rows == [] and ev.quality is None
+
+
+def test_settings_that_differ_leave_out_rows_and_resources():
+    ours = {"steps": 4, "num_samples": 4, "workers": 1, "quality": {"clip_model": None}}
+    theirs = {"steps": 25, "num_samples": 64, "workers": 2, "quality": {"clip_model": "c"}, "seed": 0}
+    assert settings_differ(theirs, ours) == [
+        "quality.clip_model c (this run: None)",
+        "seed 0 (this run: –)",
+        "steps 25 (this run: 4)",
+    ]
+    assert settings_differ(ours, ours) == []
 
 
 def test_evaluation_tables_come_from_metrics_parquet(tmp_path):
-    evaluation = _evaluation(tmp_path / "eval", quality=True)
+    evaluation = write_evaluation(tmp_path / "eval", quality=True)
     ev = load_evaluation(tmp_path / "eval", evaluation)
     assert [r[0] for r in ev.fidelity.rows] == ["none", "palette", "<b>sketch</b>", "real"]
     assert ev.benchmark.header == ["source/side", "images", "count", "all"]

@@ -28,7 +28,9 @@ RECORDS = [
         "http://127.0.0.1:8000",
         "a red circle",
         [Generation("mask+caption", ["mask", "text"], ["m-0.png"], {"mask": "m-given-mask.png"})],
+        [Generation("caption", ["text"], ["caption-0.png"], {})],  # the reference model's
     ),
+    ServeResult("http://127.0.0.1:8000", "a red circle", [Generation("caption", ["text"], ["c-0.png"], {})]),
     ReportResult("/w/report/index.html", ["a.png"]),
 ]
 
@@ -60,5 +62,20 @@ def test_records_keep_the_keys_earlier_runs_wrote():
         ]
     )
     assert keys["EvaluateResult"] == ["output", "quality_bar", "seconds"]
-    assert keys["ServeResult"] == ["generations", "text", "url"]
+    assert keys["ServeResult"] == ["generations", "reference", "text", "url"]
     assert sorted(asdict(RECORDS[4])["generations"][0]) == ["conditions", "given", "images", "subset"]
+    assert sorted(asdict(RECORDS[4])["reference"][0]) == ["conditions", "given", "images", "subset"]
+
+
+def test_a_serve_record_from_before_the_reference_model_reads_back(tmp_path):
+    """A rerun of a work directory whose serve stage finished before "reference" was recorded."""
+    path = tmp_path / "serve.json"
+    gen = {"subset": "caption", "conditions": ["text"], "images": ["c-0.png"], "given": {}}
+    path.write_text(
+        json.dumps({"url": "http://127.0.0.1:8000", "text": "a red circle", "generations": [gen]})
+    )
+    record = read_record(ServeResult, path)
+    assert record == ServeResult(
+        "http://127.0.0.1:8000", "a red circle", [Generation("caption", ["text"], ["c-0.png"], {})]
+    )
+    assert record.reference == []

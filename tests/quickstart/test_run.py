@@ -25,7 +25,7 @@ from pipelines.quickstart.results import (
     Summary,
     TrainResult,
 )
-from pipelines.quickstart.run import PLAN_RECORD, STAGES, Quickstart
+from pipelines.quickstart.run import PLAN_RECORD, STAGES, Quickstart, reference_dir
 from tests.helpers.serve import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -86,6 +86,17 @@ def test_quickstart_fast_runs_every_stage_and_a_rerun_reuses_them(tmp_path):
         assert len(g["images"]) == 2
         for f in g["images"]:
             assert (work / "generations" / f).read_bytes()[:4] == b"\x89PNG"
+    # and from the shipped reference model, served beside it, when this installation has one
+    if reference_dir() is not None:
+        assert {
+            g["subset"] for g in gens["reference"]
+        } and f"http://127.0.0.1:{port}/reference/" in first.stderr
+        for g in gens["reference"]:
+            for f in g["images"]:
+                assert (work / "generations" / "reference" / f).read_bytes()[:4] == b"\x89PNG"
+                assert f"images/reference-model-{f}" in images.src
+    else:
+        assert gens["reference"] == [] and "No reference model is installed" in page
 
     # the MLflow store: the training run with metrics and the registered model, the evaluation nested under it
     client = MlflowClient(tracking_uri=where["mlflow_tracking_uri"])

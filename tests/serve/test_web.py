@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import shutil
 from pathlib import Path
@@ -12,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.data.scene import render_sample
+from pipelines.data.scene import parse_caption, render_sample
+from pipelines.serve.examples import EXAMPLES_DIR, MANIFEST, write_examples
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -180,3 +182,185 @@ def test_page_generates_with_mixed_conditions(base_url, driver, tmp_path):
     pixels = np.asarray(Image.open(shot).convert("RGB"))
     assert pixels.shape[0] > 500 and pixels.shape[1] > 500
     assert pixels.reshape(-1, 3).std(0).max() > 10, "blank screenshot"
+
+
+# -- the example images -----------------------------------------------------------------------------
+def _shipped_manifest() -> dict:
+    return json.loads((EXAMPLES_DIR / MANIFEST).read_text())
+
+
+def test_shipped_examples_regenerate_exactly(tmp_path):
+    """The shipped example PNGs and manifest are what ``python -m pipelines.serve.examples``
+    writes (same pixels, same manifest), the folder holds nothing else, and the six show variety."""
+    manifest = write_examples(tmp_path)
+    assert (tmp_path / MANIFEST).read_bytes() == (EXAMPLES_DIR / MANIFEST).read_bytes()
+    assert _shipped_manifest() == manifest
+    listed = [e["file"] for e in manifest["examples"]]
+    assert sorted(p.name for p in EXAMPLES_DIR.iterdir()) == sorted([MANIFEST, *listed])
+    for e in manifest["examples"]:
+        shipped = np.asarray(Image.open(EXAMPLES_DIR / e["file"]))
+        assert np.array_equal(shipped, np.asarray(Image.open(tmp_path / e["file"]))), e["file"]
+        sample = render_sample(e["seed"], e["split"], e["index"], manifest["resolution"])
+        assert np.array_equal(shipped, sample.image), e["file"]
+        assert shipped.shape == (64, 64, 3)
+        assert e["caption"] == sample.caption
+        parse_caption(e["caption"])
+        assert {"file", "caption", "split", "seed"} <= set(e)
+    examples = manifest["examples"]
+    assert len(examples) == 6
+    assert [e["split"] for e in examples].count("train") == 3
+    chosen = [e for e in examples if e["split"] != "train"]
+    assert sorted(e["objects"] for e in chosen) == [1, 2, 3]
+    assert {e["background"] for e in chosen} == {"plain", "gradient"}
+
+
+def test_examples_routes(base_url):
+    """GET examples/examples.json and the PNGs it lists (no auth); anything else, including path
+    traversal, is a 404 that serves no file."""
+    import requests
+
+    r = requests.get(base_url + "examples/examples.json", timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    assert r.json() == _shipped_manifest()
+    for e in r.json()["examples"]:
+        img = requests.get(base_url + "examples/" + e["file"], timeout=30)
+        assert img.status_code == 200, e["file"]
+        assert img.headers["content-type"] == "image/png"
+        assert img.content == (EXAMPLES_DIR / e["file"]).read_bytes()
+    for path in (
+        "examples/nope.png",
+        "examples/app.py",
+        "examples/index.html",
+        "examples/",
+        "examples/..%2Fapp.py",
+        "examples/..%2F..%2Fapp.py",
+        "examples/%2e%2e%2fapp.py",
+        "examples/..%5Capp.py",
+        "examples/%2e%2e",
+        "examples/.%2Fexamples.json",
+        "examples/train-00000.png%00.py",
+    ):
+        bad = requests.get(base_url + path, timeout=30)
+        assert bad.status_code == 404, (path, bad.status_code)
+        assert b"import" not in bad.content and b"<html" not in bad.content, path
+
+
+def _wait_images_loaded(driver, wait, selector: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    wait.until(
+        lambda d: (
+            d.find_elements(By.CSS_SELECTOR, selector)
+            and all(
+                d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", img)
+                for img in d.find_elements(By.CSS_SELECTOR, selector)
+            )
+        )
+    )
+
+
+def test_page_composes_from_an_example(base_url, driver):
+    """Without uploading anything: click an example (it becomes image a, its caption fills the
+    caption box), take semantics, sketch and palette from it; a second example replaces it in
+    every input that took an image; generate; the results appear with the conditions used,
+    decomposed by v1/decompose from the example (maps as pictures, the palette as swatches, the
+    caption as text), labelled."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    examples = _shipped_manifest()["examples"]
+    driver.get(base_url)
+    wait = WebDriverWait(driver, 60)
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "body[data-ready=true]")))
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#example-list button.example")) == 6)
+    buttons = driver.find_elements(By.CSS_SELECTOR, "#example-list button.example")
+    wait.until(lambda d: all(b.is_enabled() for b in buttons))
+    assert driver.find_element(By.ID, "examples").is_displayed()
+    _wait_images_loaded(driver, wait, "#example-list img")
+    alts = [img.get_attribute("alt") for img in driver.find_elements(By.CSS_SELECTOR, "#example-list img")]
+    assert alts == [f"example: {e['caption']}" for e in examples]
+
+    # First example: image a, its caption; choose three conditions from it.
+    buttons[0].click()
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#image-a[data-state=done]")))
+    assert driver.find_element(By.ID, "text").get_attribute("value") == examples[0]["caption"]
+    assert buttons[0].get_attribute("aria-pressed") == "true"
+    for cond in ("semantics", "sketch", "palette"):
+        Select(driver.find_element(By.ID, f"cond-{cond}")).select_by_value("a")
+
+    # Another example: image b replaces a wherever a was chosen; "none" stays none.
+    pick = 3
+    buttons[pick].click()
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#image-b[data-state=done]")))
+    caption = examples[pick]["caption"]
+    assert driver.find_element(By.ID, "text").get_attribute("value") == caption
+    assert [b.get_attribute("aria-pressed") for b in buttons] == [str(i == pick).lower() for i in range(6)]
+    for cond in ("semantics", "sketch", "palette"):
+        assert (
+            Select(driver.find_element(By.ID, f"cond-{cond}")).first_selected_option.get_attribute("value")
+            == "b"
+        ), cond
+    assert (
+        Select(driver.find_element(By.ID, "cond-instances")).first_selected_option.get_attribute("value")
+        == ""
+    )
+    buttons[pick].click()  # the same example again: no new image
+    assert len(driver.find_elements(By.CSS_SELECTOR, "#images .image-card")) == 2
+
+    _type(driver, "steps", "3")
+    _type(driver, "seed", "11")
+    driver.find_element(By.ID, "generate").click()
+    WebDriverWait(driver, 180).until(
+        lambda d: (
+            d.find_elements(
+                By.CSS_SELECTOR, "#result-conditions[data-state=done], #result-conditions[data-state=error]"
+            )
+            or d.find_element(By.ID, "error").is_displayed()
+        )
+    )
+    error = driver.find_element(By.ID, "error")
+    assert not error.is_displayed(), error.text
+    assert driver.find_element(By.ID, "result-conditions").get_attribute("data-state") == "done"
+    results = driver.find_elements(By.CSS_SELECTOR, "#results img")
+    assert len(results) == 1
+    _wait_images_loaded(driver, wait, "#results img")
+    assert "seed 11" in driver.find_element(By.ID, "result-info").text
+
+    # The conditions used, next to the result: the title, and a labelled figure per condition.
+    assert driver.find_element(By.ID, "result-conditions-title").is_displayed()
+    figures = {
+        f.get_attribute("data-rep"): f
+        for f in driver.find_elements(By.CSS_SELECTOR, "#result-conditions .rep")
+    }
+    assert set(figures) == {"caption", "semantics", "sketch", "palette"}, set(figures)
+    assert figures["caption"].find_element(By.CSS_SELECTOR, ".textbox").text == caption
+    assert figures["caption"].find_element(By.TAG_NAME, "figcaption").text == "caption ← text"
+    for cond in ("semantics", "sketch", "palette"):
+        fig = figures[cond]
+        assert fig.get_attribute("data-from") == "decompose", cond
+        assert fig.get_attribute("data-image") == "b", cond
+        assert fig.find_element(By.TAG_NAME, "figcaption").text == f"{cond} ← image b"
+        img = fig.find_element(By.TAG_NAME, "img")
+        assert img.get_attribute("alt"), cond
+    _wait_images_loaded(driver, wait, "#result-conditions .rep img")
+    swatches = figures["palette"].find_elements(By.CSS_SELECTOR, ".swatches span")
+    assert swatches, "the palette shows no swatches"
+    assert (
+        figures["palette"]
+        .find_element(By.CSS_SELECTOR, ".swatches")
+        .get_attribute("aria-label")
+        .startswith("palette colours: #")
+    )
+    # The sketch shown is the example's, as decomposed: a 2-D map at the model's resolution.
+    src = figures["sketch"].find_element(By.TAG_NAME, "img").get_attribute("src")
+    sketch = np.asarray(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))))
+    assert sketch.ndim == 2 and sketch.shape[0] == sketch.shape[1] and sketch.std() > 0
+
+    assert _severe(driver) == []
+    if os.environ.get("RECOMPOSE_SCREENSHOT_DIR"):
+        out = Path(os.environ["RECOMPOSE_SCREENSHOT_DIR"])
+        out.mkdir(parents=True, exist_ok=True)
+        driver.execute_script("window.scrollTo(0, 0)")
+        driver.save_screenshot(str(out / "serve_web_examples.png"))

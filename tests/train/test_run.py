@@ -184,6 +184,54 @@ def test_loss_falls_and_the_export_generates(chain, tmp_path, monkeypatch):
         assert sample.shape == (R, R, 3)
 
 
+def test_the_finished_run_packs_as_a_reference_model(chain, data, tmp_path):
+    """`recompose reference`: float16 weights that load back as float32 and sample like the export,
+    the evaluation of the packed model beside them, and a README that says how it was made."""
+    import torch
+
+    from pipelines.diffusion.loading import load_pipeline
+
+    out = tmp_path / "reference"
+    run_dir = chain["run_dir"]
+    assert (
+        main(
+            ["reference", "--run", str(run_dir), "--data", str(data), "--output", str(out)]
+            + ["--num-samples", "2"]
+        )
+        == 0
+    )
+    record = json.loads((out / "reference.json").read_text())
+    assert record["steps"] == 30 and record["dtype"] == "float16" and record["half_error"] < 2e-3
+    assert record["config_hash"] == json.loads((run_dir / "train.json").read_text())["config_hash"]
+    assert record["config"]["optim"]["batch_size"] == 8 and record["train_seconds"] > 0
+    assert record["machine"]["cores"] and record["evaluation_hash"]
+    readme = (out / "README.md").read_text()
+    for fact in (record["config_hash"], "30", "recompose train", "## Quality bar", record["machine"]["cpu"]):
+        assert fact in readme, fact
+    for f in ("evaluate.json", "results.md", "metrics.parquet", "fidelity.png", "examples.png"):
+        assert (out / "evaluation" / f).is_file(), f
+    from safetensors.torch import load_file
+
+    shipped = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    assert {v.dtype for v in shipped.values() if v.is_floating_point()} == {torch.float16}
+    packed, export = load_pipeline(str(out), "cpu"), load_pipeline(str(run_dir / "export"), "cpu")
+    assert {p.dtype for p in packed.unet.parameters()} == {torch.float32}
+    a = packed(conditions={"text": "a red circle"}, num_inference_steps=3, seed=0).images[0]
+    b = export(conditions={"text": "a red circle"}, num_inference_steps=3, seed=0).images[0]
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 2  # float16 storage: lossless enough
+    # Packing again replaces the model and its records, and leaves anything else there alone.
+    (out / "NOTES.txt").write_text("mine")
+    assert (
+        main(
+            ["reference", "--run", str(run_dir), "--data", str(data), "--output", str(out)]
+            + ["--num-samples", "2"]
+        )
+        == 0
+    )
+    assert (out / "NOTES.txt").read_text() == "mine"
+    assert main(["reference", "--run", str(tmp_path / "nothing"), "--data", str(data)]) == 2
+
+
 def test_rerun_with_another_config_is_refused(chain, data):
     rc = _train(data, chain["run_dir"], chain["uri"], 30, "optim.lr=5e-4")
     assert rc == 2

@@ -1,0 +1,312 @@
+"""``recompose reference``: a finished training run packed as the reference model shipped with
+recompose, evaluated, with a README that says exactly how it was made.
+
+The output (default ``pipelines/diffusion/reference``, what ``--model recompose:reference`` and
+every command without ``--model`` load) holds:
+
+    model_index.json, scheduler/, unet/   the pipeline; weights in float16 when that changes the
+                                          model's output by at most ``HALF_TOLERANCE`` (relative)
+    reference.json                        how it was made: training run, config, data, machine
+    evaluation/                           ``recompose evaluate`` of the packed model (results.md,
+                                          evaluate.json and its plots)
+    README.md                             the commands, the facts above and the evaluation table
+
+The evaluation runs on the packed weights (loaded back as float32, as every command loads them),
+so ``recompose evaluate --data DATA --output DIR`` reproduces the table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pipelines.diffusion.loading import REFERENCE_DIR, REFERENCE_MODEL, pipeline_dir
+from pipelines.errors import UserError
+from pipelines.files import write_json
+
+log = logging.getLogger(__name__)
+
+HALF_TOLERANCE = 2e-3  # float16 weights kept when they move ε by at most this RMS fraction
+EVAL_FILES = (
+    "results.md",
+    "evaluate.json",
+    "metrics.parquet",
+    "fidelity.png",
+    "benchmark.png",
+    "examples.png",
+)
+PIPELINE_FILES = ("model_index.json", "scheduler", "unet")
+RECORD = "reference.json"
+
+
+class ReferenceError(UserError):
+    """The run cannot be packed; the message says why."""
+
+
+@dataclass(frozen=True)
+class ReferenceResult:
+    """What ``recompose reference --json`` prints (also the ``reference.json`` of the output)."""
+
+    output: str
+    model: str  # how commands name it: recompose:reference, or the output's path
+    dtype: str  # of the shipped weights: float16 or float32
+    half_error: float  # RMS change of ε from float16 weights, relative to ε's RMS
+    size_bytes: int
+    steps: int
+    train_seconds: float | None
+    config_hash: str
+    config: dict[str, Any]
+    data: dict[str, Any]
+    machine: dict[str, Any]
+    mlflow: dict[str, Any]
+    quality_bar: list[dict[str, Any]]
+    benchmark: dict[str, float]
+    evaluation_hash: str
+    packed_at: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def machine() -> dict[str, Any]:
+    """The CPU, cores and library versions of this machine (the README's "machine")."""
+    import diffusers
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+    }
+
+
+def _training(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any], int, float | None]:
+    """train.json, the export's recompose-training.json, its step and the run's wall time."""
+    record_path, export = run_dir / "train.json", run_dir / "export"
+    if not record_path.is_file() or not (export / "recompose-training.json").is_file():
+        raise ReferenceError(
+            f"--run {run_dir}: not a finished training run (needs train.json and export/); "
+            "run `recompose train` to the end first"
+        )
+    record = json.loads(record_path.read_text())
+    exported = json.loads((export / "recompose-training.json").read_text())
+    seconds = None
+    try:
+        from mlflow import MlflowClient
+
+        info = MlflowClient(record["mlflow"]["tracking_uri"]).get_run(record["mlflow"]["run_id"]).info
+        if info.end_time and info.start_time:
+            seconds = round((info.end_time - info.start_time) / 1000, 1)
+    except Exception as e:  # noqa: BLE001 - the store may have moved; the wall time is then unknown
+        log.warning("could not read the training run's wall time from MLflow (%s)", e)
+    return record, exported, int(exported["step"]), seconds
+
+
+def half_error(unet: Any) -> float:
+    """RMS change of ε when ``unet``'s weights are rounded to float16, relative to ε's RMS, on a
+    fixed random batch with every condition present (computed in float32)."""
+    import torch
+
+    from models import CONDITIONS, Conditions
+
+    g = torch.Generator().manual_seed(0)
+    b, size, img = 4, unet.config.sample_size, unet.image_size
+    x = torch.randn(b, unet.config.image_channels, size, size, generator=g)
+    t = torch.tensor([999, 600, 300, 50])
+    cond = Conditions(
+        palette=torch.softmax(torch.randn(b, 156, generator=g), -1),
+        sketch=(torch.rand(b, 1, img, img, generator=g) > 0.9).float(),
+        instances=torch.randint(0, 4, (b, img, img), generator=g),
+        depth=torch.rand(b, 1, img, img, generator=g),
+        intensity=torch.rand(b, 1, img, img, generator=g),
+        mask=(torch.rand(b, 1, img, img, generator=g) > 0.5).float(),
+        masked_image=torch.rand(b, 3, img, img, generator=g) * 2 - 1,
+    )
+    present = ["palette", "sketch", "instances", "depth", "intensity", "mask"]
+    if unet.text_encoder is not None:
+        cond.text_ids = unet.tokenize(["a red circle on a white background"] * b)
+        present.append("caption")
+    if unet.image_encoder is not None:
+        cond.semantics_image = torch.rand(b, 3, img, img, generator=g) * 2 - 1
+        present.append("semantics")
+    presence = torch.tensor([[c in present for c in CONDITIONS]] * b)
+    state = {k: v.clone() for k, v in unet.state_dict().items()}
+    with torch.no_grad():
+        ref = unet(x, t, conditions=cond, presence=presence)
+        unet.load_state_dict({k: v.half().float() if v.is_floating_point() else v for k, v in state.items()})
+        got = unet(x, t, conditions=cond, presence=presence)
+        unet.load_state_dict(state)
+    return float((got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt())
+
+
+def _write_pipeline(export: Path, out: Path) -> tuple[str, float]:
+    """export -> out (model_index.json, scheduler/, unet/), float16 when lossless enough."""
+    import torch
+
+    from pipelines.diffusion.loading import load_pipeline
+
+    pipe = load_pipeline(str(export), "cpu")
+    err = half_error(pipe.unet)
+    dtype = "float16" if err <= HALF_TOLERANCE else "float32"
+    log.info("float16 weights change ε by %.2e (RMS, relative); shipping %s", err, dtype)
+    if dtype == "float16":
+        pipe.unet.to(torch.float16)
+    pipe.save_pretrained(str(out))
+    return dtype, err
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Replaces the pipeline files and records of ``out`` with ``tmp``'s; anything else stays."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (*PIPELINE_FILES, "evaluation", RECORD, "README.md"):
+        old = out / name
+        if old.is_dir():
+            shutil.rmtree(old)
+        elif old.exists():
+            old.unlink()
+        if (tmp / name).exists():
+            (tmp / name).rename(old)
+
+
+def pack(
+    run_dir: str | Path,
+    data: str | Path,
+    output: str | Path | None = None,
+    synth: str | Path | None = None,
+    rows: int = 64,
+) -> ReferenceResult:
+    """Packs ``run_dir``'s export into ``output``, evaluates it on ``data``'s first ``rows`` rows
+    and writes reference.json and README.md (module docstring). ``synth``: the `recompose synth`
+    output ``data`` was decomposed from (its seed and count go into the README).
+    """
+    from pipelines.data.batches import open_data
+    from pipelines.evaluate.config import EvalConfig
+    from pipelines.evaluate.run import run_evaluate
+
+    run_dir, out = Path(run_dir).resolve(), Path(output or REFERENCE_DIR).resolve()
+    record, exported, steps, seconds = _training(run_dir)
+    spec = open_data(str(data))
+    synth_record = None
+    if synth is not None:
+        path = Path(synth) / "synth.json"
+        if not path.is_file():
+            raise ReferenceError(f"--synth {synth}: no synth.json (not a `recompose synth` output)")
+        synth_record = json.loads(path.read_text())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".reference-", dir=out.parent))
+    try:
+        dtype, err = _write_pipeline(run_dir / "export", tmp)
+        name = REFERENCE_MODEL if out == REFERENCE_DIR.resolve() else str(out)
+        _swap_in(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    pipeline_dir(name)  # loads back through the same path the commands take
+    with tempfile.TemporaryDirectory(prefix="reference-eval-") as work:
+        # The defaults but the rows: `recompose evaluate --data DATA` measures the same (same hash).
+        cfg = EvalConfig(model=name, data=str(data), output=str(Path(work) / "eval"), num_samples=rows)
+        evaluation = run_evaluate(cfg)
+        (out / "evaluation").mkdir(exist_ok=True)
+        for f in EVAL_FILES:
+            if (Path(cfg.output) / f).is_file():
+                shutil.copy2(Path(cfg.output) / f, out / "evaluation" / f)
+    bench = {k: v for k, v in evaluation.metrics.items() if k.startswith("caption/")}
+    result = ReferenceResult(
+        output=str(out),
+        model=name,
+        dtype=dtype,
+        half_error=err,
+        size_bytes=sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and "unet" in f.parts),
+        steps=steps,
+        train_seconds=seconds,
+        config_hash=record["config_hash"],
+        config=record.get("config", {}),
+        data={
+            "rows": spec.rows,
+            "manifest_hash": spec.manifest_hash,
+            "resolution": spec.resolution,
+            "synth": synth_record and {k: synth_record[k] for k in ("count", "seed", "split", "resolution")},
+        },
+        machine=machine(),
+        mlflow=record["mlflow"],
+        quality_bar=evaluation.quality_bar,
+        benchmark=bench,
+        evaluation_hash=evaluation.config_hash,
+        packed_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    write_json(result.to_dict(), out / RECORD)
+    (out / "README.md").write_text(readme(result, (out / "evaluation" / "results.md").read_text()))
+    log.info("packed %s (%s, %.1f MB) into %s", run_dir, dtype, result.size_bytes / 1e6, out)
+    return result
+
+
+def readme(r: ReferenceResult, results_md: str) -> str:
+    """The model's README: how to reproduce it, what it is, and its evaluation."""
+    import yaml
+
+    synth = r.data.get("synth") or {}
+    count, seed = synth.get("count", r.data["rows"]), synth.get("seed", 0)
+    hours = f"{r.train_seconds / 3600:.2f} h" if r.train_seconds else "unknown"
+    m = r.machine
+    where = f"{m['cpu']}, {m['cores']} cores" + (f", {m['gpu']}" if m.get("gpu") else ", no GPU")
+    table = results_md.split("\n", 1)[1] if results_md.startswith("# ") else results_md
+    return f"""# The reference model
+
+What `recompose generate`, `recompose serve` and `recompose evaluate` use when no `--model` is
+given (`--model {REFERENCE_MODEL}`). It was made by the project's own jobs on the built-in
+synthetic set; these commands reproduce it (the last one packs it here and evaluates it):
+
+```bash
+recompose synth --output runs/reference/synth --count {count} --seed {seed}
+recompose decompose --input runs/reference/synth --output runs/reference/decomposed \\
+    --config configs/decompose-laptop.yaml
+recompose train --data runs/reference/decomposed --output runs/reference/train \\
+    --config configs/train-reference.yaml
+recompose reference --run runs/reference/train --data runs/reference/decomposed \\
+    --synth runs/reference/synth
+```
+
+| | |
+|---|---|
+| training config hash | `{r.config_hash}` |
+| data | {r.data["rows"]} synthetic images at {r.data["resolution"]} px, seed {seed} (manifest `{r.data["manifest_hash"]}`) |
+| steps | {r.steps} |
+| training wall time | {hours} |
+| machine | {where}; Python {m["python"]}, torch {m["torch"]}, diffusers {m["diffusers"]} |
+| weights | {r.dtype} ({r.size_bytes / 1e6:.1f} MB; float16 moves ε by {r.half_error:.1e} RMS, relative) |
+| packed | {r.packed_at} |
+
+`reference.json` holds all of this and the resolved training config; `evaluation/` holds the
+evaluation's files. To check the table below on your machine (same rows, seeds and settings):
+
+```bash
+recompose evaluate --data runs/reference/decomposed --output runs/reference/eval
+```
+
+## Training config (output-affecting part)
+
+```yaml
+{yaml.safe_dump(r.config, sort_keys=False).rstrip()}
+```
+
+{table}"""

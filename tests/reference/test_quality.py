@@ -1,0 +1,79 @@
+"""The quality regression test: the shipped reference model, evaluated by `recompose evaluate` on a
+fixed small synthetic set, still steers by every condition.
+
+Sampling only (about two minutes on 2 cores): 16 rows of the synthetic set (seed 0, the rows the
+reference model was evaluated on first) decomposed by the laptop config, 25 DDIM steps, guidance
+3 (5 for the benchmark's 16 + 16 captions), the evaluation's defaults otherwise. Each threshold is
+the reference model's measured value on exactly this set moved toward the unconditional floor by
+``MARGIN`` of the distance between them (pipelines/diffusion/reference/README.md has the 64-row
+table): a change to sampling, guidance, conditioning or the extractors that breaks composition
+moves a value past it, while run-to-run noise (the figures are deterministic on one machine; BLAS
+differs between machines) does not.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import load_config
+from pipelines.data.synth import write_synth
+from pipelines.decompose.config import DecomposeConfig
+from pipelines.decompose.job import run_decompose
+from pipelines.diffusion.loading import REFERENCE_MODEL
+from pipelines.evaluate.config import EvalConfig
+from pipelines.evaluate.run import run_evaluate
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+ROWS = 16
+MARGIN = 0.25  # of the distance from the measured value to the floor
+# Measured on this set (`pytest tests/reference -s` prints them): condition -> (value, floor).
+MEASURED: dict[str, tuple[float, float]] = {}
+# The benchmark's per-object accuracies from the caption alone: key -> (value, floor).
+MEASURED_BENCHMARK: dict[str, tuple[float, float]] = {}
+
+
+@pytest.fixture(scope="module")
+def evaluation(tmp_path_factory, ray_local) -> dict:
+    root = tmp_path_factory.mktemp("reference-quality")
+    write_synth(root / "synth", count=ROWS, resolution=64, seed=0, split="train", progress=False)
+    values = {"input": str(root / "synth"), "output": str(root / "decomposed"), "progress": False}
+    cfg = load_config(DecomposeConfig, ROOT / "configs/decompose-laptop.yaml", values)
+    run_decompose(cfg)
+    eval_cfg = EvalConfig(
+        model=REFERENCE_MODEL,
+        data=str(root / "decomposed"),
+        output=str(root / "eval"),
+        num_samples=ROWS,
+        progress=False,
+    )
+    result = run_evaluate(eval_cfg).to_dict()
+    print(json.dumps({"quality_bar": result["quality_bar"]}, indent=1))
+    return result
+
+
+def _threshold(value: float, floor: float, lower_is_better: bool) -> float:
+    return value + MARGIN * (floor - value) if lower_is_better else value - MARGIN * (value - floor)
+
+
+def test_every_condition_still_steers_the_reference_model(evaluation):
+    bar = {b["condition"]: b for b in evaluation["quality_bar"]}
+    assert MEASURED, "no measured values recorded for the shipped reference model"
+    for name, (value, floor) in MEASURED.items():
+        lower = name in ("palette", "depth")
+        limit = _threshold(value, floor, lower)
+        got = bar[name]["value"]
+        assert (got <= limit) if lower else (got >= limit), (name, got, limit, value, floor)
+    masks = [b for b in evaluation["quality_bar"] if b["metric"] == "mask.max_abs_diff"]
+    assert masks and all(b["value"] == 0 for b in masks)  # masked editing stays exact
+
+
+def test_the_caption_alone_still_composes(evaluation):
+    metrics = evaluation["metrics"]
+    assert MEASURED_BENCHMARK, "no measured benchmark values recorded for the shipped reference model"
+    for key, (value, floor) in MEASURED_BENCHMARK.items():
+        assert metrics[key] >= _threshold(value, floor, False), (key, metrics[key], value, floor)
