@@ -29,6 +29,7 @@ from pipelines.errors import UserError
 T = TypeVar("T")
 
 _RESOURCE = "recompose.resource"
+_ADDED = "recompose.added"
 
 
 class ConfigError(UserError):
@@ -58,6 +59,12 @@ class Config(BaseModel):
 def resource(default: Any, **constraints: Any) -> Any:
     """A field that changes how fast a stage runs, never what it writes (excluded from hashes)."""
     return Field(default=default, json_schema_extra={_RESOURCE: True}, **constraints)
+
+
+def added(default: Any, **constraints: Any) -> Any:
+    """A field that changes what a stage writes but was added after outputs were hashed: left out
+    of the hash while it holds ``default``, so outputs written before it existed still match."""
+    return Field(default=default, json_schema_extra={_ADDED: True}, **constraints)
 
 
 def nested(factory: type) -> Any:
@@ -187,12 +194,18 @@ def _plain(v: Any, outputs_only: bool) -> Any:
 
 
 def to_dict(cfg: Any, outputs_only: bool = False) -> dict[str, Any]:
-    """The config as plain data (tuples as lists); ``outputs_only`` drops ``resource()`` fields."""
+    """The config as plain data (tuples as lists); ``outputs_only`` drops ``resource()`` fields and
+    ``added()`` fields at their default."""
     return {
         name: _plain(getattr(cfg, name), outputs_only)
         for name, field in type(cfg).model_fields.items()
-        if not (outputs_only and _is_resource(field))
+        if not (outputs_only and (_is_resource(field) or _at_added_default(field, getattr(cfg, name))))
     }
+
+
+def _at_added_default(field: Any, value: Any) -> bool:
+    extra = field.json_schema_extra
+    return isinstance(extra, dict) and bool(extra.get(_ADDED)) and value == field.default
 
 
 def hash_data(data: Any) -> str:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.config import ConfigError, config_hash, flatten, load_config, parse_overrides
+from pipelines.config import ConfigError, config_hash, flatten, load_config, parse_overrides, to_dict
 from pipelines.decompose.config import DecomposeConfig
 
 
@@ -169,3 +169,16 @@ def test_hashes_match_earlier_versions():
             for n in EXTRACTED_NAMES:
                 got[f"{name}/{n}"] = get_extractor(n)(getattr(cfg, n), cfg.resolution, True).fingerprint()
     assert got == EARLIER_HASHES
+
+
+def test_an_added_field_is_hashed_only_off_its_default():
+    from pipelines.train.config import TrainConfig
+
+    base = load_config(TrainConfig, "configs/train-gpu-cluster.yaml")
+    v = load_config(
+        TrainConfig, "configs/train-gpu-cluster.yaml", overrides=["model.prediction=v_prediction"]
+    )
+    again = load_config(TrainConfig, "configs/train-gpu-cluster.yaml", overrides=["model.prediction=epsilon"])
+    assert config_hash(v) != config_hash(base) == config_hash(again)
+    assert "prediction" not in to_dict(base, outputs_only=True)["model"]
+    assert to_dict(base)["model"]["prediction"] == "epsilon"  # still in the full config (MLflow params)

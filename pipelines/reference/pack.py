@@ -46,6 +46,8 @@ EVAL_FILES = (
 )
 PIPELINE_FILES = ("model_index.json", "scheduler", "unet")
 RECORD = "reference.json"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # in a source checkout
+DEFAULT_ROWS = 64  # EvalConfig.num_samples' default: then `recompose evaluate --data` alone reproduces it
 
 
 class ReferenceError(UserError):
@@ -71,6 +73,8 @@ class ReferenceResult:
     quality_bar: list[dict[str, Any]]
     benchmark: dict[str, float]
     evaluation_hash: str
+    evaluation_rows: int
+    reference_config: bool  # made with configs/train-reference.yaml (made_with_reference_config)
     packed_at: str
 
     def to_dict(self) -> dict[str, Any]:
@@ -121,6 +125,22 @@ def _training(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any], int, float
     except Exception as e:  # noqa: BLE001 - the store may have moved; the wall time is then unknown
         log.warning("could not read the training run's wall time from MLflow (%s)", e)
     return record, exported, int(exported["step"]), seconds
+
+
+def made_with_reference_config(config: dict[str, Any]) -> bool:
+    """Whether a run's recorded config is ``configs/train-reference.yaml``'s (on the same data), so
+    that the README's ``recompose train --config configs/train-reference.yaml`` remakes it."""
+    from pipelines.config import ConfigError, load_config, to_dict
+    from pipelines.train.config import TrainConfig
+
+    path = CONFIGS / "train-reference.yaml"
+    if not config or not path.is_file():
+        return False
+    try:
+        cfg = load_config(TrainConfig, path, {"data": config.get("data", ""), "output": "unused"})
+    except ConfigError:
+        return False
+    return to_dict(cfg, outputs_only=True) == config
 
 
 def half_error(unet: Any) -> float:
@@ -194,7 +214,7 @@ def pack(
     data: str | Path,
     output: str | Path | None = None,
     synth: str | Path | None = None,
-    rows: int = 64,
+    rows: int = DEFAULT_ROWS,
 ) -> ReferenceResult:
     """Packs ``run_dir``'s export into ``output``, evaluates it on ``data``'s first ``rows`` rows
     and writes reference.json and README.md (module docstring). ``synth``: the `recompose synth`
@@ -246,12 +266,15 @@ def pack(
             "manifest_hash": spec.manifest_hash,
             "resolution": spec.resolution,
             "synth": synth_record and {k: synth_record[k] for k in ("count", "seed", "split", "resolution")},
+            "synth_dir": None if synth is None else str(synth),
         },
         machine=machine(),
         mlflow=record["mlflow"],
         quality_bar=evaluation.quality_bar,
         benchmark=bench,
         evaluation_hash=evaluation.config_hash,
+        evaluation_rows=evaluation.num_rows,
+        reference_config=made_with_reference_config(record.get("config", {})),
         packed_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     write_json(result.to_dict(), out / RECORD)
@@ -270,6 +293,17 @@ def readme(r: ReferenceResult, results_md: str) -> str:
     m = r.machine
     where = f"{m['cpu']}, {m['cores']} cores" + (f", {m['gpu']}" if m.get("gpu") else ", no GPU")
     table = results_md.split("\n", 1)[1] if results_md.startswith("# ") else results_md
+    config = "configs/train-reference.yaml" if r.reference_config else "CONFIG.yaml"
+    note = (
+        ""
+        if r.reference_config
+        else "\n(It was not trained with `configs/train-reference.yaml`: CONFIG.yaml is the training "
+        "config below.)\n"
+    )
+    data = r.config.get("data") or "runs/reference/decomposed"  # as the training run was given it
+    synth_dir = r.data.get("synth_dir") or "runs/reference/synth"
+    n = r.evaluation_rows
+    rows = "" if n == DEFAULT_ROWS else f" --num-samples {n}"
     return f"""# The reference model
 
 What `recompose generate`, `recompose serve` and `recompose evaluate` use when no `--model` is
@@ -277,15 +311,12 @@ given (`--model {REFERENCE_MODEL}`). It was made by the project's own jobs on th
 synthetic set; these commands reproduce it (the last one packs it here and evaluates it):
 
 ```bash
-recompose synth --output runs/reference/synth --count {count} --seed {seed}
-recompose decompose --input runs/reference/synth --output runs/reference/decomposed \\
-    --config configs/decompose-laptop.yaml
-recompose train --data runs/reference/decomposed --output runs/reference/train \\
-    --config configs/train-reference.yaml
-recompose reference --run runs/reference/train --data runs/reference/decomposed \\
-    --synth runs/reference/synth
+recompose synth --output {synth_dir} --count {count} --seed {seed}
+recompose decompose --input {synth_dir} --output {data} --config configs/decompose-laptop.yaml
+recompose train --data {data} --output runs/reference/train --config {config} --max-steps {r.steps}
+recompose reference --run runs/reference/train --data {data} --synth {synth_dir}{rows}
 ```
-
+{note}
 | | |
 |---|---|
 | training config hash | `{r.config_hash}` |
@@ -300,7 +331,7 @@ recompose reference --run runs/reference/train --data runs/reference/decomposed 
 evaluation's files. To check the table below on your machine (same rows, seeds and settings):
 
 ```bash
-recompose evaluate --data runs/reference/decomposed --output runs/reference/eval
+recompose evaluate --data {data} --output runs/reference/eval{rows}
 ```
 
 ## Training config (output-affecting part)

@@ -14,7 +14,7 @@ from pydantic import Field, model_validator
 
 from models import DropoutConfig
 from models.presets import PRESETS
-from pipelines.config import Config, nested, resource
+from pipelines.config import Config, added, nested, resource
 from pipelines.data.augment import AugmentConfig
 
 Strategy = Literal["ddp", "fsdp"]
@@ -29,7 +29,7 @@ class ModelSection(Config):
     caption_encoder: Literal["auto", "trainable", "clip", "t5", "clip+t5"] = "auto"  # auto: from the shards
     semantics_encoder: Literal["auto", "trainable", "clip"] = "auto"  # auto: clip if the shards have it
     # what the network predicts, saved as the pipeline scheduler's prediction_type (models/objective.py)
-    prediction: Literal["epsilon", "v_prediction"] = "epsilon"
+    prediction: Literal["epsilon", "v_prediction"] = added("epsilon")
     overrides: dict[str, object] = nested(
         dict
     )  # any other ComposerModel argument, e.g. {layers_per_block: 1}
@@ -62,7 +62,7 @@ class OptimSection(Config):
     # weighting of the x0 error; min_snr: Min-SNR-γ with γ = min_snr_gamma (models/objective.py).
     loss_weighting: Literal["eps", "v", "min_snr"] = "eps"
     max_loss_weight: float = Field(20.0, ge=1)
-    min_snr_gamma: float = Field(5.0, gt=0)
+    min_snr_gamma: float = added(5.0, gt=0)
 
 
 class DataSection(Config):

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize(
     "values, message",
     [
-        ({}, "model is required"),
+        ({"model": ""}, "model must not be empty"),
         ({"model": "m", "port": 0}, "port"),
         ({"model": "m", "route_prefix": "api"}, "route_prefix"),
         ({"model": "m", "default_steps": 500}, "default_steps"),
