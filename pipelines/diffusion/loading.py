@@ -88,7 +88,7 @@ def load_pipeline(model_dir: str, device: str) -> ComposerPipeline:
     try:
         # float32 whatever the weights were saved in (the reference model ships float16): sampling
         # is then the same computation on every machine, and CPUs have no fast float16 kernels.
-        pipe = ComposerPipeline.from_pretrained(str(p), torch_dtype=torch.float32)
+        pipe = ComposerPipeline.from_pretrained(str(p), dtype=torch.float32)
     except Exception as e:  # noqa: BLE001 - diffusers raises many types for a broken save
         raise ModelError(f"--model {model_dir}: could not load the pipeline ({type(e).__name__}: {e})") from e
     return pipe.to(device)

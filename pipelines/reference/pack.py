@@ -130,7 +130,7 @@ def _training(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any], int, float
 def made_with_reference_config(config: dict[str, Any]) -> bool:
     """Whether a run's recorded config is ``configs/train-reference.yaml``'s (on the same data), so
     that the README's ``recompose train --config configs/train-reference.yaml`` remakes it."""
-    from pipelines.config import ConfigError, load_config, to_dict
+    from pipelines.config import ConfigError, from_dict, load_config, to_dict
     from pipelines.train.config import TrainConfig
 
     path = CONFIGS / "train-reference.yaml"
@@ -138,9 +138,10 @@ def made_with_reference_config(config: dict[str, Any]) -> bool:
         return False
     try:
         cfg = load_config(TrainConfig, path, {"data": config.get("data", ""), "output": "unused"})
+        recorded = from_dict(TrainConfig, config)  # as the current code reads it (fields added since)
     except ConfigError:
         return False
-    return to_dict(cfg, outputs_only=True) == config
+    return to_dict(cfg, outputs_only=True) == to_dict(recorded, outputs_only=True)
 
 
 def half_error(unet: Any) -> float:
