@@ -31,7 +31,7 @@ import numpy as np
 from pipelines.conditions import MAPS, ExtractorUnavailable
 from pipelines.config import to_dict
 from pipelines.data.decomposer import ImageDecomposer
-from pipelines.diffusion.loading import MODEL_URIS, load_pipeline, resolve_device
+from pipelines.diffusion.loading import MODEL_URIS, REFERENCE_MODEL, load_pipeline, resolve_device
 from pipelines.diffusion.pipeline import ComposerOutput, ComposerPipeline
 from pipelines.files import claim_output, encode_png, write_bytes, write_json
 from pipelines.generate.config import FROM_IMAGE, GenerateConfig, GenerateError, parse_palette
@@ -239,7 +239,9 @@ def write_outputs(
     phases["write_s"] = time.perf_counter() - t
     result = GenerateResult(
         format=FORMAT,
-        model=cfg.model if cfg.model.startswith(MODEL_URIS) else str(Path(cfg.model).resolve()),
+        model=cfg.model
+        if cfg.model.startswith(MODEL_URIS) or cfg.model == REFERENCE_MODEL
+        else str(Path(cfg.model).resolve()),
         arguments=to_dict(cfg),
         seed=cfg.seed,
         steps=cfg.steps,

@@ -336,3 +336,11 @@ def test_clip_and_t5_captions_together(files, tmp_path, no_network):
         == 0
     )
     assert no_network == []
+
+
+def test_without_model_the_shipped_reference_model_generates(tmp_path):
+    out = tmp_path / "gen"
+    assert main(["generate", "--output", str(out), "--text", "a red circle", "--steps", "2"]) == 0
+    record = json.loads((out / "generate.json").read_text())
+    assert record["model"] == "recompose:reference" and record["arguments"]["model"] == "recompose:reference"
+    assert np.asarray(Image.open(out / "sample-0000.png")).shape == (32, 32, 3)
