@@ -54,8 +54,7 @@ from diffusers import UNet2DConditionModel  # noqa: E402
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
 
 from benchmarks.machine import cpu_name  # noqa: E402
-from models import CONDITIONS, ComposerModel, Conditions, build_model  # noqa: E402
-from models.conditioning import PALETTE_BINS  # noqa: E402
+from models import build_model, random_inputs  # noqa: E402
 from models.objective import diffusion_loss  # noqa: E402
 from pipelines.diffusion.schedulers import default_scheduler  # noqa: E402
 
@@ -83,44 +82,6 @@ def peak_bf16_tflops(device_name: str) -> float | None:
         if all(w.lower() in device_name.lower() for w in words):
             return peak
     return None
-
-
-def random_inputs(
-    model: ComposerModel, batch: int, generator: torch.Generator
-) -> tuple[torch.Tensor, Conditions, torch.Tensor]:
-    """x0 (B, C, S, S) in [-1, 1], every condition of the model's encoders, presence (B, 8) all True."""
-    cfg, g, size = model.config, generator, model.image_size
-    if cfg.caption_encoder == "trainable":
-        caption = {
-            "text_ids": torch.randint(1, cfg.text_vocab_size, (batch, cfg.caption_length), generator=g)
-        }
-    else:
-        caption = {
-            "caption_sentence": torch.randn(batch, cfg.caption_sentence_dim, generator=g),
-            "caption_tokens": torch.randn(batch, cfg.caption_length, cfg.caption_token_dim, generator=g),
-        }
-    if cfg.semantics_encoder == "trainable":
-        semantics = {"semantics_image": torch.rand(batch, 3, size, size, generator=g) * 2 - 1}
-    else:
-        semantics = {
-            "semantics": torch.nn.functional.normalize(
-                torch.randn(batch, cfg.semantics_dim, generator=g), dim=1
-            )
-        }
-    conditions = Conditions(
-        **caption,
-        **semantics,
-        palette=torch.softmax(torch.randn(batch, PALETTE_BINS, generator=g) * 3, dim=1),
-        sketch=(torch.rand(batch, 1, size, size, generator=g) > 0.8).float(),
-        instances=torch.randint(0, 256, (batch, size, size), generator=g),
-        depth=torch.rand(batch, 1, size, size, generator=g),
-        intensity=torch.rand(batch, 1, size, size, generator=g),
-        mask=(torch.rand(batch, 1, size, size, generator=g) > 0.5).float(),
-        masked_image=torch.rand(batch, 3, size, size, generator=g) * 2 - 1,
-    )
-    s = cfg.sample_size
-    x0 = torch.rand(batch, cfg.image_channels, s, s, generator=g) * 2 - 1
-    return x0, conditions, torch.ones(batch, len(CONDITIONS), dtype=torch.bool)
 
 
 def plain_unet(unet_config: dict, image_channels: int) -> UNet2DConditionModel:

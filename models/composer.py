@@ -18,6 +18,8 @@ from diffusers import ModelMixin, UNet2DConditionModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 
 from models.conditioning import (
+    CONDITIONS,
+    PALETTE_BINS,
     Conditions,
     EncodedConditions,
     GlobalConditioner,
@@ -220,3 +222,42 @@ class ComposerModel(ModelMixin, ConfigMixin):
             class_labels=encoded.embedding,
             return_dict=False,
         )[0]
+
+
+def random_inputs(
+    model: ComposerModel, batch: int, generator: torch.Generator
+) -> tuple[torch.Tensor, Conditions, torch.Tensor]:
+    """Random inputs in the model's formats, for benchmarks and checks: x0 (B, C, S, S) in [-1, 1],
+    every condition its encoders take, presence (B, 8) all True."""
+    cfg, g, size = model.config, generator, model.image_size
+    if cfg.caption_encoder == "trainable":
+        caption = {
+            "text_ids": torch.randint(1, cfg.text_vocab_size, (batch, cfg.caption_length), generator=g)
+        }
+    else:
+        caption = {
+            "caption_sentence": torch.randn(batch, cfg.caption_sentence_dim, generator=g),
+            "caption_tokens": torch.randn(batch, cfg.caption_length, cfg.caption_token_dim, generator=g),
+        }
+    if cfg.semantics_encoder == "trainable":
+        semantics = {"semantics_image": torch.rand(batch, 3, size, size, generator=g) * 2 - 1}
+    else:
+        semantics = {
+            "semantics": torch.nn.functional.normalize(
+                torch.randn(batch, cfg.semantics_dim, generator=g), dim=1
+            )
+        }
+    conditions = Conditions(
+        **caption,
+        **semantics,
+        palette=torch.softmax(torch.randn(batch, PALETTE_BINS, generator=g) * 3, dim=1),
+        sketch=(torch.rand(batch, 1, size, size, generator=g) > 0.8).float(),
+        instances=torch.randint(0, 256, (batch, size, size), generator=g),
+        depth=torch.rand(batch, 1, size, size, generator=g),
+        intensity=torch.rand(batch, 1, size, size, generator=g),
+        mask=(torch.rand(batch, 1, size, size, generator=g) > 0.5).float(),
+        masked_image=torch.rand(batch, 3, size, size, generator=g) * 2 - 1,
+    )
+    s = cfg.sample_size
+    x0 = torch.rand(batch, cfg.image_channels, s, s, generator=g) * 2 - 1
+    return x0, conditions, torch.ones(batch, len(CONDITIONS), dtype=torch.bool)

@@ -35,6 +35,11 @@ def resolve_device(device: Literal["auto", "cpu", "cuda"]) -> str:
     return device
 
 
+def reference_dir() -> Path | None:
+    """The shipped reference model's directory; None when this installation has none."""
+    return REFERENCE_DIR if (REFERENCE_DIR / "model_index.json").is_file() else None
+
+
 def pipeline_dir(model_dir: str) -> Path:
     """The directory of the saved ``ComposerPipeline`` that ``model_dir`` names, checked without
     loading any weights; ``ModelError`` saying what is wrong otherwise.
@@ -46,12 +51,12 @@ def pipeline_dir(model_dir: str) -> Path:
     from pipelines.diffusion.pipeline import ComposerPipeline
 
     if model_dir == REFERENCE_MODEL:
-        if not (REFERENCE_DIR / "model_index.json").is_file():
+        p = reference_dir()
+        if p is None:
             raise ModelError(
                 f"--model {REFERENCE_MODEL}: this installation has no reference model "
                 f"({REFERENCE_DIR} is missing); give --model a trained pipeline directory"
             )
-        p = REFERENCE_DIR
     elif model_dir.startswith(MODEL_URIS):
         from pipelines.diffusion.mlflow_model import resolve_model  # imports MLflow: only when a URI is given
 

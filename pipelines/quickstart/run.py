@@ -83,13 +83,6 @@ APPS = {"recompose": "/", "reference": "/reference"}
 APP_RESOURCES = {"model_deployment": {"num_cpus": 0.5}, "ingress": {"num_cpus": 0.1}}
 
 
-def reference_dir() -> Path | None:
-    """The shipped reference model's directory (``loading.REFERENCE_DIR``), None when this
-    installation has none (no ``model_index.json`` there)."""
-    d = loading.REFERENCE_DIR
-    return d if (d / "model_index.json").is_file() else None
-
-
 class Quickstart:
     """The stages of one work directory (module docstring), run or reused in order."""
 
@@ -150,7 +143,7 @@ class Quickstart:
         from pipelines.serve.config import ServeConfig
 
         models = {"recompose": export}
-        ref = reference_dir()
+        ref = loading.reference_dir()
         if ref is not None:
             # its directory, not REFERENCE_MODEL: the replicas load what this process checked
             models["reference"] = str(ref)
@@ -271,7 +264,7 @@ class Quickstart:
             train,
             evaluation,
             generations,
-            reference=reference_dir(),
+            reference=loading.reference_dir(),
         )
 
 
@@ -332,7 +325,7 @@ def run_quickstart(workdir: str | Path, fast: bool = False, port: int = 8000, de
         finally:
             if detach:
                 ray.shutdown()  # no late Ray message after stdout is back
-    _log_summary(summary, not detach, qs.web_page("reference") if reference_dir() else None)
+    _log_summary(summary, not detach, qs.web_page("reference") if loading.reference_dir() else None)
     if not detach:
         from pipelines.serve import launch
 

@@ -149,29 +149,11 @@ def half_error(unet: Any) -> float:
     fixed random batch with every condition present (computed in float32)."""
     import torch
 
-    from models import CONDITIONS, Conditions
+    from models import random_inputs
 
-    g = torch.Generator().manual_seed(0)
-    b, size, img = 4, unet.config.sample_size, unet.image_size
-    x = torch.randn(b, unet.config.image_channels, size, size, generator=g)
+    x0, cond, presence = random_inputs(unet, 4, torch.Generator().manual_seed(0))
+    x = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
     t = torch.tensor([999, 600, 300, 50])
-    cond = Conditions(
-        palette=torch.softmax(torch.randn(b, 156, generator=g), -1),
-        sketch=(torch.rand(b, 1, img, img, generator=g) > 0.9).float(),
-        instances=torch.randint(0, 4, (b, img, img), generator=g),
-        depth=torch.rand(b, 1, img, img, generator=g),
-        intensity=torch.rand(b, 1, img, img, generator=g),
-        mask=(torch.rand(b, 1, img, img, generator=g) > 0.5).float(),
-        masked_image=torch.rand(b, 3, img, img, generator=g) * 2 - 1,
-    )
-    present = ["palette", "sketch", "instances", "depth", "intensity", "mask"]
-    if unet.text_encoder is not None:
-        cond.text_ids = unet.tokenize(["a red circle on a white background"] * b)
-        present.append("caption")
-    if unet.image_encoder is not None:
-        cond.semantics_image = torch.rand(b, 3, img, img, generator=g) * 2 - 1
-        present.append("semantics")
-    presence = torch.tensor([[c in present for c in CONDITIONS]] * b)
     state = {k: v.clone() for k, v in unet.state_dict().items()}
     with torch.no_grad():
         ref = unet(x, t, conditions=cond, presence=presence)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.data.synth import SynthResult
+from pipelines.diffusion.loading import reference_dir
 from pipelines.files import OutputInUse
 from pipelines.quickstart.results import (
     DecomposeResult,
@@ -25,7 +26,7 @@ from pipelines.quickstart.results import (
     Summary,
     TrainResult,
 )
-from pipelines.quickstart.run import PLAN_RECORD, STAGES, Quickstart, reference_dir
+from pipelines.quickstart.run import PLAN_RECORD, STAGES, Quickstart
 from tests.helpers.serve import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
