@@ -289,3 +289,22 @@ def test_example_configs_load():
     assert cfg.reextract.depth == "extractor"
     off = load_config(EvalConfig, None, {"model": "m"}, ["benchmark.enabled=off"])  # YAML: off is False
     assert off.benchmark.enabled == "off"
+
+
+def test_the_benchmark_bar_seen_targets_and_the_held_out_gap():
+    def row(subset, metric, value):
+        return {"group": "benchmark", "subset": subset, "metric": metric, "value": value}
+
+    table = [
+        row("caption/seen", "colour", 0.85),
+        row("caption/heldout", "colour", 0.70),  # 0.15 below seen: fails the 0.1 gap
+        row("caption/seen", "shape", 0.60),  # below 0.7
+        row("caption/heldout", "shape", 0.55),  # within 0.1 of seen
+        row("none/seen", "colour", 0.2),
+    ]
+    bar = {(b["condition"], b["metric"]): b for b in quality_bar(table, {})}
+    assert bar[("caption (seen pairs)", "benchmark.colour")]["pass"] is True
+    assert bar[("caption (seen pairs)", "benchmark.colour")]["floor"] == 0.2
+    assert bar[("caption (heldout pairs)", "benchmark.colour")]["pass"] is False
+    assert bar[("caption (seen pairs)", "benchmark.shape")]["pass"] is False
+    assert bar[("caption (heldout pairs)", "benchmark.shape")]["pass"] is True
