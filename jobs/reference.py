@@ -5,8 +5,8 @@ reference model shipped with recompose, evaluate it and write its README.
 
 The weights go in float16 when that is lossless enough, into ``pipelines/diffusion/reference``
 (what every command uses without ``--model``) unless ``--output`` says otherwise; the README
-beside them gives the commands that made them, the config hash, data seed, steps, wall time,
-machine and the evaluation table. See pipelines/reference/pack.py and docs/model.md.
+beside them gives the commands that made them, the config hash, data seed, steps, time in
+optimizer steps, machine and the evaluation table. See pipelines/reference/pack.py and docs/model.md.
 """
 
 from __future__ import annotations

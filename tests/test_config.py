@@ -120,8 +120,12 @@ EARLIER_HASHES = {
     "train-default": "4b4fef5c11ca5e35",
     "train-gpu-cluster": "08b7984799d5225b",
     "train-laptop": "bd8f7a2c1bd9f93d",
+    "train-laptop-vmin": "0587d41fb313a7df",
     "train-overrides": "eba9e2f7db0b4056",
 }
+
+
+LAPTOP_BEFORE_VMIN = ["model.prediction=epsilon", "optim.loss_weighting=v"]
 
 
 def _earlier_cases():
@@ -142,13 +146,15 @@ def _earlier_cases():
             ["conditions=palette,sketch", "resolution=32", "palette.sigma=7"],
         ),
         "train-default": (TrainConfig, None, run, []),
-        "train-laptop": (TrainConfig, "configs/train-laptop.yaml", run, []),
+        # configs/train-laptop.yaml of those versions: ε target, v weighting (now v + Min-SNR-γ)
+        "train-laptop": (TrainConfig, "configs/train-laptop.yaml", run, LAPTOP_BEFORE_VMIN),
+        "train-laptop-vmin": (TrainConfig, "configs/train-laptop.yaml", run, []),  # the file as it is now
         "train-gpu-cluster": (TrainConfig, "configs/train-gpu-cluster.yaml", run, []),
         "train-overrides": (
             TrainConfig,
             "configs/train-laptop.yaml",
             run,
-            ["optim.lr=1e-4", "model.preset=small", "max_steps=10"],
+            [*LAPTOP_BEFORE_VMIN, "optim.lr=1e-4", "model.preset=small", "max_steps=10"],
         ),
         "evaluate-default": (EvalConfig, None, {"model": "m", **run}, []),
         "evaluate-gpu-cluster": (EvalConfig, "configs/evaluate-gpu-cluster.yaml", {"model": "m", **run}, []),

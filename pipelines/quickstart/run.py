@@ -13,7 +13,9 @@ finished (``.quickstart/<stage>.json``, read back as its record in ``results.py`
     report     an HTML page with PNGs of all of the above     report/index.html  (report.py)
 
 ``--fast`` shrinks every stage to seconds (the CI check that everything is wired up); its model
-learns nothing. The default plan is sized to finish in about 15 minutes on 2 CPU cores.
+learns nothing. The default plan is sized to finish within 12 minutes on an idle 2-core machine
+(benchmarks/RESULTS.md, "Quickstart"): its 100-step model is a first model, shown beside the
+shipped reference model.
 """
 
 from __future__ import annotations
@@ -65,14 +67,14 @@ class Plan:
     images: int  # synthetic images
     train_steps: int
     train_workers: int
-    sample_every: int  # training sample grids (MLflow, train/samples/)
+    sample_every: int  # training sample grids (MLflow, train/samples/); 0: only the last one
     eval_samples: int  # evaluation rows
     eval_steps: int  # DDIM steps in evaluation and in the HTTP generations
     http_images: int  # images per HTTP request
 
 
 PLANS = {
-    "full": Plan("full", 1000, 600, 2, 200, 16, 25, 4),
+    "full": Plan("full", 500, 100, 2, 0, 8, 20, 1),
     "fast": Plan("fast", 48, 6, 1, 0, 4, 4, 2),
 }
 

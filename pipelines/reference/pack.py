@@ -106,7 +106,7 @@ def machine() -> dict[str, Any]:
 
 
 def _training(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any], int, float | None]:
-    """train.json, the export's recompose-training.json, its step and the run's wall time."""
+    """train.json, the export's recompose-training.json, its step and its time in steps."""
     record_path, export = run_dir / "train.json", run_dir / "export"
     if not record_path.is_file() or not (export / "recompose-training.json").is_file():
         raise ReferenceError(
@@ -119,12 +119,28 @@ def _training(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any], int, float
     try:
         from mlflow import MlflowClient
 
-        info = MlflowClient(record["mlflow"]["tracking_uri"]).get_run(record["mlflow"]["run_id"]).info
-        if info.end_time and info.start_time:
-            seconds = round((info.end_time - info.start_time) / 1000, 1)
-    except Exception as e:  # noqa: BLE001 - the store may have moved; the wall time is then unknown
-        log.warning("could not read the training run's wall time from MLflow (%s)", e)
+        client = MlflowClient(record["mlflow"]["tracking_uri"])
+        history = client.get_metric_history(record["mlflow"]["run_id"], "step_time_s")
+        seconds = step_seconds([(m.step, m.value) for m in sorted(history, key=lambda m: m.timestamp)])
+    except Exception as e:  # noqa: BLE001 - the store may have moved; the training time is then unknown
+        log.warning("could not read the training run's step times from MLflow (%s)", e)
     return record, exported, int(exported["step"]), seconds
+
+
+def step_seconds(history: list[tuple[int, float]]) -> float | None:
+    """Seconds the run spent in optimizer steps, from its logged ``step_time_s`` (the mean step
+    time of each window, logged at the window's last step): the windows' sums. Start-up, sample
+    grids, checkpoints and the time between a stop and its resume are left out, so a run trained
+    in several sittings is timed as one. ``history``: (step, mean) in the order logged; a window
+    logged again after a resume from an earlier checkpoint counts once, as logged last."""
+    by_step = dict(history)
+    if not by_step:
+        return None
+    total, previous = 0.0, 0
+    for step, mean in sorted(by_step.items()):
+        total += mean * (step - previous)
+        previous = step
+    return round(total, 1)
 
 
 def made_with_reference_config(config: dict[str, Any]) -> bool:
@@ -305,7 +321,7 @@ recompose reference --run runs/reference/train --data {data} --synth {synth_dir}
 | training config hash | `{r.config_hash}` |
 | data | {r.data["rows"]} synthetic images at {r.data["resolution"]} px, seed {seed} (manifest `{r.data["manifest_hash"]}`) |
 | steps | {r.steps} |
-| training wall time | {hours} |
+| training time (in optimizer steps) | {hours} |
 | machine | {where}; Python {m["python"]}, torch {m["torch"]}, diffusers {m["diffusers"]} |
 | weights | {r.dtype} ({r.size_bytes / 1e6:.1f} MB; float16 moves ε by {r.half_error:.1e} RMS, relative) |
 | packed | {r.packed_at} |

@@ -1,8 +1,8 @@
 """The quality regression test: the shipped reference model, evaluated by `recompose evaluate` on a
 fixed small synthetic set, still steers by every condition.
 
-Sampling only (about two minutes on 2 cores): 16 rows of the synthetic set (seed 0, the rows the
-reference model was evaluated on first) decomposed by the laptop config, 25 DDIM steps, guidance
+Sampling only (about four minutes on the 2-core VM): the 16 images of `recompose synth --count 16
+--seed 0` decomposed by the laptop config, 25 DDIM steps, guidance
 3 (5 for the benchmark's 16 + 16 captions), the evaluation's defaults otherwise. Each threshold is
 the reference model's measured value on exactly this set moved toward the unconditional floor by
 ``MARGIN`` of the distance between them (pipelines/diffusion/reference/README.md has the 64-row
@@ -31,18 +31,17 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 ROWS = 16
 MARGIN = 0.5  # of the distance from the measured value to the floor
-# Measured on this set by the shipped model (its evaluation/evaluate.json, packed with
-# --num-samples 16 on the same rows): condition -> (value, floor). Depth (0.94x) and the caption
-# benchmark (at the floor on these 16 captions) are left out: the current reference model, 600
-# steps, does not steer by them yet, so a threshold there could not tell a break from noise.
+# Measured on this set by the shipped model (2000 steps; its 64-row table is in its README):
+# condition -> (value, floor). The caption benchmark is left out: the shipped model does not
+# steer by the caption alone yet (on these 16 captions seen-pair colour 0.36 vs the floor's 0.33,
+# shape 0.27 vs 0.30), so no threshold there could tell a break from noise.
 MEASURED: dict[str, tuple[float, float]] = {
-    "palette": (0.527, 0.831),
-    "sketch": (0.340, 0.265),
-    "instances": (0.288, 0.215),
-    "intensity": (0.463, 0.088),
+    "palette": (0.4025, 0.8093),
+    "sketch": (0.5179, 0.2507),
+    "instances": (0.4848, 0.1734),
+    "depth": (0.1355, 0.2120),
+    "intensity": (0.4171, 0.1629),
 }
-# The benchmark's per-object accuracies from the caption alone: key -> (value, floor).
-MEASURED_BENCHMARK: dict[str, tuple[float, float]] = {}
 
 
 @pytest.fixture(scope="module")
@@ -80,20 +79,13 @@ def test_every_condition_still_steers_the_reference_model(evaluation):
     assert masks and all(b["value"] == 0 for b in masks)  # masked editing stays exact
 
 
-def test_the_shipped_table_is_this_set(evaluation):
-    """The values above are the shipped evaluation's: same rows, seeds and settings."""
+def test_the_shipped_table_used_these_settings(evaluation):
+    """The shipped evaluation (64 rows of the reference's own data) sampled as this one does: same
+    seeds and settings, so the values above and the shipped table differ by their rows alone."""
     from pipelines.diffusion.loading import REFERENCE_DIR
 
     shipped = json.loads((REFERENCE_DIR / "evaluation" / "evaluate.json").read_text())
     measured = ("model", "seed", "steps", "guidance", "subsets", "mask_seed", "reextract", "benchmark")
     ours = json.loads(json.dumps(evaluation["config"]))  # tuples as lists, as evaluate.json has them
     assert {k: shipped["config"][k] for k in measured} == {k: ours[k] for k in measured}
-    assert shipped["num_rows"] == ROWS  # the first 16 rows of the same synthetic set (seed 0)
-    bar = {b["condition"]: b for b in shipped["quality_bar"]}
-    for name, (value, floor) in MEASURED.items():
-        assert bar[name]["value"] == pytest.approx(value, abs=1e-3)
-        assert bar[name]["floor"] == pytest.approx(floor, abs=1e-3)
-    for key, (value, _) in MEASURED_BENCHMARK.items():
-        assert shipped["metrics"][key] == pytest.approx(value, abs=1e-3)
-    for key, (value, floor) in MEASURED_BENCHMARK.items():  # the caption alone still composes
-        assert evaluation["metrics"][key] >= _threshold(value, floor, False), (key, value, floor)
+    assert shipped["num_rows"] == 64 and evaluation["num_rows"] == ROWS
