@@ -1,6 +1,6 @@
 """Networks only: no Ray, no MLflow, no readers. See ``models/composer.py``."""
 
-from models.composer import ComposerModel, random_inputs
+from models.composer import ComposerModel, random_conditions, random_inputs
 from models.conditioning import CONDITIONS, Conditions, EncodedConditions
 from models.dropout import ConditionDropout, DropoutConfig
 from models.presets import PRESETS, build_model, preset_config
@@ -15,5 +15,6 @@ __all__ = [
     "EncodedConditions",
     "build_model",
     "preset_config",
+    "random_conditions",
     "random_inputs",
 ]

@@ -228,7 +228,16 @@ def random_inputs(
     model: ComposerModel, batch: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, Conditions, torch.Tensor]:
     """Random inputs in the model's formats, for benchmarks and checks: x0 (B, C, S, S) in [-1, 1],
-    every condition its encoders take, presence (B, 8) all True."""
+    every condition its encoders take (``random_conditions``), presence (B, 8) all True."""
+    cfg, g = model.config, generator
+    conditions = random_conditions(model, batch, g)
+    s = cfg.sample_size
+    x0 = torch.rand(batch, cfg.image_channels, s, s, generator=g) * 2 - 1
+    return x0, conditions, torch.ones(batch, len(CONDITIONS), dtype=torch.bool)
+
+
+def random_conditions(model: ComposerModel, batch: int, generator: torch.Generator) -> Conditions:
+    """Every condition ``model``'s encoders take, filled with plausible random values."""
     cfg, g, size = model.config, generator, model.image_size
     if cfg.caption_encoder == "trainable":
         caption = {
@@ -247,7 +256,7 @@ def random_inputs(
                 torch.randn(batch, cfg.semantics_dim, generator=g), dim=1
             )
         }
-    conditions = Conditions(
+    return Conditions(
         **caption,
         **semantics,
         palette=torch.softmax(torch.randn(batch, PALETTE_BINS, generator=g) * 3, dim=1),
@@ -258,6 +267,3 @@ def random_inputs(
         mask=(torch.rand(batch, 1, size, size, generator=g) > 0.5).float(),
         masked_image=torch.rand(batch, 3, size, size, generator=g) * 2 - 1,
     )
-    s = cfg.sample_size
-    x0 = torch.rand(batch, cfg.image_channels, s, s, generator=g) * 2 - 1
-    return x0, conditions, torch.ones(batch, len(CONDITIONS), dtype=torch.bool)

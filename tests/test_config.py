@@ -122,6 +122,8 @@ EARLIER_HASHES = {
     "train-laptop": "bd8f7a2c1bd9f93d",
     "train-laptop-vmin": "0587d41fb313a7df",
     "train-overrides": "eba9e2f7db0b4056",
+    "train-reference": "0587d41fb313a7df",  # = train-laptop-vmin: the reference's first stage
+    "train-reference-caption": "9a5d8ed8260b4cd4",
 }
 
 
@@ -150,6 +152,8 @@ def _earlier_cases():
         "train-laptop": (TrainConfig, "configs/train-laptop.yaml", run, LAPTOP_BEFORE_VMIN),
         "train-laptop-vmin": (TrainConfig, "configs/train-laptop.yaml", run, []),  # the file as it is now
         "train-gpu-cluster": (TrainConfig, "configs/train-gpu-cluster.yaml", run, []),
+        "train-reference": (TrainConfig, "configs/train-reference.yaml", run, []),
+        "train-reference-caption": (TrainConfig, "configs/train-reference-caption.yaml", run, []),
         "train-overrides": (
             TrainConfig,
             "configs/train-laptop.yaml",

@@ -74,8 +74,13 @@ class ReferenceResult:
     benchmark: dict[str, float]
     evaluation_hash: str
     evaluation_rows: int
-    reference_config: bool  # made with configs/train-reference.yaml (made_with_reference_config)
+    reference_config: bool  # every stage made with a shipped configs/train-reference*.yaml
     packed_at: str
+    # The training runs in order, the first from scratch, each next one fine-tuning the export of
+    # the one before (its config's init_from): run, steps, train_seconds, config_hash, config,
+    # config_file (the configs/ file that remakes it, or None). steps and train_seconds above are
+    # their sums; config_hash and config the last one's.
+    stages: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -115,6 +120,49 @@ def _training(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any], int, float
         )
     record = json.loads(record_path.read_text())
     exported = json.loads((export / "recompose-training.json").read_text())
+    return record, exported, int(exported["step"]), _step_time(record)
+
+
+def stages(run_dir: Path) -> list[dict[str, Any]]:
+    """The training runs that made ``run_dir``'s export, first to last: a run whose config has
+    ``init_from`` naming another run's export (as given, relative to the working directory) is
+    preceded by that run. A chain ending at a pipeline that is no run (a models:/ URI, the shipped
+    reference) starts at the run that fine-tuned it; its config's init_from says from what."""
+    chain: list[dict[str, Any]] = []
+    seen: set[Path] = set()
+    while run_dir not in seen:
+        seen.add(run_dir)
+        record, _, steps, seconds = _training(run_dir)
+        config = record.get("config", {})
+        chain.insert(
+            0,
+            {
+                "run": _shown(run_dir),
+                "steps": steps,
+                "train_seconds": seconds,
+                "config_hash": record["config_hash"],
+                "config": config,
+                "config_file": shipped_config(config),
+            },
+        )
+        init = config.get("init_from")
+        parent = Path(init).resolve().parent if init else None
+        if parent is None or Path(init).name != "export" or not (parent / "train.json").is_file():
+            break
+        run_dir = parent
+    return chain
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when under it (as commands are usually given)."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _step_time(record: dict[str, Any]) -> float | None:
+    """The run's seconds in optimizer steps (``step_seconds``) from its MLflow history."""
     seconds = None
     try:
         from mlflow import MlflowClient
@@ -124,7 +172,7 @@ def _training(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any], int, float
         seconds = step_seconds([(m.step, m.value) for m in sorted(history, key=lambda m: m.timestamp)])
     except Exception as e:  # noqa: BLE001 - the store may have moved; the training time is then unknown
         log.warning("could not read the training run's step times from MLflow (%s)", e)
-    return record, exported, int(exported["step"]), seconds
+    return seconds
 
 
 def step_seconds(history: list[tuple[int, float]]) -> float | None:
@@ -143,21 +191,26 @@ def step_seconds(history: list[tuple[int, float]]) -> float | None:
     return round(total, 1)
 
 
-def made_with_reference_config(config: dict[str, Any]) -> bool:
-    """Whether a run's recorded config is ``configs/train-reference.yaml``'s (on the same data), so
-    that the README's ``recompose train --config configs/train-reference.yaml`` remakes it."""
+def shipped_config(config: dict[str, Any]) -> str | None:
+    """The ``configs/train-reference*.yaml`` whose config a run recorded (on the same data), so that
+    the README's ``recompose train --config`` with it remakes the run; None when none is."""
     from pipelines.config import ConfigError, from_dict, load_config, to_dict
     from pipelines.train.config import TrainConfig
 
-    path = CONFIGS / "train-reference.yaml"
-    if not config or not path.is_file():
-        return False
+    if not config:
+        return None
     try:
-        cfg = load_config(TrainConfig, path, {"data": config.get("data", ""), "output": "unused"})
-        recorded = from_dict(TrainConfig, config)  # as the current code reads it (fields added since)
+        recorded = to_dict(from_dict(TrainConfig, config), outputs_only=True)  # as the code reads it now
     except ConfigError:
-        return False
-    return to_dict(cfg, outputs_only=True) == to_dict(recorded, outputs_only=True)
+        return None
+    for path in sorted(CONFIGS.glob("train-reference*.yaml")):
+        try:
+            cfg = load_config(TrainConfig, path, {"data": config.get("data", ""), "output": "unused"})
+        except ConfigError:
+            continue
+        if to_dict(cfg, outputs_only=True) == recorded:
+            return f"configs/{path.name}"
+    return None
 
 
 def half_error(unet: Any) -> float:
@@ -224,7 +277,9 @@ def pack(
     from pipelines.evaluate.run import run_evaluate
 
     run_dir, out = Path(run_dir).resolve(), Path(output or REFERENCE_DIR).resolve()
-    record, exported, steps, seconds = _training(run_dir)
+    record, _, _, _ = _training(run_dir)
+    chain = stages(run_dir)
+    seconds = [c["train_seconds"] for c in chain]
     spec = open_data(str(data))
     synth_record = None
     if synth is not None:
@@ -256,8 +311,8 @@ def pack(
         dtype=dtype,
         half_error=err,
         size_bytes=sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and "unet" in f.parts),
-        steps=steps,
-        train_seconds=seconds,
+        steps=sum(c["steps"] for c in chain),
+        train_seconds=None if None in seconds else round(sum(seconds), 1),
         config_hash=record["config_hash"],
         config=record.get("config", {}),
         data={
@@ -273,8 +328,9 @@ def pack(
         benchmark=bench,
         evaluation_hash=evaluation.config_hash,
         evaluation_rows=evaluation.num_rows,
-        reference_config=made_with_reference_config(record.get("config", {})),
+        reference_config=all(c["config_file"] for c in chain),
         packed_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        stages=chain,
     )
     write_json(result.to_dict(), out / RECORD)
     (out / "README.md").write_text(readme(result, (out / "evaluation" / "results.md").read_text()))
@@ -292,17 +348,40 @@ def readme(r: ReferenceResult, results_md: str) -> str:
     m = r.machine
     where = f"{m['cpu']}, {m['cores']} cores" + (f", {m['gpu']}" if m.get("gpu") else ", no GPU")
     table = results_md.split("\n", 1)[1] if results_md.startswith("# ") else results_md
-    config = "configs/train-reference.yaml" if r.reference_config else "CONFIG.yaml"
-    note = (
-        ""
-        if r.reference_config
-        else "\n(It was not trained with `configs/train-reference.yaml`: CONFIG.yaml is the training "
-        "config below.)\n"
-    )
     data = r.config.get("data") or "runs/reference/decomposed"  # as the training run was given it
     synth_dir = r.data.get("synth_dir") or "runs/reference/synth"
     n = r.evaluation_rows
     rows = "" if n == DEFAULT_ROWS else f" --num-samples {n}"
+    chain = r.stages or [
+        {"run": "runs/reference/train", "steps": r.steps, "config_file": None, "config": r.config}
+    ]
+    trains, missing = [], []
+    for k, c in enumerate(chain, 1):
+        config = c["config_file"] or (f"CONFIG-{k}.yaml" if len(chain) > 1 else "CONFIG.yaml")
+        if not c["config_file"]:
+            missing.append(config)
+        trains.append(
+            f"recompose train --data {data} --output {c['run']} --config {config} --max-steps {c['steps']}"
+        )
+    train_lines = "\n".join(trains)
+    first = chain[0]["config"].get("init_from")
+    note = (
+        "" if not first else (f"\nThe first training run fine-tuned `{first}` (its config's `init_from`).\n")
+    )
+    if missing:
+        note += (
+            f"\n({', '.join(missing)}: the training config of that run, in `reference.json`'s "
+            "`stages`; no file in `configs/` matches it.)\n"
+        )
+    steps = " + ".join(str(c["steps"]) for c in chain) + (f" = {r.steps}" if len(chain) > 1 else "")
+    configs = (
+        ""
+        if len(chain) == 1
+        else (
+            " (" + ", then ".join(f"`{c['config_hash']}`" for c in chain) + " in order; the last one's "
+            "config below)"
+        )
+    )
     return f"""# The reference model
 
 What `recompose generate`, `recompose serve` and `recompose evaluate` use when no `--model` is
@@ -312,15 +391,15 @@ synthetic set; these commands reproduce it (the last one packs it here and evalu
 ```bash
 recompose synth --output {synth_dir} --count {count} --seed {seed}
 recompose decompose --input {synth_dir} --output {data} --config configs/decompose-laptop.yaml
-recompose train --data {data} --output runs/reference/train --config {config} --max-steps {r.steps}
-recompose reference --run runs/reference/train --data {data} --synth {synth_dir}{rows}
+{train_lines}
+recompose reference --run {chain[-1]["run"]} --data {data} --synth {synth_dir}{rows}
 ```
 {note}
 | | |
 |---|---|
-| training config hash | `{r.config_hash}` |
+| training config hash | `{r.config_hash}`{configs} |
 | data | {r.data["rows"]} synthetic images at {r.data["resolution"]} px, seed {seed} (manifest `{r.data["manifest_hash"]}`) |
-| steps | {r.steps} |
+| steps | {steps} |
 | training time (in optimizer steps) | {hours} |
 | machine | {where}; Python {m["python"]}, torch {m["torch"]}, diffusers {m["diffusers"]} |
 | weights | {r.dtype} ({r.size_bytes / 1e6:.1f} MB; float16 moves ε by {r.half_error:.1e} RMS, relative) |

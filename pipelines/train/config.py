@@ -97,6 +97,10 @@ class TrainConfig(Config):
     strategy: Strategy = resource("ddp")  # fsdp shards parameters and optimizer state (large presets)
     precision: Precision = resource("auto")  # auto: bf16 autocast on GPU, float32 on CPU
     seed: int = 0
+    # Fine-tuning: a saved pipeline (a run's export/, a models:/ URI, or recompose:reference) whose
+    # UNet weights start this run instead of the seed's random ones; steps, optimizer, LR warm-up and
+    # EMA start afresh. Its model must be the one the model section builds. None: from scratch.
+    init_from: str | None = added(None)
     checkpoint_every: int = resource(200, ge=1)  # optimizer steps between checkpoints (and one at the end)
     keep_checkpoints: int = resource(2, ge=1)
     max_failures: int = resource(2, ge=0)  # worker-group restarts from the latest checkpoint

@@ -54,6 +54,7 @@ class TrainerArgs:
     tracking_uri: str
     files: list[str]  # the shards; the sample grids' rows come from the first
     decompose: dict[str, Any]  # the decomposition's settings, saved with the export
+    init_weights: str | None = None  # cfg.init_from's UNet weights file (run.init_weights_file)
     verbosity: int = 0  # the driver's --quiet (-1) / --verbose (1), for the workers' log lines
     # The seam tests inject a worker failure through: called as on_step(rank, step) on every
     # worker before each optimizer step. Must be picklable: Ray ships it to the worker processes.
@@ -135,6 +136,10 @@ def _build(
             )
         weights = train_state.read_weights(ckpt)
         model.load_state_dict(weights)
+    elif args.init_weights is not None:  # fine-tuning: the first step starts from these weights
+        from safetensors.torch import load_file
+
+        model.load_state_dict({k: v.float() for k, v in load_file(args.init_weights).items()})
     wrapped = parallel.wrap(model, cfg.strategy, device)  # FSDP: parameters become shards here
     ema = _ema(cfg, model, ckpt, weights)
     o = cfg.optim

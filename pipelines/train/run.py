@@ -74,6 +74,49 @@ def model_arguments(cfg: TrainConfig, spec: DataSpec) -> dict[str, Any]:
     return dict(model.config)
 
 
+def init_weights_file(cfg: TrainConfig, model_kwargs: dict[str, Any]) -> str | None:
+    """The UNet weights file of ``cfg.init_from`` (None when unset), checked to be the model that
+    ``model_kwargs`` builds; ``ConfigError`` saying what differs otherwise."""
+    import json
+
+    from safetensors import safe_open
+
+    from pipelines.diffusion.loading import ModelError, pipeline_dir
+    from pipelines.train.state import WEIGHTS
+
+    if cfg.init_from is None:
+        return None
+    try:
+        unet = pipeline_dir(cfg.init_from) / "unet"
+    except ModelError as e:
+        raise ConfigError(f"init_from: {str(e).removeprefix('--model ')}") from None
+    weights = unet / WEIGHTS
+    if not (unet / "config.json").is_file() or not weights.is_file():
+        raise ConfigError(f"init_from {cfg.init_from}: {unet} lacks config.json or {WEIGHTS}")
+    saved = json.loads((unet / "config.json").read_text())
+    wanted = json.loads(json.dumps(model_kwargs))  # tuples -> lists, as config.json has them
+    differ = [
+        f"{k} {saved.get(k)!r} there, {v!r} here"
+        for k, v in wanted.items()
+        if not k.startswith("_") and saved.get(k) != v
+    ]
+    if differ:
+        raise ConfigError(
+            f"init_from {cfg.init_from}: its UNet is not the model this config builds ({'; '.join(differ)}); "
+            "use the model section (and data encoders) it was trained with"
+        )
+    with safe_open(str(weights), "pt") as f:  # the header only: catches a truncated or foreign file early
+        keys = set(f.keys())
+    with torch.device("meta"):
+        missing = set(ComposerModel(**model_kwargs).state_dict()) ^ keys
+    if missing:
+        raise ConfigError(
+            f"init_from {cfg.init_from}: {weights} does not hold this model's weights "
+            f"({len(missing)} names differ, e.g. {sorted(missing)[0]})"
+        )
+    return str(weights.resolve())  # workers run in their own directories
+
+
 def _conditions(cfg: TrainConfig, spec: DataSpec) -> tuple[str, ...]:
     """``loader.conditions`` (default: every one the data has), in ``CONDITIONS`` order."""
     wanted = cfg.loader.conditions or spec.conditions
@@ -156,6 +199,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     spec = open_data(cfg.data)
     conditions = _conditions(cfg, spec)
     model_kwargs = model_arguments(cfg, spec)
+    init_weights = init_weights_file(cfg, model_kwargs)
     chash = config_hash(cfg)
     identity = {"config_hash": chash, "data": spec.root, "manifest_hash": spec.manifest_hash}
     record = claim_output(run_dir, RECORD, "training run", identity=identity)
@@ -187,6 +231,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         tracking_uri=info.tracking_uri,
         files=list(spec.files),
         decompose=spec.settings,
+        init_weights=init_weights,
         verbosity=_verbosity(),
         on_step=step_hook,
     )

@@ -17,9 +17,10 @@ from models import (
     EncodedConditions,
     build_model,
     preset_config,
+    random_conditions,
 )
 from models.encoders import HashTokenizer
-from tests.models.inputs import FIELDS, all_patterns, random_conditions, replace, rows
+from tests.models.inputs import FIELDS, all_patterns, replace, rows
 
 SIZE = 16
 
@@ -41,7 +42,7 @@ def test_every_presence_pattern_in_one_batch(model):
     g = torch.Generator().manual_seed(0)
     presence = all_patterns()
     assert presence.shape == (256, len(CONDITIONS)) and presence.unique(dim=0).shape[0] == 256
-    conditions = random_conditions(256, SIZE, g)
+    conditions = random_conditions(model, 256, g)
     x, t = noisy(256, g)
     out = model(x, t, conditions=conditions, presence=presence)
     assert out.shape == (256, 3, SIZE, SIZE)
@@ -77,8 +78,8 @@ def test_integer_timestep_and_unconditional(model):
 @torch.no_grad()
 def test_presence_is_respected_both_ways(model, name):
     g = torch.Generator().manual_seed(2)
-    conditions = random_conditions(2, SIZE, g)
-    other = random_conditions(2, SIZE, g)
+    conditions = random_conditions(model, 2, g)
+    other = random_conditions(model, 2, g)
     changed = replace(conditions, **{f: getattr(other, f) for f in FIELDS[name]})
     x, t = noisy(2, g)
     k = CONDITIONS.index(name)
@@ -104,7 +105,7 @@ def test_presence_is_respected_both_ways(model, name):
 @pytest.mark.parametrize("name", CONDITIONS)
 def test_present_without_input_raises(model, name):
     g = torch.Generator().manual_seed(3)
-    conditions = replace(random_conditions(2, SIZE, g), **dict.fromkeys(FIELDS[name]))
+    conditions = replace(random_conditions(model, 2, g), **dict.fromkeys(FIELDS[name]))
     x, t = noisy(2, g)
     presence = torch.ones(2, len(CONDITIONS), dtype=torch.bool)
     presence[0] = False  # present in one row is enough
@@ -133,7 +134,7 @@ def test_bad_presence_raises(model, presence):
 
 def test_batch_size_disagreements_raise(model):
     g = torch.Generator().manual_seed(5)
-    conditions = random_conditions(2, SIZE, g)
+    conditions = random_conditions(model, 2, g)
     x, t = noisy(2, g)
     with pytest.raises(ValueError, match="conditions have batch size 2, presence has 3 rows"):
         model.encode(conditions, torch.ones(3, 8, dtype=torch.bool))
@@ -158,7 +159,7 @@ def test_batch_size_disagreements_raise(model):
 )
 def test_wrong_map_size_raises(model, field, shape, message):
     g = torch.Generator().manual_seed(6)
-    conditions = random_conditions(2, SIZE, g)
+    conditions = random_conditions(model, 2, g)
     bad = torch.zeros(shape, dtype=getattr(conditions, field).dtype)
     x, t = noisy(2, g)
     with pytest.raises(ValueError, match=message):
@@ -169,7 +170,7 @@ def test_wrong_map_size_raises(model, field, shape, message):
 
 def test_mask_needs_both_fields(model):
     g = torch.Generator().manual_seed(7)
-    conditions = random_conditions(2, SIZE, g)
+    conditions = random_conditions(model, 2, g)
     with pytest.raises(ValueError, match="needs both mask and masked_image"):
         model.encode(replace(conditions, masked_image=None), torch.ones(2, 8, dtype=torch.bool))
 
@@ -178,7 +179,7 @@ def test_mask_needs_both_fields(model):
 @torch.no_grad()
 def test_forward_with_conditions_equals_forward_with_encoded(model):
     g = torch.Generator().manual_seed(8)
-    conditions = random_conditions(4, SIZE, g)
+    conditions = random_conditions(model, 4, g)
     presence = torch.rand(4, 8, generator=g) > 0.5
     x, t = noisy(4, g)
     encoded = model.encode(conditions, presence)
@@ -198,7 +199,7 @@ def test_forward_with_conditions_equals_forward_with_encoded(model):
 @torch.no_grad()
 def test_semantics_embedding_can_be_given_directly(model):
     g = torch.Generator().manual_seed(9)
-    conditions = random_conditions(2, SIZE, g)
+    conditions = random_conditions(model, 2, g)
     presence = torch.ones(2, 8, dtype=torch.bool)
     x, t = noisy(2, g)
     embedding = model.encode_semantics(conditions.semantics_image)
@@ -222,7 +223,7 @@ def test_latent_space_config():
     model = build_model("tiny", sample_size=8, image_channels=4, local_downsample=4).eval()
     assert model.image_size == 32
     g = torch.Generator().manual_seed(10)
-    conditions = random_conditions(3, 32, g)
+    conditions = random_conditions(model, 3, g)
     presence = torch.rand(3, 8, generator=g) > 0.3
     x, t = noisy(3, g, channels=4, size=8)
     out = model(x, t, conditions=conditions, presence=presence)
@@ -247,15 +248,9 @@ def test_frozen_encoder_config():
     ).eval()
     assert model.text_encoder is None and model.image_encoder is None
     g = torch.Generator().manual_seed(11)
-    local = random_conditions(2, SIZE, g)
-    conditions = replace(
-        local,
-        text_ids=None,
-        semantics_image=None,
-        caption_sentence=torch.randn(2, 32, generator=g),
-        caption_tokens=torch.randn(2, 7, 48, generator=g),
-        semantics=torch.randn(2, 16, generator=g),
-    )
+    conditions = random_conditions(model, 2, g)  # embeddings in the frozen encoders' sizes
+    assert conditions.text_ids is None and conditions.caption_tokens.shape == (2, 7, 48)
+    image = torch.rand(2, 3, SIZE, SIZE, generator=g) * 2 - 1
     presence = torch.ones(2, 8, dtype=torch.bool)
     presence[0, :2] = False
     x, t = noisy(2, g)
@@ -274,13 +269,13 @@ def test_frozen_encoder_config():
     with pytest.raises(ValueError, match="takes clip caption embeddings, not text_ids"):
         model.encode(replace(conditions, text_ids=torch.ones(2, 7, dtype=torch.long)), presence)
     with pytest.raises(ValueError, match="not semantics_image"):
-        model.encode(replace(conditions, semantics_image=local.semantics_image), presence)
+        model.encode(replace(conditions, semantics_image=image), presence)
     with pytest.raises(ValueError, match=r"caption tokens are \(5, 64\), the model expects \(7, 64\)"):
         model.encode(replace(conditions, caption_tokens=torch.randn(2, 5, 48)), presence)
     with pytest.raises(ValueError, match="caption embeddings, not text"):
         model.tokenize(["a red cube"])
     with pytest.raises(ValueError, match="CLIP semantics"):
-        model.encode_semantics(local.semantics_image)
+        model.encode_semantics(image)
 
 
 @pytest.mark.parametrize(
@@ -316,7 +311,7 @@ def test_every_parameter_gets_a_gradient():
     torch.manual_seed(0)
     model = build_model("tiny", sample_size=SIZE).train()
     g = torch.Generator().manual_seed(12)
-    conditions = random_conditions(4, SIZE, g)
+    conditions = random_conditions(model, 4, g)
     presence = torch.tensor(
         [[i % 2 == r % 2 for i in range(8)] for r in range(3)] + [[False] * 8], dtype=torch.bool
     )
@@ -421,16 +416,7 @@ def test_save_and_load(tmp_path, overrides):
     assert tuple(loaded.config.block_out_channels) == tuple(model.config.block_out_channels)
     g = torch.Generator().manual_seed(13)
     presence = torch.tensor([[True] * 8, [False] * 8, [True, False] * 4])
-    conditions = random_conditions(3, SIZE, g)
-    if overrides:
-        conditions = replace(
-            conditions,
-            text_ids=None,
-            semantics_image=None,
-            caption_sentence=torch.randn(3, 32, generator=g),
-            caption_tokens=torch.randn(3, 7, 48, generator=g),
-            semantics=torch.randn(3, 8, generator=g),
-        )
+    conditions = random_conditions(model, 3, g)  # each encoder's inputs: text ids or embeddings
     x, t = noisy(3, g)
     expected = model(x, t, conditions=conditions, presence=presence)
     assert torch.equal(loaded(x, t, conditions=conditions, presence=presence), expected)

@@ -232,6 +232,40 @@ def test_the_finished_run_packs_as_a_reference_model(chain, data, tmp_path):
     assert main(["reference", "--run", str(tmp_path / "nothing"), "--data", str(data)]) == 2
 
 
+def test_a_run_fine_tunes_another_runs_export_and_packs_as_two_stages(chain, data, tmp_path):
+    """``init_from``: the new run starts from the export's weights (at a vanishing learning rate it
+    ends where it started), and `recompose reference` on it lists both runs, first to last."""
+    from safetensors.torch import load_file
+
+    export = chain["run_dir"] / "export"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # Checked before Ray starts: an init_from that is no pipeline, or a model that is not this one.
+    assert _train(data, tmp_path / "bad", uri, 4, f"init_from={tmp_path / 'nothing'}") == 2
+    assert _train(data, tmp_path / "bad", uri, 4, f"init_from={export}", "model.resolution=16") == 2
+    assert not (tmp_path / "bad").exists()
+    tuned = tmp_path / "tuned"
+    assert _train(data, tuned, uri, 4, f"init_from={export}", "optim.lr=1e-12", "optim.warmup_steps=0") == 0
+    before = load_file(export / "unet" / "diffusion_pytorch_model.safetensors")
+    after = load_file(tuned / "export" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert before.keys() == after.keys()
+    assert max((after[k] - before[k]).abs().max().item() for k in before) < 1e-5
+    out = tmp_path / "reference"
+    args = ["reference", "--run", str(tuned), "--data", str(data), "--output", str(out), "--num-samples", "2"]
+    assert main(args) == 0
+    record = json.loads((out / "reference.json").read_text())
+    assert [s["steps"] for s in record["stages"]] == [30, 4] and record["steps"] == 34
+    assert [s["run"] for s in record["stages"]] == [str(chain["run_dir"]), str(tuned)]
+    assert record["stages"][1]["config"]["init_from"] == str(export)
+    assert record["train_seconds"] == pytest.approx(
+        sum(s["train_seconds"] for s in record["stages"]), abs=0.2
+    )
+    readme = (out / "README.md").read_text()
+    lines = [line for line in readme.splitlines() if line.startswith("recompose train")]
+    assert len(lines) == 2 and f"--output {chain['run_dir']} " in lines[0] and "--max-steps 30" in lines[0]
+    assert f"--output {tuned} " in lines[1] and "--max-steps 4" in lines[1] and "30 + 4 = 34" in readme
+    assert f"recompose reference --run {tuned} " in readme
+
+
 def test_rerun_with_another_config_is_refused(chain, data):
     rc = _train(data, chain["run_dir"], chain["uri"], 30, "optim.lr=5e-4")
     assert rc == 2
