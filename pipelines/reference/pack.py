@@ -78,8 +78,8 @@ class ReferenceResult:
     packed_at: str
     # The training runs in order, the first from scratch, each next one fine-tuning the export of
     # the one before (its config's init_from): run, steps, train_seconds, config_hash, config,
-    # config_file (the configs/ file that remakes it, or None). steps and train_seconds above are
-    # their sums; config_hash and config the last one's.
+    # config_file (the configs/ file that remakes it, or None), mlflow. steps and train_seconds
+    # above are their sums; config_hash, config and mlflow the last one's.
     stages: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -110,8 +110,8 @@ def machine() -> dict[str, Any]:
     }
 
 
-def _training(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any], int, float | None]:
-    """train.json, the export's recompose-training.json, its step and its time in steps."""
+def _training(run_dir: Path) -> tuple[dict[str, Any], int, float | None]:
+    """train.json, the export's step (recompose-training.json) and the run's time in steps."""
     record_path, export = run_dir / "train.json", run_dir / "export"
     if not record_path.is_file() or not (export / "recompose-training.json").is_file():
         raise ReferenceError(
@@ -120,7 +120,7 @@ def _training(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any], int, float
         )
     record = json.loads(record_path.read_text())
     exported = json.loads((export / "recompose-training.json").read_text())
-    return record, exported, int(exported["step"]), _step_time(record)
+    return record, int(exported["step"]), _step_time(record)
 
 
 def stages(run_dir: Path) -> list[dict[str, Any]]:
@@ -132,7 +132,7 @@ def stages(run_dir: Path) -> list[dict[str, Any]]:
     seen: set[Path] = set()
     while run_dir not in seen:
         seen.add(run_dir)
-        record, _, steps, seconds = _training(run_dir)
+        record, steps, seconds = _training(run_dir)
         config = record.get("config", {})
         chain.insert(
             0,
@@ -143,6 +143,7 @@ def stages(run_dir: Path) -> list[dict[str, Any]]:
                 "config_hash": record["config_hash"],
                 "config": config,
                 "config_file": shipped_config(config),
+                "mlflow": record["mlflow"],
             },
         )
         init = config.get("init_from")
@@ -277,8 +278,8 @@ def pack(
     from pipelines.evaluate.run import run_evaluate
 
     run_dir, out = Path(run_dir).resolve(), Path(output or REFERENCE_DIR).resolve()
-    record, _, _, _ = _training(run_dir)
     chain = stages(run_dir)
+    last = chain[-1]
     seconds = [c["train_seconds"] for c in chain]
     spec = open_data(str(data))
     synth_record = None
@@ -313,8 +314,8 @@ def pack(
         size_bytes=sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and "unet" in f.parts),
         steps=sum(c["steps"] for c in chain),
         train_seconds=None if None in seconds else round(sum(seconds), 1),
-        config_hash=record["config_hash"],
-        config=record.get("config", {}),
+        config_hash=last["config_hash"],
+        config=last["config"],
         data={
             "rows": spec.rows,
             "manifest_hash": spec.manifest_hash,
@@ -323,7 +324,7 @@ def pack(
             "synth_dir": None if synth is None else str(synth),
         },
         machine=machine(),
-        mlflow=record["mlflow"],
+        mlflow=last["mlflow"],
         quality_bar=evaluation.quality_bar,
         benchmark=bench,
         evaluation_hash=evaluation.config_hash,
@@ -352,9 +353,7 @@ def readme(r: ReferenceResult, results_md: str) -> str:
     synth_dir = r.data.get("synth_dir") or "runs/reference/synth"
     n = r.evaluation_rows
     rows = "" if n == DEFAULT_ROWS else f" --num-samples {n}"
-    chain = r.stages or [
-        {"run": "runs/reference/train", "steps": r.steps, "config_file": None, "config": r.config}
-    ]
+    chain = r.stages
     trains, missing = [], []
     for k, c in enumerate(chain, 1):
         config = c["config_file"] or (f"CONFIG-{k}.yaml" if len(chain) > 1 else "CONFIG.yaml")
