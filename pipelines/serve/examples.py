@@ -10,6 +10,13 @@ exactly::
 The choice: the first three scenes of split ``train`` (dataset seed 0), and from split
 ``heldout`` (each scene holds a colour-shape pair never seen in training) the first scene with
 one, two and three objects, which between them have plain and gradient backgrounds.
+
+Beside each image its true ``instances`` and ``depth`` maps (the synthetic set's ground truth, as
+the decomposition job turns it into those conditions for training: ids numbered by the
+extractor's convention, drawn in ``colourize_instances``' colours on black; depth gray, 255 =
+nearest), listed under the entry's ``maps``. A served model that can only cluster colours
+(instances) or has no depth model would otherwise condition on what it never saw in training —
+a gradient background clusters into stripes — so the page sends these maps for an example.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import sys
 from pathlib import Path
 from typing import IO, Any
 
+from pipelines.data.preview import colourize_instances
 from pipelines.data.scene import MAX_OBJECTS, render_sample, sample_scene
 from pipelines.files import atomic_write, encode_png
 
@@ -29,6 +37,7 @@ FORMAT = "recompose.serve-examples/1"
 RESOLUTION = 64
 SEED = 0  # the synthetic dataset's seed
 TRAIN_COUNT = 3
+MAP_NAMES = ("instances", "depth")  # the example's true maps shipped beside it
 
 
 def choose() -> list[tuple[str, int]]:
@@ -43,6 +52,28 @@ def choose() -> list[tuple[str, int]]:
     return chosen
 
 
+def true_maps(image, instances, depth) -> dict[str, Any]:
+    """The ``instances`` (ids) and ``depth`` conditions of a synthetic image from its ground truth,
+    by the decomposition job's own extractors (as the training shards hold them)."""
+    import numpy as np
+
+    from pipelines.conditions import get_extractor
+    from pipelines.conditions.depth import DepthConfig
+    from pipelines.conditions.instances import InstancesConfig
+
+    batch = {
+        "image": image[None],
+        "has_gt": np.ones(1, bool),
+        "gt_instances": instances[None],
+        "gt_depth": depth[None],
+    }
+    out = {}
+    for name, cfg in (("instances", InstancesConfig()), ("depth", DepthConfig())):
+        extractor = get_extractor(name)(cfg, RESOLUTION, has_ground_truth=True)
+        out[name] = extractor.extract(batch)[name][0]
+    return out
+
+
 def manifest_and_files() -> tuple[dict[str, Any], dict[str, bytes]]:
     """The manifest and {file name: PNG bytes}, computed (nothing is written)."""
     entries, files = [], {}
@@ -50,6 +81,10 @@ def manifest_and_files() -> tuple[dict[str, Any], dict[str, bytes]]:
         s = render_sample(SEED, split, index, RESOLUTION)  # type: ignore[arg-type]
         name = f"{split}-{index:05d}.png"
         files[name] = encode_png(s.image)
+        maps = true_maps(s.image, s.instances, s.depth)
+        map_files = {m: f"{split}-{index:05d}.{m}.png" for m in MAP_NAMES}
+        files[map_files["instances"]] = encode_png(colourize_instances(maps["instances"]))
+        files[map_files["depth"]] = encode_png(maps["depth"])
         entries.append(
             {
                 "file": name,
@@ -59,6 +94,7 @@ def manifest_and_files() -> tuple[dict[str, Any], dict[str, bytes]]:
                 "index": index,
                 "objects": len(s.scene["objects"]),
                 "background": s.scene["background"]["kind"],
+                "maps": map_files,
             }
         )
     manifest = {"format": FORMAT, "resolution": RESOLUTION, "examples": entries}
@@ -94,10 +130,13 @@ def load_manifest(out_dir: str | Path = EXAMPLES_DIR) -> dict[str, Any]:
 
 
 def example_files(out_dir: str | Path = EXAMPLES_DIR) -> dict[str, Path]:
-    """{file name: path} of the files the manifest lists (plain names only), manifest included:
-    what the ingress may serve."""
+    """{file name: path} of the files the manifest lists (images and their maps; plain names only),
+    manifest included: what the ingress may serve."""
     out = Path(out_dir)
-    names = [e["file"] for e in load_manifest(out)["examples"]]
+    names = []
+    for e in load_manifest(out)["examples"]:
+        maps = e.get("maps")
+        names += [e["file"], *(maps.values() if isinstance(maps, dict) else ())]
     files = {MANIFEST: out / MANIFEST}
     for name in names:
         if isinstance(name, str) and name == Path(name).name and not name.startswith("."):

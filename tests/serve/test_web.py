@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipelines.data.decomposer import ImageDecomposer
 from pipelines.data.scene import parse_caption, render_sample
-from pipelines.serve.examples import EXAMPLES_DIR, MANIFEST, write_examples
+from pipelines.serve.examples import EXAMPLES_DIR, MANIFEST, MAP_NAMES, write_examples
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -191,12 +192,16 @@ def _shipped_manifest() -> dict:
 
 def test_shipped_examples_regenerate_exactly(tmp_path):
     """The shipped example PNGs and manifest are what ``python -m pipelines.serve.examples``
-    writes (same pixels, same manifest), the folder holds nothing else, and the six show variety."""
+    writes (same pixels, same manifest), the folder holds nothing else, each image's true maps
+    are its ground truth as the server reads a map file back, and the six show variety."""
     manifest = write_examples(tmp_path)
     assert (tmp_path / MANIFEST).read_bytes() == (EXAMPLES_DIR / MANIFEST).read_bytes()
     assert _shipped_manifest() == manifest
-    listed = [e["file"] for e in manifest["examples"]]
+    listed = [e["file"] for e in manifest["examples"]] + [
+        f for e in manifest["examples"] for f in e["maps"].values()
+    ]
     assert sorted(p.name for p in EXAMPLES_DIR.iterdir()) == sorted([MANIFEST, *listed])
+    reader = ImageDecomposer({}, manifest["resolution"])
     for e in manifest["examples"]:
         shipped = np.asarray(Image.open(EXAMPLES_DIR / e["file"]))
         assert np.array_equal(shipped, np.asarray(Image.open(tmp_path / e["file"]))), e["file"]
@@ -205,7 +210,19 @@ def test_shipped_examples_regenerate_exactly(tmp_path):
         assert shipped.shape == (64, 64, 3)
         assert e["caption"] == sample.caption
         parse_caption(e["caption"])
-        assert {"file", "caption", "split", "seed"} <= set(e)
+        assert {"file", "caption", "split", "seed", "maps"} <= set(e)
+        assert set(e["maps"]) == set(MAP_NAMES)
+        for name in MAP_NAMES:
+            shipped_map = (EXAMPLES_DIR / e["maps"][name]).read_bytes()
+            assert shipped_map == (tmp_path / e["maps"][name]).read_bytes(), e["maps"][name]
+        # Read back as v1/generate reads a map: the scene's objects, numbered by decreasing
+        # area (1 = the largest), background 0; depth levels 0 (background) to 255 * z / 3.
+        ids = reader.load_map("instances", EXAMPLES_DIR / e["maps"]["instances"])
+        depth = reader.load_map("depth", EXAMPLES_DIR / e["maps"]["depth"])
+        assert np.array_equal(ids > 0, sample.instances > 0), e["file"]
+        areas = [int((ids == k).sum()) for k in range(1, int(ids.max()) + 1)]
+        assert len(areas) == e["objects"] and areas == sorted(areas, reverse=True), (e["file"], areas)
+        assert np.array_equal(depth, sample.depth), e["file"]
     examples = manifest["examples"]
     assert len(examples) == 6
     assert [e["split"] for e in examples].count("train") == 3
@@ -228,6 +245,10 @@ def test_examples_routes(base_url):
         assert img.status_code == 200, e["file"]
         assert img.headers["content-type"] == "image/png"
         assert img.content == (EXAMPLES_DIR / e["file"]).read_bytes()
+        for name in e["maps"].values():
+            m = requests.get(base_url + "examples/" + name, timeout=30)
+            assert m.status_code == 200 and m.headers["content-type"] == "image/png", name
+            assert m.content == (EXAMPLES_DIR / name).read_bytes(), name
     for path in (
         "examples/nope.png",
         "examples/app.py",
@@ -308,6 +329,17 @@ def test_page_composes_from_an_example(base_url, driver):
     )
     buttons[pick].click()  # the same example again: no new image
     assert len(driver.find_elements(By.CSS_SELECTOR, "#images .image-card")) == 2
+    # Its true instances and depth maps: shown on its card instead of what the server extracts
+    # (clusters; no depth without a depth model), offered even where images give no depth.
+    for cond in MAP_NAMES:
+        card_map = driver.find_element(By.CSS_SELECTOR, f"#image-b .rep[data-rep={cond}]")
+        assert card_map.get_attribute("data-from") == "example-map", cond
+        assert card_map.find_element(By.TAG_NAME, "figcaption").text == f"{cond} (true map)"
+        select = Select(driver.find_element(By.ID, f"cond-{cond}"))
+        option = next(o for o in select.options if o.get_attribute("value") == "b")
+        assert option.is_enabled() and option.text == "image b (true map)", (cond, option.text)
+        select.select_by_value("b")
+    assert "no depth" not in driver.find_element(By.CSS_SELECTOR, "#image-b .unavailable").text
 
     _type(driver, "steps", "3")
     _type(driver, "seed", "11")
@@ -334,7 +366,7 @@ def test_page_composes_from_an_example(base_url, driver):
         f.get_attribute("data-rep"): f
         for f in driver.find_elements(By.CSS_SELECTOR, "#result-conditions .rep")
     }
-    assert set(figures) == {"caption", "semantics", "sketch", "palette"}, set(figures)
+    assert set(figures) == {"caption", "semantics", "sketch", "palette", *MAP_NAMES}, set(figures)
     assert figures["caption"].find_element(By.CSS_SELECTOR, ".textbox").text == caption
     assert figures["caption"].find_element(By.TAG_NAME, "figcaption").text == "caption ← text"
     for cond in ("semantics", "sketch", "palette"):
@@ -357,6 +389,32 @@ def test_page_composes_from_an_example(base_url, driver):
     src = figures["sketch"].find_element(By.TAG_NAME, "img").get_attribute("src")
     sketch = np.asarray(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))))
     assert sketch.ndim == 2 and sketch.shape[0] == sketch.shape[1] and sketch.std() > 0
+    # Instances and depth went as the example's true maps (the request carried the map files),
+    # and the result shows what the model received: one instance per object, the true depth.
+    for cond in MAP_NAMES:
+        fig = figures[cond]
+        assert fig.get_attribute("data-from") == "example-map", cond
+        assert fig.get_attribute("data-image") == "b", cond
+        assert fig.find_element(By.TAG_NAME, "figcaption").text == f"{cond} ← image b (true map)"
+    shown = {
+        cond: np.asarray(
+            Image.open(
+                io.BytesIO(
+                    base64.b64decode(
+                        figures[cond].find_element(By.TAG_NAME, "img").get_attribute("src").split(",", 1)[1]
+                    )
+                )
+            )
+        )
+        for cond in MAP_NAMES
+    }
+    size = sketch.shape[0]
+    maps = examples[pick]["maps"]
+    want_depth = ImageDecomposer({}, size).load_map("depth", EXAMPLES_DIR / maps["depth"])
+    assert np.array_equal(shown["depth"], want_depth)
+    want_ids = ImageDecomposer({}, size).load_map("instances", EXAMPLES_DIR / maps["instances"])
+    colours = np.unique(shown["instances"].reshape(-1, shown["instances"].shape[-1]), axis=0)
+    assert len(colours) == examples[pick]["objects"] + 1 == len(np.unique(want_ids)), colours
 
     assert _severe(driver) == []
     if os.environ.get("RECOMPOSE_SCREENSHOT_DIR"):
