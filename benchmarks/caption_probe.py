@@ -1,0 +1,68 @@
+"""Caption-only probe of a saved pipeline: sample N seen benchmark captions at each guidance scale,
+read the samples back with the scene parser, print one JSON line per scale and save a picture
+(top: the generator's render of each caption, below: the sample).
+
+    python benchmarks/caption_probe.py PIPELINE_DIR N GUIDANCES [STEPS] [OUT_DIR]
+    python benchmarks/caption_probe.py pipelines/diffusion/reference 32 1,3,5,9
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipelines.data.scene import render_sample
+from pipelines.diffusion.loading import load_pipeline
+from pipelines.diffusion.requests import SampleRequest
+from pipelines.evaluate.scene_parser import parse_scene, score, summarize
+
+BENCH_SEED = 1_000_003  # the evaluation's benchmark seed (EvalConfig.benchmark.seed)
+
+
+def main(model: str, n: int, scales: list[float], steps: int, out: Path) -> None:
+    torch.set_num_threads(2)
+    pipe = load_pipeline(model, "cpu")
+    pipe.set_progress_bar_config(disable=True)
+    rows = [render_sample(BENCH_SEED, "train", i, pipe.image_size) for i in range(n)]
+    out.mkdir(parents=True, exist_ok=True)
+    for g in scales:
+        images = []
+        for b in range(0, n, 8):
+            requests = [
+                SampleRequest({"text": r.caption}, guidance=g, seed=i)
+                for i, r in enumerate(rows[b : b + 8], start=b)
+            ]
+            images += [
+                np.asarray(o.images[0]) for o in pipe.sample_batch(requests, num_inference_steps=steps)
+            ]
+        scores, shapes = [], collections.Counter()
+        for image, r in zip(images, rows, strict=True):
+            parsed = parse_scene(image)
+            scores.append(score(parsed, r.caption))
+            shapes.update(o.shape for o in parsed.objects)
+        s = summarize(scores)
+        line = {"guidance": g, **{k: round(v, 3) for k, v in s.items() if isinstance(v, float)}}
+        print(json.dumps(line | {"parsed_shapes": dict(shapes)}), flush=True)
+        grid = np.concatenate(
+            [np.concatenate([r.image, im], 0) for r, im in zip(rows[:16], images[:16], strict=True)], 1
+        )
+        Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST).save(
+            out / f"caption-probe-g{g}.png"
+        )
+
+
+if __name__ == "__main__":
+    a = sys.argv[1:]
+    main(
+        a[0],
+        int(a[1]),
+        [float(g) for g in a[2].split(",")],
+        int(a[3]) if len(a) > 3 else 25,
+        Path(a[4]) if len(a) > 4 else Path("."),
+    )
