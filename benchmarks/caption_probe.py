@@ -20,9 +20,10 @@ from PIL import Image
 from pipelines.data.scene import render_sample
 from pipelines.diffusion.loading import load_pipeline
 from pipelines.diffusion.requests import SampleRequest
+from pipelines.evaluate.config import BenchmarkConfig
 from pipelines.evaluate.scene_parser import parse_scene, score, summarize
 
-BENCH_SEED = 1_000_003  # the evaluation's benchmark seed (EvalConfig.benchmark.seed)
+BENCH_SEED = BenchmarkConfig().seed  # the evaluation's benchmark captions
 
 
 def main(model: str, n: int, scales: list[float], steps: int, out: Path) -> None:

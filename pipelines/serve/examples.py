@@ -27,6 +27,8 @@ import sys
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
+
 from pipelines.data.preview import colourize_instances
 from pipelines.data.scene import MAX_OBJECTS, render_sample, sample_scene
 from pipelines.files import atomic_write, encode_png
@@ -52,11 +54,9 @@ def choose() -> list[tuple[str, int]]:
     return chosen
 
 
-def true_maps(image, instances, depth) -> dict[str, Any]:
+def true_maps(image: np.ndarray, instances: np.ndarray, depth: np.ndarray) -> dict[str, np.ndarray]:
     """The ``instances`` (ids) and ``depth`` conditions of a synthetic image from its ground truth,
     by the decomposition job's own extractors (as the training shards hold them)."""
-    import numpy as np
-
     from pipelines.conditions import get_extractor
     from pipelines.conditions.depth import DepthConfig
     from pipelines.conditions.instances import InstancesConfig
