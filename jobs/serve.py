@@ -1,7 +1,7 @@
 """``recompose serve`` / ``python -m jobs.serve``: the Ray Serve app for a trained pipeline.
 
-    recompose serve [--model DIR_OR_MLFLOW_URI] [--host H] [--port N] [--detach] [--config FILE]
-        [--set key=value …]
+    recompose serve [--model DIR_OR_MLFLOW_URI] [--host H] [--port N] [--allow-unauthenticated]
+        [--detach] [--config FILE] [--set key=value …]
 
 Starts (or joins, with RAY_ADDRESS) a Ray cluster, deploys the ingress and model deployments
 (``pipelines/serve/app.py``) and serves until Ctrl-C; see docs/serving.md.
@@ -27,6 +27,14 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--host", default=None, help="HTTP address (config: host)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (config: port)")
+    p.add_argument(
+        "--allow-unauthenticated",
+        action="store_const",
+        const=True,
+        default=None,
+        help="serve on a non-loopback --host without auth.token_env (refused otherwise; "
+        "config: allow_unauthenticated)",
+    )
     add_config_arguments(p, "configs/serve-*.yaml", "batching.max_batch_size=16")
     p.add_argument(
         "--detach", action="store_true", help="deploy and return; the app keeps running on the cluster"
@@ -36,7 +44,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def serve(args: argparse.Namespace) -> dict[str, str]:
-    values = {"model": args.model, "host": args.host, "port": args.port}
+    values = {
+        "model": args.model,
+        "host": args.host,
+        "port": args.port,
+        "allow_unauthenticated": args.allow_unauthenticated,
+    }
     cfg = load_config(ServeConfig, args.config, values, args.overrides)
     url = launch.deploy(cfg)
     if not args.detach:

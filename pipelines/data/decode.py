@@ -4,8 +4,12 @@ Each row is decoded with EXIF orientation applied, converted to 8-bit RGB from a
 (RGBA/LA/P-with-transparency composited on white, CMYK, 16-bit and 32-bit integer grayscale
 rescaled rather than clipped, float images), then resized (shorter side to ``resolution``,
 antialiased) and centre-cropped to a square. Whatever goes wrong for a row — a truncated file,
-random bytes, a decompression bomb, an image below ``min_side`` — becomes an error record for
-that row (stage ``decode``); the other rows of the batch are unaffected.
+random bytes, a decompression bomb, an image below ``min_side``, a format not in ``formats`` —
+becomes an error record for that row (stage ``decode``); the other rows of the batch are
+unaffected.
+
+Only the formats in ``formats`` are ever decoded (``open_image``): Pillow would otherwise try
+every decoder it has on untrusted bytes (EPS even runs Ghostscript where it is installed).
 """
 
 from __future__ import annotations
@@ -16,15 +20,69 @@ import warnings
 import numpy as np
 from pydantic import Field
 
-from pipelines.config import Config, resource
+from pipelines.config import Config, added, resource
 from pipelines.data.sources import error_message
+
+# Pillow format names read by default: the web's and cameras' formats, nothing that runs code.
+IMAGE_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+
+
+def check_formats(formats: tuple[str, ...], where: str) -> None:
+    """``ValueError`` unless every name in ``formats`` is an image format Pillow can open."""
+    from PIL import Image
+
+    Image.init()
+    if not formats:
+        raise ValueError(f"{where} must name at least one image format")
+    unknown = [f for f in formats if f not in Image.OPEN]
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown image formats {unknown}; Pillow reads {', '.join(sorted(Image.OPEN))}"
+        )
 
 
 class DecodeConfig(Config):
     max_pixels: int = Field(100_000_000, ge=1)  # larger images are refused: decompression-bomb guard
+    formats: tuple[str, ...] = added(IMAGE_FORMATS)  # the only formats decoded; others are error rows
     min_side: int = Field(1, ge=1)  # smaller images are recorded as errors; raise it to drop thumbnails
     batch_size: int = resource(64, ge=1)  # rows per decode task
     num_cpus: float = resource(1.0, gt=0)  # CPUs per decode task
+
+
+class UnsupportedImageFormat(ValueError):
+    """The image is in a format that is not allowed (``DecodeConfig.formats``)."""
+
+
+def _sniff(data: bytes) -> str | None:
+    """The format whose signature ``data`` starts with, by Pillow's prefix tests alone (no
+    decoder runs); None when no registered format claims it."""
+    from PIL import Image
+
+    Image.init()
+    prefix = data[:16]
+    for name, (_, accept) in Image.OPEN.items():
+        try:
+            if accept is not None and accept(prefix):
+                return name
+        except Exception:  # noqa: BLE001,S112 - a prefix test that cannot judge 16 bytes
+            continue
+    return None
+
+
+def open_image(data: bytes, formats: tuple[str, ...] = IMAGE_FORMATS):
+    """``PIL.Image.open`` restricted to ``formats``; ``UnsupportedImageFormat`` naming the format
+    when the bytes are an image of another one, Pillow's own error when they are no image."""
+    from PIL import Image
+
+    try:
+        return Image.open(io.BytesIO(data), formats=list(formats))
+    except Image.UnidentifiedImageError:
+        found = _sniff(data)
+        if found is not None and found not in formats:
+            raise UnsupportedImageFormat(
+                f"{found} images are not read (allowed formats: {', '.join(formats)})"
+            ) from None
+        raise
 
 
 class ImageTooLarge(ValueError):
@@ -71,7 +129,7 @@ def decode_image(data: bytes, resolution: int, cfg: DecodeConfig) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            im = Image.open(io.BytesIO(data))
+            im = open_image(data, cfg.formats)
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
             raise ImageTooLarge(f"decompression bomb refused by Pillow: {e}") from None
         w, h = im.size
@@ -98,11 +156,15 @@ def resize_center_crop(im, resolution: int, resample) -> np.ndarray:
     return np.asarray(im.crop((left, top, left + resolution, top + resolution)))
 
 
-def decode_map(data: bytes, resolution: int) -> np.ndarray:
-    """A ground-truth PNG map (mode L) → (resolution, resolution) uint8, nearest-neighbour."""
+def decode_map(data: bytes, resolution: int, max_pixels: int = DecodeConfig().max_pixels) -> np.ndarray:
+    """A ground-truth PNG map (mode L) → (resolution, resolution) uint8, nearest-neighbour;
+    ``ImageTooLarge`` past ``max_pixels`` (checked from the header, before decoding)."""
     from PIL import Image
 
-    im = Image.open(io.BytesIO(data))
+    im = open_image(data, ("PNG",))
+    w, h = im.size
+    if w * h > max_pixels:
+        raise ImageTooLarge(f"{w}x{h} = {w * h} pixels exceeds max_pixels={max_pixels}")
     im.load()
     if im.mode != "L":
         im = im.convert("L")
@@ -131,7 +193,7 @@ def decode_batch(
             image[i] = decode_image(batch["data"][i], r, cfg)
             gi, gd = batch["gt_instances_png"][i], batch["gt_depth_png"][i]
             if with_gt and gi and gd:
-                gt_inst[i], gt_depth[i] = decode_map(gi, r), decode_map(gd, r)
+                gt_inst[i], gt_depth[i] = decode_map(gi, r, cfg.max_pixels), decode_map(gd, r, cfg.max_pixels)
                 has_gt[i] = True
         except Exception as e:  # noqa: BLE001 - every failure is recorded for this row
             stage[i], etype[i], emsg[i] = "decode", type(e).__name__, error_message(e)

@@ -32,7 +32,7 @@ from pipelines.conditions.palette import PaletteConfig
 from pipelines.conditions.semantics import SemanticsConfig
 from pipelines.conditions.sketch import SketchConfig
 from pipelines.config import Config, ConfigError, from_dict, nested
-from pipelines.data.decode import DecodeConfig, decode_image, resize_center_crop
+from pipelines.data.decode import DecodeConfig, ImageTooLarge, decode_image, open_image, resize_center_crop
 from pipelines.errors import UserError
 
 CaptionEncoder = Literal["trainable", "clip", "t5", "clip+t5"]
@@ -115,6 +115,16 @@ class ImageDecomposer:
         except Exception as e:  # noqa: BLE001 - any decoder failure is a bad file here
             raise _decode_error(path, "image", e) from e
 
+    def _open(self, data: bytes):
+        """The decode settings' ``open_image`` with their ``max_pixels`` checked from the header."""
+        im = open_image(data, self.config.decode.formats)
+        w, h = im.size
+        if w * h > self.config.decode.max_pixels:
+            raise ImageTooLarge(
+                f"{w}x{h} = {w * h} pixels exceeds max_pixels={self.config.decode.max_pixels}"
+            )
+        return im
+
     def load_map(self, name: str, path: str | Path | bytes) -> np.ndarray:
         """An already-made map picture (e.g. an edited ``conditions/sketch.png``) -> (R, R) uint8.
 
@@ -139,14 +149,13 @@ class ImageDecomposer:
         then thresholded at mid-gray by ``mask_from_image``, so a mask drawn over the full-size
         source lines up with the decoded source whatever its aspect ratio.
         """
-        import io
 
         from PIL import Image, ImageOps
 
         from pipelines.conditions.mask import mask_from_image
 
         try:
-            im = ImageOps.exif_transpose(Image.open(io.BytesIO(read_bytes(path))))
+            im = ImageOps.exif_transpose(self._open(read_bytes(path)))
             gray = resize_center_crop(im.convert("L"), self.resolution, Image.Resampling.BOX)
         except ImageReadError:
             raise
@@ -155,14 +164,12 @@ class ImageDecomposer:
         return mask_from_image(gray, self.resolution)
 
     def _load_instances(self, data: bytes, path: str | Path | bytes) -> np.ndarray:
-        import io
-
         from PIL import Image
 
         from pipelines.conditions.instances import renumber
 
         try:
-            im = Image.open(io.BytesIO(data))
+            im = self._open(data)
             im.load()
         except Exception as e:  # noqa: BLE001
             raise _decode_error(path, "instances map", e) from e

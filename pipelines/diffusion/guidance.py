@@ -21,6 +21,7 @@ Text form (``recompose generate --guidance``):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -64,11 +65,14 @@ class Guidance:
         text = str(spec).strip()
         if "=" not in text:
             try:
-                return Guidance.standard(given, float(text))
+                w = float(text)
             except ValueError:
                 raise ValueError(
                     f"guidance {text!r}: expected a number or NAME[+NAME...]=WEIGHT,..."
                 ) from None
+            if not math.isfinite(w):
+                raise ValueError(f"guidance {text!r}: the weight must be a finite number")
+            return Guidance.standard(given, w)
         parts = []
         for item in text.split(","):
             names, _, weight = item.partition("=")
@@ -76,6 +80,8 @@ class Guidance:
                 w = float(weight)
             except ValueError:
                 raise ValueError(f"guidance {item!r}: the weight {weight!r} is not a number") from None
+            if not math.isfinite(w):
+                raise ValueError(f"guidance {item!r}: the weight must be a finite number")
             chosen = frozenset(_condition(n) for n in names.split("+"))
             missing = chosen - given
             if missing:

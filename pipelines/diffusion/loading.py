@@ -97,3 +97,34 @@ def load_pipeline(model_dir: str, device: str) -> ComposerPipeline:
     except Exception as e:  # noqa: BLE001 - diffusers raises many types for a broken save
         raise ModelError(f"--model {model_dir}: could not load the pipeline ({type(e).__name__}: {e})") from e
     return pipe.to(device)
+
+
+def model_label(model_dir: str) -> tuple[str, str]:
+    """(name, version) of the model ``model_dir`` names, to show to API callers instead of a
+    filesystem path: the registered name and version of a ``models:/`` URI, the reference model's
+    name, or a directory's last two parts (``train/export``); the version is the first 12 hex
+    digits of the SHA-256 of the UNet's weight files (a ``models:/`` version keeps its number).
+    """
+    import hashlib
+
+    if model_dir.startswith("models:/"):
+        name, _, version = model_dir.removeprefix("models:/").rstrip("/").partition("/")
+        if not version and "@" in name:
+            name, _, alias = name.partition("@")
+            version = f"@{alias}"
+        return name, version
+    if model_dir.startswith("runs:/"):
+        _, _, path = model_dir.removeprefix("runs:/").partition("/")
+        name = path.strip("/") or "model"
+    elif model_dir == REFERENCE_MODEL:
+        name = REFERENCE_MODEL
+    else:
+        parts = Path(model_dir).resolve().parts
+        name = "/".join(parts[-2:]) if len(parts) >= 2 else (parts[-1] if parts else model_dir)
+    digest = hashlib.sha256()
+    weights = sorted((pipeline_dir(model_dir) / "unet").glob("*.safetensors"))
+    for f in weights:
+        with f.open("rb") as fh:
+            while chunk := fh.read(8 << 20):
+                digest.update(chunk)
+    return name, digest.hexdigest()[:12] if weights else "unknown"

@@ -22,14 +22,32 @@ Guidance = float | str | dict[str, float]
 
 
 class ApiError(Exception):
-    """A request the API refuses: ``status`` (4xx), a stable ``code``, a message, the field."""
+    """A request the API refuses: ``status`` (4xx; 5xx for the server's own failures), a stable
+    ``code``, a message, the field; ``error_id`` names the server log line with the details of
+    a 5xx (responses never carry exception text)."""
 
-    def __init__(self, status: int, code: str, message: str, field: str | None = None):
+    def __init__(
+        self, status: int, code: str, message: str, field: str | None = None, error_id: str | None = None
+    ):
         super().__init__(message)
         self.status, self.code, self.message, self.field = status, code, message, field
+        self.error_id = error_id
+
+    def __reduce__(self) -> tuple:  # raised in a decode process, re-raised in the ingress
+        return (ApiError, (self.status, self.code, self.message, self.field, self.error_id))
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"code": self.code, "message": self.message, "field": self.field}}
+        err: dict[str, Any] = {"code": self.code, "message": self.message, "field": self.field}
+        if self.error_id is not None:
+            err["id"] = self.error_id
+        return {"error": err}
+
+
+def new_error_id() -> str:
+    """A short random id that ties a 5xx answer to its server log line."""
+    import uuid
+
+    return uuid.uuid4().hex[:12]
 
 
 # -- request bodies ------------------------------------------------------------------------------
@@ -155,7 +173,8 @@ class ModelInfo:
     """What the model deployment holds (``ComposerServer.info``); ``GET /v1/model`` shows it,
     less ``decompose_settings``, which the ingress decodes uploads with."""
 
-    model: str
+    model: str  # its name (never a filesystem path: ``pipelines.diffusion.loading.model_label``)
+    version: str
     resolution: int  # R: maps and samples are R×R
     conditions: list[str]
     inputs: dict[str, str]  # condition -> what the model takes for it
@@ -182,11 +201,13 @@ class Sampled:
 
 @dataclass
 class Refused:
-    """A job the model could not run (what the ingress could not check); answered as ``ApiError``."""
+    """A job the model could not run (what the ingress could not check, or a failure of the
+    server while running that job alone); answered as ``ApiError``."""
 
     status: int
     code: str
     message: str
+    error_id: str | None = None
 
 
 def validation_error(errors: list[dict[str, Any]]) -> ApiError:

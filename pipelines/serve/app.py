@@ -7,7 +7,12 @@ Endpoints (OpenAPI at ``/docs`` and ``/openapi.json``): ``POST /v1/decompose``, 
 /v1/generate``, ``POST /v1/edit``, ``GET /v1/model``, ``GET /healthz``, the page at ``/`` and its
 example images at ``/examples/`` (``examples.json`` and the PNGs it lists; anything else is a 404).
 Every refusal is a 4xx ``{"error": {"code", "message", "field"}}`` decided in the ingress, before
-the model is called; a full model queue is a 503 (or 429) with ``Retry-After``.
+the model is called; a full model queue is a 503 (or 429) with ``Retry-After``; a failure of the
+server is a 500 (or 503) whose body carries an error ``id`` and no exception text: the details are
+in the log under that id. A POST must be ``Content-Type: application/json`` (415 otherwise), so a
+cross-site HTML form cannot trigger a generation; CORS headers are sent only to the origins in
+``cors_origins``. Decoding bodies and images, and encoding the answer's PNGs, run in threads:
+the event loop stays free for health checks and other requests.
 
 ``build_app(config)`` returns the application for ``serve.run``; ``app_builder(args)`` is the
 import path for ``serve run`` / ``serve deploy`` config files (``infra/serve.yaml``).
@@ -16,9 +21,12 @@ import path for ``serve run`` / ``serve deploy`` config files (``infra/serve.yam
 import asyncio
 import dataclasses
 import hmac
+import logging
 import math
+import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +45,7 @@ from pipelines.serve.api import (
     Job,
     ModelInfo,
     Refused,
+    new_error_id,
     validation_error,
 )
 from pipelines.serve.config import ServeConfig
@@ -46,6 +55,7 @@ from pipelines.serve.model import ComposerServer
 
 PAGE = Path(__file__).parent / "static" / "index.html"
 API_VERSION = "v1"
+log = logging.getLogger(__name__)
 
 
 # -- the ingress ---------------------------------------------------------------------------------------
@@ -88,6 +98,41 @@ async def _api_error(request: Request, e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), e.status, headers=headers)
 
 
+@app.exception_handler(Exception)
+async def _unexpected(request: Request, e: Exception) -> JSONResponse:
+    """Anything else the ingress raised: a 500 with an error id; the details go to the log only."""
+    return JSONResponse(_internal(e, f"{request.method} {request.url.path}").body(), 500)
+
+
+def _internal(e: BaseException, what: str, status: int = 500, code: str = "internal_error") -> ApiError:
+    eid = new_error_id()
+    log.error("%s failed [error id %s]", what, eid, exc_info=(type(e), e, e.__traceback__))
+    message = "the server failed on this request" if status == 500 else "the model deployment is unavailable"
+    return ApiError(status, code, f"{message} (error id {eid})", error_id=eid)
+
+
+@app.middleware("http")
+async def _cors(request: Request, call_next: Any) -> Response:
+    """CORS for the origins in ``cors_origins`` only (``app.state.cors_origins``, set by the
+    ingress); any other origin gets no CORS header, so browsers keep cross-site pages out."""
+    origin = request.headers.get("origin")
+    allowed = origin is not None and origin in getattr(request.app.state, "cors_origins", ())
+    if allowed and request.method == "OPTIONS" and "access-control-request-method" in request.headers:
+        headers = {
+            "Access-Control-Allow-Origin": origin,
+            "Access-Control-Allow-Methods": "GET, POST",
+            "Access-Control-Allow-Headers": "Authorization, Content-Type",
+            "Access-Control-Max-Age": "600",
+            "Vary": "Origin",
+        }
+        return Response(status_code=204, headers=headers)
+    response = await call_next(request)
+    if allowed:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Vary"] = "Origin"
+    return response
+
+
 @app.exception_handler(RequestValidationError)
 async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
     err = validation_error(list(e.errors()))
@@ -119,6 +164,68 @@ def _origins(job: Job) -> dict[str, str]:
     return origins
 
 
+def _decode_process() -> None:
+    """A decode process yields the CPU to the replica's event loop (nice +10): health checks and
+    small requests stay quick while big uploads decode."""
+    import os
+
+    os.nice(10)
+
+
+def _warm() -> None:
+    """Imports what a decode process needs, before the first upload does."""
+    import pipelines.data.decomposer  # noqa: F401
+    import pipelines.serve.decoding  # noqa: F401
+
+
+def _decode_request(d: Decoder, kind: str, body: Any) -> Any:
+    """``Decoder.generate`` / ``edit`` / ``decompose`` of ``body`` (run in a decode process)."""
+    return getattr(d, kind)(body)
+
+
+def _decompose_answer(d: Decoder, image: Any, reps: dict[str, Any]) -> dict[str, Any]:
+    """The /v1/decompose answer: each representation with its PNGs."""
+    out = {}
+    for name, rep in reps.items():
+        r = {k: v for k, v in rep.items() if k not in ("picture", "map")}
+        if "picture" in rep:
+            r["png"] = png_b64(rep["picture"])
+        if "map" in rep:
+            r["map_png"] = png_b64(rep["map"])
+        out[name] = r
+    unavailable = {n: ok for n, ok in d.info.decomposable.items() if ok is not True}
+    return {
+        "resolution": d.dec.resolution,
+        "image_png": png_b64(image),
+        "representations": out,
+        "unavailable": unavailable,
+    }
+
+
+def _sample_answer(job: Job, res: Any, t0: float) -> dict[str, Any]:
+    """The /v1/generate and /v1/edit answer: PNGs, what was used, how it was batched."""
+    conditions = {
+        name: {"from": origin, "png": png_b64(res.pictures[name]) if name in res.pictures else None}
+        for name, origin in sorted(_origins(job).items())
+    }
+    out = {
+        "images": [png_b64(im) for im in res.images],
+        "seed": job.seed,
+        "steps": job.steps,
+        "num_images": job.num_images,
+        "resolution": int(res.images.shape[1]),
+        "guidance": {"text": job.guidance, **res.guidance},
+        "threshold": res.threshold,
+        "conditions": conditions,
+        "batch": res.batch,
+        "timings_s": {**res.timings_s, "total": round(time.perf_counter() - t0, 4)},
+    }
+    if job.kind == "edit":
+        out["invert_guidance"] = {"text": job.invert_guidance, **res.invert_guidance}
+        out["source_png"] = png_b64(job.source)
+    return out
+
+
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
 class Ingress:
@@ -134,6 +241,18 @@ class Ingress:
                 )
         self._decoder: Decoder | None = None
         self._examples: dict[str, Path] | None = None
+        self._pool: ProcessPoolExecutor | None = None
+        if self.config.ingress.decode_processes:
+            # spawn, not fork: this process runs Ray's threads. Started now, so that the first
+            # upload does not wait for Python to start; at a lower priority (``_decode_process``).
+            self._pool = ProcessPoolExecutor(
+                self.config.ingress.decode_processes,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_decode_process,
+            )
+            for _ in range(self.config.ingress.decode_processes):
+                self._pool.submit(_warm)
+        app.state.cors_origins = tuple(self.config.cors_origins)
 
     def _example_files(self) -> dict[str, Path]:
         """{name: path} of what ``/examples/`` serves: the manifest and the PNGs it lists."""
@@ -144,6 +263,13 @@ class Ingress:
                 files = {}
             self._examples = {n: p for n, p in files.items() if n == MANIFEST or n.endswith(".png")}
         return self._examples
+
+    async def _decode(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` off the event loop: in the decode processes (base64 and image decoding
+        hold the GIL, and threads of this process would still delay the loop), else a thread."""
+        if self._pool is None:
+            return await asyncio.to_thread(fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     async def _model_info(self) -> ModelInfo:
         return await self._call(self.model.info)
@@ -171,8 +297,16 @@ class Ingress:
             raise ApiError(401, "unauthorized", "a valid `Authorization: Bearer <token>` header is required")
 
     async def _body(self, request: Request, model: type[BaseModel]) -> Any:
-        """The JSON body as ``model``: 413 past ``limits.max_body_bytes`` (by Content-Length, or
-        while it streams in), 400 if it is not JSON, 422 naming the first bad field."""
+        """The JSON body as ``model``: 415 unless it is sent as ``application/json``, 413 past
+        ``limits.max_body_bytes`` (by Content-Length, or while it streams in), 400 if it is not
+        JSON, 422 naming the first bad field. Parsed in a thread (bodies go up to tens of MB)."""
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media != "application/json":
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                f"the body must be sent as Content-Type: application/json, not {media or 'nothing'!r}",
+            )
         limit = self.config.limits.max_body_bytes
         too_large = ApiError(413, "body_too_large", f"the body is over limits.max_body_bytes={limit}")
         length = request.headers.get("content-length", "")
@@ -184,7 +318,7 @@ class Ingress:
             if len(data) > limit:
                 raise too_large
         try:
-            return model.model_validate_json(bytes(data))
+            return await asyncio.to_thread(model.model_validate_json, bytes(data))
         except ValidationError as e:
             raise validation_error(list(e.errors())) from None
 
@@ -193,11 +327,16 @@ class Ingress:
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
         try:
-            return await method.remote(*args)
+            res = await method.remote(*args)
         except BackPressureError:
             raise _Overloaded(self.config.backpressure) from None
         except DeploymentUnavailableError as e:
-            raise ApiError(503, "unavailable", f"the model deployment is unavailable ({e})") from None
+            raise _internal(e, "calling the model deployment", 503, "unavailable") from None
+        except Exception as e:  # noqa: BLE001 - a replica that died or raised: details to the log only
+            raise _internal(e, "calling the model deployment") from None
+        if isinstance(res, Refused):
+            raise ApiError(res.status, res.code, res.message, error_id=res.error_id)
+        return res
 
     # -- routes -------------------------------------------------------------------------------------
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -219,8 +358,9 @@ class Ingress:
     async def healthz(self) -> JSONResponse:
         try:
             await asyncio.wait_for(self._model_info(), timeout=10)
-        except Exception as e:  # noqa: BLE001 - any failure means not healthy
-            return JSONResponse({"status": "unavailable", "reason": f"{type(e).__name__}: {e}"}, 503)
+        except Exception as e:  # noqa: BLE001 - any failure means not healthy; why goes to the log only
+            log.warning("health check: the model deployment does not answer (%s: %s)", type(e).__name__, e)
+            return JSONResponse({"status": "unavailable"}, 503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/v1/model", summary="the loaded model: representations, sizes, limits")
@@ -250,23 +390,9 @@ class Ingress:
         self._auth(request)
         body = await self._body(request, DecomposeBody)
         d = await self.decoder()
-        image, names, text = d.decompose(body)
+        image, names, text = await self._decode(_decode_request, d, "decompose", body)
         reps = await self._call(self.model.decompose, image, names, text)
-        out = {}
-        for name, rep in reps.items():
-            r = {k: v for k, v in rep.items() if k not in ("picture", "map")}
-            if "picture" in rep:
-                r["png"] = png_b64(rep["picture"])
-            if "map" in rep:
-                r["map_png"] = png_b64(rep["map"])
-            out[name] = r
-        unavailable = {n: ok for n, ok in d.info.decomposable.items() if ok is not True}
-        return {
-            "resolution": d.dec.resolution,
-            "image_png": png_b64(image),
-            "representations": out,
-            "unavailable": unavailable,
-        }
+        return await asyncio.to_thread(_decompose_answer, d, image, reps)
 
     @app.post(
         "/v1/generate", summary="images from any mix of conditions", openapi_extra=_body_doc(GenerateBody)
@@ -275,7 +401,7 @@ class Ingress:
         self._auth(request)
         body = await self._body(request, GenerateBody)
         d = await self.decoder()
-        return await self._sample(d.generate(body))
+        return await self._sample(await self._decode(_decode_request, d, "generate", body))
 
     @app.post(
         "/v1/edit",
@@ -286,34 +412,13 @@ class Ingress:
         self._auth(request)
         body = await self._body(request, EditBody)
         d = await self.decoder()
-        return await self._sample(d.edit(body))
+        return await self._sample(await self._decode(_decode_request, d, "edit", body))
 
     async def _sample(self, job: Job) -> dict[str, Any]:
         """The /v1/generate and /v1/edit answer: PNGs, what was used, how it was batched."""
         t0 = time.perf_counter()
         res = await self._call(self.model.generate, job)
-        if isinstance(res, Refused):
-            raise ApiError(res.status, res.code, res.message)
-        conditions = {
-            name: {"from": origin, "png": png_b64(res.pictures[name]) if name in res.pictures else None}
-            for name, origin in sorted(_origins(job).items())
-        }
-        out = {
-            "images": [png_b64(im) for im in res.images],
-            "seed": job.seed,
-            "steps": job.steps,
-            "num_images": job.num_images,
-            "resolution": int(res.images.shape[1]),
-            "guidance": {"text": job.guidance, **res.guidance},
-            "threshold": res.threshold,
-            "conditions": conditions,
-            "batch": res.batch,
-            "timings_s": {**res.timings_s, "total": round(time.perf_counter() - t0, 4)},
-        }
-        if job.kind == "edit":
-            out["invert_guidance"] = {"text": job.invert_guidance, **res.invert_guidance}
-            out["source_png"] = png_b64(job.source)
-        return out
+        return await asyncio.to_thread(_sample_answer, job, res, t0)
 
 
 # -- building the application ---------------------------------------------------------------------------

@@ -10,7 +10,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipelines.config import Config, nested
+from pipelines.config import Config, added, nested, resource
+from pipelines.data.decode import IMAGE_FORMATS, check_formats
 from pipelines.diffusion.loading import REFERENCE_MODEL
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -49,6 +50,9 @@ class IngressDeployment(Config):
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.25, ge=0)
     max_ongoing_requests: int = Field(128, ge=1)
+    # Processes per ingress replica that decode uploads (base64, images, resizing), so that big
+    # uploads never hold up the replica's event loop; 0: decode in threads of the replica.
+    decode_processes: int = resource(2, ge=0)
 
 
 class Batching(Config):
@@ -72,6 +76,14 @@ class Limits(Config):
     max_num_images: int = Field(8, ge=1)
     max_text_chars: int = Field(1000, ge=1)
     max_guidance: float = Field(50.0, gt=0)  # |weight| of any guidance term
+    # Image formats an upload may be in (Pillow format names); anything else is a 422
+    # unsupported_image_format before any decoder runs (EPS, for one, would start Ghostscript).
+    image_formats: tuple[str, ...] = added(IMAGE_FORMATS)
+
+    @model_validator(mode="after")
+    def _check(self) -> Limits:
+        check_formats(self.image_formats, "limits.image_formats")
+        return self
 
 
 class Auth(Config):
@@ -93,6 +105,11 @@ class ServeConfig(Config):
     # a saved pipeline directory, models:/<name>/<version> (MLflow), or the shipped reference model
     model: str = REFERENCE_MODEL
     host: str = "127.0.0.1"  # the Serve HTTP proxy's address; 0.0.0.0 only behind an auth proxy
+    # Serving on a non-loopback host without auth.token_env is refused unless this is set
+    # (`recompose serve --allow-unauthenticated`): anyone who reaches the port could generate.
+    allow_unauthenticated: bool = added(False)
+    # Browser origins allowed to call the API from their pages (CORS); none by default.
+    cors_origins: tuple[str, ...] = added(())
     port: int = Field(8000, ge=1, le=65535)
     name: str = "recompose"  # the Serve application name
     route_prefix: str = Field("/", pattern=r"^/")
@@ -111,6 +128,32 @@ class ServeConfig(Config):
             raise ValueError(
                 f"model must not be empty: a saved pipeline directory, an MLflow model URI or {REFERENCE_MODEL}"
             )
+        for origin in self.cors_origins:
+            if origin == "*" or not origin.startswith(("http://", "https://")) or origin.endswith("/"):
+                raise ValueError(
+                    f"cors_origins: {origin!r} is not an origin like https://app.example.com "
+                    "(scheme and host, no path, no wildcard)"
+                )
         if not (1 <= self.default_steps <= self.limits.max_steps):
             raise ValueError(f"default_steps must be in 1..limits.max_steps, got {self.default_steps}")
         return self
+
+    def unauthenticated_exposure(self) -> str | None:
+        """Why serving this config would expose the API without authentication, or None."""
+        import ipaddress
+
+        if self.auth.token_env or self.allow_unauthenticated:
+            return None
+        host = self.host.strip("[]")
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = host == "localhost"
+        if loopback:
+            return None
+        return (
+            f"host {self.host!r} is not a loopback address and no auth.token_env is set: anyone who "
+            "can reach the port could generate and edit images. Set auth.token_env (a bearer token), "
+            "serve on 127.0.0.1 behind an authenticating proxy, or pass --allow-unauthenticated "
+            "(config: allow_unauthenticated: true) if that is really meant"
+        )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
+import math
 from typing import Any
 
 import numpy as np
@@ -53,16 +53,21 @@ def b64_bytes(value: str, where: str, limits: Limits) -> bytes:
     return data
 
 
-def check_pixels(data: bytes, where: str, limits: Limits) -> None:
-    """413 when the image's header says it is over ``max_image_pixels`` (before decoding it)."""
+def check_pixels(data: bytes, where: str, limits: Limits) -> tuple[int, int]:
+    """The image's (width, height) from its header, before decoding it: 422 when it is not in
+    ``limits.image_formats``, 413 when it is over ``max_image_pixels``."""
     import warnings
 
     from PIL import Image
 
+    from pipelines.data.decode import UnsupportedImageFormat, open_image
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            w, h = Image.open(io.BytesIO(data)).size
+            w, h = open_image(data, limits.image_formats).size
+    except UnsupportedImageFormat as e:
+        raise ApiError(422, "unsupported_image_format", str(e), where) from None
     except Image.DecompressionBombError:
         raise ApiError(413, "image_too_large", "decompression bomb refused", where) from None
     except Exception as e:  # noqa: BLE001 - any failure to read the header: not an image
@@ -76,6 +81,7 @@ def check_pixels(data: bytes, where: str, limits: Limits) -> None:
             f"{w}x{h} = {w * h} pixels is over limits.max_image_pixels={limits.max_image_pixels}",
             where,
         )
+    return w, h
 
 
 def png_b64(a: np.ndarray) -> str:
@@ -92,12 +98,14 @@ def guidance_text(value: Guidance, where: str) -> str:
             raise ApiError(422, "invalid_guidance", "per-condition guidance needs at least one weight", where)
         parts = []
         for k, w in value.items():
-            if not isinstance(w, (int, float)) or isinstance(w, bool):
-                raise ApiError(422, "invalid_guidance", f"the weight of {k!r} must be a number", where)
+            if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w):
+                raise ApiError(422, "invalid_guidance", f"the weight of {k!r} must be a finite number", where)
             parts.append(f"{k}={float(w)!r}")
         text = ",".join(parts)
     elif isinstance(value, bool):
         raise ApiError(422, "invalid_guidance", "guidance must be a number, text or mapping", where)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ApiError(422, "invalid_guidance", f"guidance must be a finite number, got {value}", where)
     else:
         text = str(value)
     return text
@@ -112,15 +120,21 @@ class Decoder:
 
     def __init__(self, dec: Any, info: ModelInfo, limits: Limits, defaults: dict[str, Any]):
         self.dec, self.info, self.limits, self.defaults = dec, info, limits, defaults
+        # the model's decode settings, reading only the formats this server allows
+        self.decode = dec.config.decode.model_copy(update={"formats": tuple(limits.image_formats)})
 
     # -- pieces -----------------------------------------------------------------------------------
     def image(self, value: str, where: str) -> np.ndarray:
+        return self.sized_image(value, where)[0]
+
+    def sized_image(self, value: str, where: str) -> tuple[np.ndarray, tuple[int, int]]:
+        """The decoded (R, R, 3) image and the (width, height) it was uploaded at."""
         data = b64_bytes(value, where, self.limits)
-        check_pixels(data, where, self.limits)
+        size = check_pixels(data, where, self.limits)
         from pipelines.data.decode import decode_image
 
         try:
-            return decode_image(data, self.dec.resolution, self.dec.config.decode)
+            return decode_image(data, self.dec.resolution, self.decode), size
         except Exception as e:  # noqa: BLE001 - any decoder failure is a bad upload
             raise ApiError(
                 422, "undecodable_image", f"cannot decode the image ({type(e).__name__}: {e})", where
@@ -134,9 +148,20 @@ class Decoder:
         except Exception as e:  # noqa: BLE001
             raise ApiError(422, "undecodable_image", f"cannot decode the {name} map ({e})", where) from e
 
-    def mask(self, value: str, where: str) -> np.ndarray:
+    def mask(self, value: str, where: str, source: str, source_size: tuple[int, int]) -> np.ndarray:
+        """A mask framed like the image it edits (``source``, uploaded at ``source_size``): 422
+        when their aspect ratios differ (by more than a pixel's rounding) rather than stretching it."""
         data = b64_bytes(value, where, self.limits)
-        check_pixels(data, where, self.limits)
+        w, h = check_pixels(data, where, self.limits)
+        sw, sh = source_size
+        if abs(w * sh - h * sw) > max(w, h, sw, sh):
+            raise ApiError(
+                422,
+                "mask_aspect_mismatch",
+                f"the mask is {w}x{h} but the image it edits ({source}) is {sw}x{sh}: draw it over "
+                "the whole image, at any size of the same aspect ratio",
+                where,
+            )
         try:
             mask = self.dec.load_mask(data)
         except Exception as e:  # noqa: BLE001
@@ -179,20 +204,21 @@ class Decoder:
             )
         return images
 
-    def _conditions(
-        self, cond: Conditions, images: dict[str, str], job: Job, where: str
-    ) -> dict[str, np.ndarray]:
-        decoded: dict[str, np.ndarray] = {}
+    def _conditions(self, cond: Conditions, images: dict[str, str], job: Job, where: str) -> None:
+        decoded: dict[str, tuple[np.ndarray, tuple[int, int]]] = {}
 
-        def ref(name: str, at: str) -> np.ndarray:
+        def sized_ref(name: str, at: str) -> tuple[np.ndarray, tuple[int, int]]:
             if name not in images:
                 known = ", ".join(sorted(images)) or "none"
                 raise ApiError(
                     422, "unknown_image", f"no image named {name!r} in images (given: {known})", at
                 )
             if name not in decoded:
-                decoded[name] = self.image(images[name], f"images.{name}")
+                decoded[name] = self.sized_image(images[name], f"images.{name}")
             return decoded[name]
+
+        def ref(name: str, at: str) -> np.ndarray:
+            return sized_ref(name, at)[0]
 
         lim = self.limits
         if cond.text is not None:
@@ -215,10 +241,9 @@ class Decoder:
             if getattr(cond, name) is not None:
                 self._map_condition(name, getattr(cond, name), job, ref, f"{where}.{name}")
         if cond.mask is not None:
-            job.source = ref(cond.mask.source, f"{where}.mask.source")
-            job.mask = self.mask(cond.mask.mask, f"{where}.mask.mask")
+            job.source, size = sized_ref(cond.mask.source, f"{where}.mask.source")
+            job.mask = self.mask(cond.mask.mask, f"{where}.mask.mask", f"images.{cond.mask.source}", size)
             job.references["mask"] = cond.mask.source
-        return decoded
 
     def _map_condition(self, name: str, src: MapSource, job: Job, ref: Any, at: str) -> None:
         """A local condition from a reference image (decomposed by the model) or a ready map."""
@@ -270,7 +295,7 @@ class Decoder:
             raise ApiError(
                 422, "invalid_request", "an edit needs at least one condition to change", "conditions"
             )
-        job.source = self.image(body.source, "source")
+        job.source, source_size = self.sized_image(body.source, "source")
         for name in changed:  # the source is decomposed under the same names
             self.decomposable(name, f"conditions.{'text' if name == 'caption' else name}")
         if body.source_text is not None and len(body.source_text) > self.limits.max_text_chars:
@@ -279,7 +304,7 @@ class Decoder:
         if "caption" in changed and job.source_text is None:
             job.source_text = job.text
         if body.mask is not None:
-            job.mask = self.mask(body.mask, "mask")
+            job.mask = self.mask(body.mask, "mask", "source", source_size)
         job.invert_guidance = guidance_text(body.invert_guidance, "invert_guidance")
         self._check_guidance(job.guidance, job.given(), "guidance")
         self._check_guidance(job.invert_guidance, changed, "invert_guidance")
@@ -325,12 +350,14 @@ def job_palette(d: Decoder, src: PaletteSource, job: Job, ref: Any, at: str) -> 
         raise ApiError(422, "out_of_range", "palette.colors needs 1..156 colours", f"{at}.colors")
     weights = src.weights
     if weights is not None and (
-        len(weights) != len(src.colors) or any(w < 0 for w in weights) or sum(weights) <= 0
+        len(weights) != len(src.colors)
+        or not all(math.isfinite(w) and w >= 0 for w in weights)
+        or not 0 < sum(weights) < math.inf
     ):
         raise ApiError(
             422,
             "invalid_palette",
-            "palette.weights: one per colour, >= 0, with a positive sum",
+            "palette.weights: one finite number >= 0 per colour, with a positive sum",
             f"{at}.weights",
         )
     try:

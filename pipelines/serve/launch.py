@@ -10,6 +10,7 @@ import os
 import time
 
 from pipelines.diffusion.loading import pipeline_dir
+from pipelines.errors import UserError
 from pipelines.serve.config import ServeConfig
 
 log = logging.getLogger(__name__)
@@ -18,10 +19,14 @@ log = logging.getLogger(__name__)
 def deploy(cfg: ServeConfig) -> str:
     """Deploy the app of ``cfg`` and return its base URL once it is ready.
 
-    The model directory is checked here first (``ModelError``, a user error), so a bad ``--model``
+    Serving on a non-loopback host without authentication is refused (``UserError``) unless
+    ``cfg.allow_unauthenticated``. The model directory is checked here first (``ModelError``, a user error), so a bad ``--model``
     is reported by the command, not in a replica's log. Joins the cluster in ``RAY_ADDRESS``, or a
     Ray this process already started, or starts a local one.
     """
+    exposure = cfg.unauthenticated_exposure()
+    if exposure is not None:
+        raise UserError(f"refusing to serve: {exposure}")
     log.info("checking the model %s", cfg.model)
     pipeline_dir(cfg.model)  # the replicas load the weights; the driver only checks the directory
 

@@ -8,6 +8,9 @@ scheduler and threshold) share one ``ComposerPipeline.sample_batch`` run. The in
 """
 
 import asyncio
+import collections
+import logging
+import os
 import time
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
@@ -16,7 +19,7 @@ import numpy as np
 from ray import serve
 
 from pipelines.config import from_dict
-from pipelines.serve.api import Job, ModelInfo, Refused, Sampled
+from pipelines.serve.api import Job, ModelInfo, Refused, Sampled, new_error_id
 from pipelines.serve.config import ServeConfig
 
 if TYPE_CHECKING:  # the ingress imports this module too; it never loads torch
@@ -24,7 +27,38 @@ if TYPE_CHECKING:  # the ingress imports this module too; it never loads torch
     from pipelines.diffusion.requests import PreparedRequest
 
 
+log = logging.getLogger(__name__)
+
+# Test seam (tests/serve/test_hardening.py): when this environment variable is set in the
+# replica, a job whose caption is exactly its value fails while its conditions are extracted with
+# a RuntimeError, as a crashing extractor (OpenCV, PIL, a CUDA kernel) would.
+FAULT_TEXT_ENV = "RECOMPOSE_SERVE_TEST_FAULT_TEXT"
+
+# A sampling failure with one of these in its message means the device is gone (not an out-of-
+# memory or a bad input): the replica can no longer sample and its health check fails from then on.
+_DEVICE_LOST = ("CUDA error", "device-side assert", "CUBLAS_STATUS", "cuDNN error", "NCCL error")
+
+
 # Defined before the deployment: Ray pickles its class with the globals it finds then.
+def _failed(e: BaseException, what: str) -> Refused:
+    """A job's own failure as its answer: 422 when its input caused it (``ValueError``, what the
+    pipeline's checks raise), else 500 with an error id; the details go to the replica's log."""
+    if isinstance(e, ValueError):
+        return Refused(422, "invalid_request", str(e))
+    eid = new_error_id()
+    log.error("%s failed [error id %s]", what, eid, exc_info=(type(e), e, e.__traceback__))
+    return Refused(500, "internal_error", f"the server failed on this request (error id {eid})", eid)
+
+
+def _device_lost(e: BaseException) -> bool:
+    import torch
+
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(e, accelerator_error):
+        return True
+    return isinstance(e, RuntimeError) and any(m in str(e) for m in _DEVICE_LOST)
+
+
 def _palette_representation(hist: np.ndarray) -> dict[str, Any]:
     """/v1/decompose's palette: its picture, the (156,) histogram, and its strongest colours as
     hex with their share of those colours (up to 8, from the top decile of bins)."""
@@ -67,12 +101,18 @@ def _sampled(
 
 @serve.deployment(name="ComposerServer")
 class ComposerServer:
-    """Holds one ``ComposerPipeline`` and its ``ImageDecomposer``; sampling runs in a thread so
-    the replica keeps answering (health checks, batching) while the model works."""
+    """Holds one ``ComposerPipeline`` and its ``ImageDecomposer``; model work runs in a thread so
+    the replica keeps answering (health checks, batching) while the model works.
+
+    Every job's failure stays its own: a job whose extraction or sampling raises gets its own
+    ``Refused`` (422 for its input, 500 with an error id otherwise) while the jobs it was batched
+    with get their images. Model work is never tied to one caller: a client that disconnects
+    (its call cancelled) leaves the run it was part of, and every other job in it, to finish.
+    """
 
     def __init__(self, config: dict[str, Any]):
         from pipelines.data.decomposer import ImageDecomposer
-        from pipelines.diffusion.loading import load_pipeline, resolve_device
+        from pipelines.diffusion.loading import load_pipeline, model_label, resolve_device
 
         self.config = from_dict(ServeConfig, config)
         device = resolve_device(self.config.model_deployment.device)
@@ -81,9 +121,15 @@ class ComposerServer:
         self.device = device
         self.dec = ImageDecomposer.for_pipeline(self.pipe, device)
         self.decomposable = self._decomposable()
+        self.name, self.version = model_label(self.config.model)
         self.stats = {"jobs": 0, "batches": 0, "decompositions": 0, "largest_batch": 0}
         self.lock = asyncio.Lock()  # one model call at a time per replica (batching or not)
-        self.pending: list[tuple[Job, asyncio.Future]] = []  # batched jobs waiting for the model
+        # Jobs waiting for the model, oldest first; one worker task (``_work``) takes them.
+        self.pending: collections.deque[tuple[Job, asyncio.Future]] = collections.deque()
+        self._wake: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        self.lost: str | None = None  # why the replica can no longer sample (its device is gone)
+        self._fault_text = os.environ.get(FAULT_TEXT_ENV) or None
         b = self.config.batching
         self._batched.set_max_batch_size(b.max_batch_size)
         self._batched.set_batch_wait_timeout_s(b.batch_wait_timeout_s)
@@ -118,7 +164,8 @@ class ComposerServer:
             "mask": f"{r}x{r} mask + source image",
         }
         return ModelInfo(
-            model=self.config.model,
+            model=self.name,
+            version=self.version,
             resolution=r,
             conditions=list(sizes),
             inputs=sizes,
@@ -130,10 +177,24 @@ class ComposerServer:
             stats=dict(self.stats),
         )
 
+    async def _exclusive(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` in a thread while holding the model lock. Shielded: if the caller is
+        cancelled the lock is still held until the thread is done, so model work never overlaps."""
+
+        async def run() -> Any:
+            async with self.lock:
+                return await asyncio.to_thread(fn, *args)
+
+        return await asyncio.shield(asyncio.ensure_future(run()))
+
     # -- decompose ----------------------------------------------------------------------------------
-    async def decompose(self, image: np.ndarray, names: list[str], text: str | None) -> dict[str, Any]:
-        async with self.lock:
-            return await asyncio.to_thread(self._decompose, image, names, text)
+    async def decompose(
+        self, image: np.ndarray, names: list[str], text: str | None
+    ) -> dict[str, Any] | Refused:
+        try:
+            return await self._exclusive(self._decompose, image, names, text)
+        except Exception as e:  # noqa: BLE001 - this request's failure is its own answer
+            return _failed(e, "decompose")
 
     def _decompose(self, image: np.ndarray, names: list[str], text: str | None) -> dict[str, Any]:
         from pipelines.data.preview import colourize_instances
@@ -163,8 +224,7 @@ class ComposerServer:
         b = self.config.batching
         if b.enabled and job.num_images <= b.max_batch_size:
             return await self._batched(job)
-        async with self.lock:
-            return (await asyncio.to_thread(self._run, [job]))[0]
+        return (await self._submit([job]))[0]
 
     @serve.batch(
         max_batch_size=8,
@@ -175,35 +235,74 @@ class ComposerServer:
     async def _batched(self, jobs: list[Job]) -> list[Sampled | Refused]:
         """``@serve.batch`` forms batches on a timer, also while the model is busy, so requests
         arriving during a sampling run get split into small batches. Each batch joins one
-        queue here, and whoever gets the model next takes everything waiting (up to
-        ``max_batch_size`` samples, oldest first): split batches merge when the model frees up."""
+        queue, and the worker takes everything waiting when the model frees up (up to
+        ``max_batch_size`` samples, oldest first): split batches merge."""
+        return await self._submit(jobs)
+
+    async def _submit(self, jobs: list[Job]) -> list[Sampled | Refused]:
+        """Queue ``jobs`` for the worker and wait for their answers. If this call is cancelled
+        (its client went away), its jobs are cancelled too: the worker skips those not started,
+        and a run already under way finishes for the others in it."""
         loop = asyncio.get_running_loop()
         mine = [(job, loop.create_future()) for job in jobs]
         self.pending.extend(mine)
-        while not all(f.done() for _, f in mine):
-            async with self.lock:
-                take, samples = [], 0
-                while self.pending and (
-                    not take or samples + self.pending[0][0].num_images <= self.config.batching.max_batch_size
-                ):
-                    take.append(self.pending.pop(0))
-                    samples += take[-1][0].num_images
-                if not take:
-                    continue
-                try:
-                    results = await asyncio.to_thread(self._run, [j for j, _ in take])
-                except Exception as e:  # noqa: BLE001 - every waiting request gets the failure
-                    for _, f in take:
-                        f.set_exception(e)
-                else:
-                    for (_, f), r in zip(take, results, strict=True):
+        if self._worker is None or self._worker.done():
+            self._wake = asyncio.Event()
+            self._worker = asyncio.ensure_future(self._work())
+        assert self._wake is not None
+        self._wake.set()
+        try:
+            return list(await asyncio.gather(*(asyncio.shield(f) for _, f in mine)))
+        except asyncio.CancelledError:
+            for _, f in mine:
+                f.cancel()
+            raise
+
+    def _take(self) -> list[tuple[Job, asyncio.Future]]:
+        """The oldest waiting jobs that fit one run (one job when batching is off), skipping jobs
+        whose callers have gone."""
+        b = self.config.batching
+        take: list[tuple[Job, asyncio.Future]] = []
+        samples = 0
+        while self.pending:
+            job, f = self.pending[0]
+            if f.done():  # cancelled before its turn
+                self.pending.popleft()
+                continue
+            if take and (not b.enabled or samples + job.num_images > b.max_batch_size):
+                break
+            take.append(self.pending.popleft())
+            samples += job.num_images
+        return take
+
+    async def _work(self) -> None:
+        """The replica's one consumer of ``pending``: runs the model on what is waiting, answers
+        every job it took, and sleeps (never spins) when nothing is."""
+        assert self._wake is not None
+        while True:
+            take = self._take()
+            if not take:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            results: list[Sampled | Refused] | None = None
+            try:
+                results = await self._exclusive(self._run, [j for j, _ in take])
+            except Exception as e:  # noqa: BLE001 - _run answers per job; this is a bug, not a job's fault
+                results = [_failed(e, "a sampling run")] * len(take)
+            finally:
+                if results is None:  # the worker itself is being cancelled (replica shutdown)
+                    results = [Refused(503, "unavailable", "the model replica is shutting down")] * len(take)
+                for (_, f), r in zip(take, results, strict=True):
+                    if not f.done():
                         f.set_result(r)
-        return [await f for _, f in mine]
 
     def _inputs(self, job: Job) -> "PreparedRequest":
         """The job's conditions extracted and checked (``ComposerPipeline.prepare``)."""
         from pipelines.diffusion.requests import SampleRequest
 
+        if self._fault_text is not None and job.text == self._fault_text:
+            raise RuntimeError("injected extraction fault (test seam)")
         dec, conditions = self.dec, {}
         if job.text is not None:
             conditions.update(dec.caption(job.text))
@@ -228,8 +327,21 @@ class ComposerServer:
         )
         return self.pipe.prepare(request)
 
+    def _sample(
+        self, jobs: list[Job], prepared: list["PreparedRequest"], key: tuple
+    ) -> list["ComposerOutput"]:
+        _, steps, scheduler, threshold = key
+        try:
+            return self.pipe.sample_batch(prepared, steps, scheduler, threshold)
+        except Exception as e:
+            if _device_lost(e):
+                self.lost = f"{type(e).__name__} while sampling"
+            raise
+
     def _run(self, jobs: list[Job]) -> list[Sampled | Refused]:
-        """Extract each job's conditions, then one batched sampling run per compatible group."""
+        """Extract each job's conditions, then one batched sampling run per compatible group. A
+        group whose run fails is run again one job at a time, so that only the job that fails
+        gets the failure."""
         t0 = time.perf_counter()
         results: list[Sampled | Refused | None] = [None] * len(jobs)
         groups: dict[tuple, list[int]] = defaultdict(list)
@@ -237,24 +349,47 @@ class ComposerServer:
         for i, job in enumerate(jobs):
             try:
                 prepared[i] = self._inputs(job)
-            except ValueError as e:  # the ingress checks everything it can; this is what is left
-                results[i] = Refused(422, "invalid_request", str(e))
+            except Exception as e:  # noqa: BLE001 - the ingress checks what it can; this job's failure is its own
+                results[i] = _failed(e, "extracting a request's conditions")
                 continue
             groups[(prepared[i].compatible_key(), job.steps, job.scheduler, job.threshold)].append(i)
         t_inputs = time.perf_counter() - t0
         self.stats["jobs"] += len(jobs)
-        for (_, steps, scheduler, threshold), members in groups.items():
-            t = time.perf_counter()
-            outs = self.pipe.sample_batch([prepared[i] for i in members], steps, scheduler, threshold)
-            samples = sum(jobs[i].num_images for i in members)
-            self.stats["batches"] += 1
-            self.stats["largest_batch"] = max(self.stats["largest_batch"], samples)
-            batch = {"requests": len(members), "samples": samples, "groups": len(groups)}
-            timings = {"inputs": round(t_inputs, 4), "sample": round(time.perf_counter() - t, 4)}
-            for i, out in zip(members, outs, strict=True):
-                results[i] = _sampled(jobs[i], prepared[i], out, batch, timings)
+        for key, members in groups.items():
+            runs = [members]
+            while runs:
+                run = runs.pop(0)
+                t = time.perf_counter()
+                try:
+                    outs = self._sample([jobs[i] for i in run], [prepared[i] for i in run], key)
+                except Exception as e:  # noqa: BLE001 - see the docstring
+                    if len(run) > 1 and self.lost is None:
+                        runs += [[i] for i in run]
+                    else:
+                        for i in run:
+                            results[i] = _failed(e, "sampling a request")
+                    continue
+                samples = sum(jobs[i].num_images for i in run)
+                self.stats["batches"] += 1
+                self.stats["largest_batch"] = max(self.stats["largest_batch"], samples)
+                batch = {"requests": len(run), "samples": samples, "groups": len(groups)}
+                timings = {"inputs": round(t_inputs, 4), "sample": round(time.perf_counter() - t, 4)}
+                for i, out in zip(run, outs, strict=True):
+                    try:
+                        results[i] = _sampled(jobs[i], prepared[i], out, batch, timings)
+                    except Exception as e:  # noqa: BLE001 - its pictures failed: its own failure
+                        results[i] = _failed(e, "drawing a request's condition pictures")
         return results  # type: ignore[return-value] - every job is refused or sampled
 
     def check_health(self) -> None:
-        if self.pipe is None:
+        """Serve restarts the replica when this raises: the pipeline is gone, its device failed
+        while sampling, or a tiny computation on the device no longer works."""
+        import torch
+
+        if self.pipe is None or getattr(self.pipe, "unet", None) is None:
             raise RuntimeError("the pipeline is not loaded")
+        if self.lost is not None:
+            raise RuntimeError(f"the replica can no longer sample: {self.lost}")
+        probe = torch.ones(2, device=next(self.pipe.unet.parameters()).device)
+        if float(probe.sum().item()) != 2.0:  # .item() synchronises: a lost GPU raises here
+            raise RuntimeError("the model's device computes wrong results")

@@ -81,11 +81,37 @@ def random_bytes() -> bytes:
     return np.random.default_rng(0).integers(0, 256, 2048, dtype=np.uint8).tobytes()
 
 
+def psd() -> bytes:
+    """A valid 8-bit RGB Photoshop file (Pillow reads PSD but cannot write it)."""
+    import struct
+
+    h = w = 8
+    header = b"8BPS" + struct.pack(">H6xHIIHH", 1, 3, h, w, 8, 3)  # version 1, 3 channels, RGB
+    sections = struct.pack(">III", 0, 0, 0)  # no colour-mode data, image resources, layers
+    planes = bytes([220] * (h * w)) + bytes([30] * (h * w)) + bytes([30] * (h * w))
+    return header + sections + struct.pack(">H", 0) + planes  # raw (uncompressed) planar data
+
+
+def other_format(fmt: str) -> bytes:
+    """A small red image in Pillow format ``fmt`` (EPS, ICO, PCX): decodable, but not allowed."""
+    return encode(Image.new("RGB", (16, 16), RED), fmt)
+
+
+# Images in formats that are read by Pillow but not allowed (pipelines.data.decode.IMAGE_FORMATS),
+# under image names, as a scraped dataset may hold them; each must become an error row.
+OTHER_FORMATS = {
+    "postscript.jpg": lambda: other_format("EPS"),
+    "photoshop.png": psd,
+    "icon.png": lambda: other_format("ICO"),
+    "paintbrush.jpg": lambda: other_format("PCX"),
+}
+
 BAD = {  # name → (bytes, expected error stage)
     "truncated.jpg": truncated_jpeg,
     "empty.jpg": lambda: b"",
     "random.jpg": random_bytes,
     "bomb.png": bomb_png,
+    **OTHER_FORMATS,
 }
 ODD_BUT_GOOD = {
     "cmyk.jpg": cmyk_jpeg,

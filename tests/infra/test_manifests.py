@@ -1,9 +1,11 @@
 """The deployment files in infra/: valid Kubernetes and KubeRay objects that fit together and fit
-this repository (job flags, configs, Serve import path), with nothing exposed and no secrets.
+this repository (job flags, configs, Serve import path), with nothing exposed, no secrets, egress
+closed, pods hardened and MLflow denying by default.
 
 Offline and without a cluster: core objects are checked against Kubernetes' OpenAPI schema
 (kubernetes-validate, strict), KubeRay objects against tests/helpers/infra_schema.py plus their pod
-templates against Kubernetes' PodTemplateSpec, Dockerfiles with hadolint.
+templates against Kubernetes' PodTemplateSpec, Dockerfiles with hadolint; the hardening by the
+checks of tests/infra/egress.py and tests/infra/workloads.py, each also shown weakened copies.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import pytest
 import yaml
 
 from tests.helpers.infra_schema import cluster_specs, pod_templates, validate_kuberay
+from tests.infra.egress import check_egress
+from tests.infra.workloads import check_mlflow_auth, check_pod_hardening
 
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
@@ -44,6 +48,7 @@ def load(name: str) -> list[dict[str, Any]]:
 
 MANIFESTS = sorted(p.name for p in INFRA.glob("*.yaml") if p.name not in RAY_CONFIGS)
 DOCS = [(name, doc) for name in MANIFESTS for doc in load(name)]
+OBJECTS = [doc for _, doc in DOCS]
 
 
 def docs(kind: str, files: list[str] = MANIFESTS) -> list[dict[str, Any]]:
@@ -104,12 +109,14 @@ def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def ray_templates() -> list[tuple[str, dict[str, Any]]]:
-    """Every Ray pod template (head and worker groups of each RayCluster, RayJob, RayService)."""
+    """Every Ray node's pod template (head and worker groups of each RayCluster, RayJob, RayService);
+    not the RayJob submitters, which only call the Jobs API."""
     return [
         (f"{d['kind']}/{d['metadata']['name']} {where}", template)
         for _, d in DOCS
         if d["kind"] in KUBERAY_KINDS
         for where, template in pod_templates(d)
+        if not where.startswith("spec.submitterPodTemplate")
     ]
 
 
@@ -196,6 +203,21 @@ BROKEN = {
         "RayService",
         _set("spec.serveConfigV2", _SERVE.replace(":app_builder", ":no_such_builder")),
     ),
+    "raycluster-autoscaler-unknown-field": (
+        "raycluster.yaml",
+        "RayCluster",
+        _set("spec.autoscalerOptions.volumeMount", []),
+    ),
+    "rayjob-submitter-unknown-field": (
+        "rayjob-train.yaml",
+        "RayJob",
+        _set("spec.submitterPodTemplate.spec.containers.0.securityContext.readOnlyRootFilesytem", True),
+    ),
+    "networkpolicy-misspelt-ipblock": (
+        "networkpolicy.yaml",
+        "NetworkPolicy",
+        _set("spec.egress", [{"to": [{"ipBlok": {"cidr": "10.0.0.0/8"}}]}]),
+    ),
 }
 
 
@@ -276,7 +298,7 @@ def test_nothing_exposes_the_ray_head_or_mlflow():
     service["spec"]["type"] = "NodePort"
     assert len(exposure_problems([raycluster, service])) == 3
     # Inside the cluster, the NetworkPolicy admits only this namespace (and the operator) to Ray pods.
-    (policy,) = docs("NetworkPolicy", ["networkpolicy.yaml"])
+    (policy,) = [d for d in docs("NetworkPolicy") if d["metadata"]["name"] == "recompose-ray"]
     selector = policy["spec"]["podSelector"]["matchLabels"]
     for where, template in ray_templates():
         labels = template.get("metadata", {}).get("labels", {})
@@ -493,7 +515,9 @@ def test_the_mlflow_server_uses_postgres_basic_auth_and_secret_credentials():
     # The auth app's ini is written where MLFLOW_AUTH_CONFIG_PATH points, from the environment.
     assert '> "$MLFLOW_AUTH_CONFIG_PATH"' in script and "MLFLOW_AUTH_CONFIG_PATH" in env
     ini = dict(re.findall(r"(?m)^\s*(\w+) = (\S+)$", server["args"][0]))
-    assert ini["default_permission"] == "READ" and ini["database_uri"] == "$MLFLOW_AUTH_DATABASE_URI"
+    assert (
+        ini["default_permission"] == "NO_PERMISSIONS" and ini["database_uri"] == "$MLFLOW_AUTH_DATABASE_URI"
+    )
     assert env["MLFLOW_AUTH_DATABASE_URI"]["value"].startswith("postgresql://")
     assert ini["admin_password"] == "$MLFLOW_AUTH_ADMIN_PASSWORD"
     for var in ("POSTGRES_PASSWORD", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
@@ -506,6 +530,216 @@ def test_the_mlflow_server_uses_postgres_basic_auth_and_secret_credentials():
     hosts = next(d for d in docs("ConfigMap") if d["metadata"]["name"] == "mlflow")["data"]["allowed-hosts"]
     assert "mlflow.recompose.svc.cluster.local:5000" in hosts.split(",")  # the Ray pods' tracking URI
     assert "mlflow.recompose.svc:5000" in hosts.split(",")  # configs/evaluate-gpu-cluster.yaml's
+
+
+# --- hardening: egress closed, pods hardened, MLflow denies by default ------------------------
+
+
+def test_egress_is_closed_but_for_what_each_pod_needs():
+    assert check_egress(OBJECTS) == []
+
+
+def test_pods_run_as_users_read_only_and_without_api_tokens():
+    assert check_pod_hardening(OBJECTS) == []
+
+
+def test_mlflow_grants_nothing_by_default_and_the_ray_pods_log_in():
+    assert check_mlflow_auth(OBJECTS) == []
+
+
+def find(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    (found,) = [d for d in objects if d["kind"] == kind and d["metadata"]["name"] == name]
+    return found
+
+
+def egress(objects, name: str) -> list[dict[str, Any]]:
+    return find(objects, "NetworkPolicy", name)["spec"]["egress"]
+
+
+def pod(objects, kind: str, name: str, group: str | None = None) -> dict[str, Any]:
+    """A pod spec: a Ray cluster's head (or worker `group`), a RayJob's submitter, a workload's."""
+    spec = find(objects, kind, name)["spec"]
+    if kind == "RayJob":
+        return spec["submitterPodTemplate"]["spec"]
+    if kind in KUBERAY_KINDS:
+        cluster = spec.get("rayClusterConfig", spec)
+        groups = {g["groupName"]: g for g in cluster.get("workerGroupSpecs", [])}
+        return (groups[group] if group else cluster["headGroupSpec"])["template"]["spec"]
+    return spec["template"]["spec"]
+
+
+def _drop_policy(name: str):
+    return lambda o: o.remove(find(o, "NetworkPolicy", name))
+
+
+def _drop_env(var: str):
+    def mutate(o):
+        container = pod(o, "RayService", "recompose", "gpu")["containers"][0]
+        container["env"] = [e for e in container["env"] if e["name"] != var]
+
+    return mutate
+
+
+def _drop_mount(path: str):
+    def mutate(o):
+        container = pod(o, "RayCluster", "recompose", "gpu")["containers"][0]
+        container["volumeMounts"] = [m for m in container["volumeMounts"] if m["mountPath"] != path]
+
+    return mutate
+
+
+def _edit_server_script(old: str, new: str):
+    def mutate(o):
+        server = pod(o, "Deployment", "mlflow")["containers"][0]
+        server["args"] = [a.replace(old, new) for a in server["args"]]
+
+    return mutate
+
+
+# Each: the check, a weakening of the shipped objects, and the problem it must report.
+WEAKENED = {
+    "egress-allow-all-without-metadata-except": (
+        check_egress,
+        lambda o: egress(o, "recompose-ray-egress").append({"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}),
+        "0.0.0.0/0 includes the metadata address 169.254.169.254",
+    ),
+    "egress-rule-without-to": (
+        check_egress,
+        lambda o: egress(o, "recompose-ray-egress").append({"ports": [{"protocol": "TCP", "port": 443}]}),
+        "no `to`, so every address",
+    ),
+    "egress-no-default-deny": (
+        check_egress,
+        _drop_policy("recompose-default-deny-egress"),
+        "no default-deny egress policy",
+    ),
+    "egress-no-dns": (check_egress, _drop_policy("recompose-dns"), "cannot reach DNS"),
+    "egress-ray-to-the-whole-namespace": (
+        check_egress,
+        lambda o: egress(o, "recompose-ray-egress")[0].update(to=[{"podSelector": {}}]),
+        # PostgreSQL's ingress still admits MLflow only; the Serve cluster's admits the namespace.
+        "RayCluster/recompose worker group cpu can reach RayService/recompose head (TCP 6379)",
+    ),
+    "egress-serve-to-the-batch-cluster": (
+        check_egress,
+        lambda o: egress(o, "recompose-serve-egress")[0]["to"][0]["podSelector"]["matchLabels"].pop(
+            "app.kubernetes.io/instance"
+        ),
+        "RayService/recompose head can reach RayCluster/recompose head",
+    ),
+    "egress-submitter-to-every-namespace": (
+        check_egress,
+        lambda o: egress(o, "recompose-ray-submitter-egress")[0].update(to=[{"namespaceSelector": {}}]),
+        "every pod of every namespace",
+    ),
+    "egress-except-outside-the-cidr": (
+        check_egress,
+        lambda o: egress(o, "mlflow-egress")[1]["to"][1]["ipBlock"].update(
+            {"except": ["169.254.169.254/32"]}
+        ),
+        "except 169.254.169.254/32 is not inside 198.51.100.0/24",
+    ),
+    "egress-artifact-store-on-another-port": (
+        check_egress,
+        lambda o: find(o, "ConfigMap", "mlflow")["data"].update(
+            {"s3-endpoint-url": "http://minio.minio.svc.cluster.local:9001"}
+        ),
+        "Deployment/mlflow cannot reach the artifact store",
+    ),
+    "egress-no-kubernetes-api-for-the-autoscaler": (
+        check_egress,
+        _drop_policy("recompose-ray-head-kube-api"),
+        "RayCluster/recompose head cannot reach the Kubernetes API",
+    ),
+    "pod-head-token-automounted": (
+        check_pod_hardening,
+        lambda o: pod(o, "RayCluster", "recompose").update(automountServiceAccountToken=True),
+        "RayCluster/recompose head: automountServiceAccountToken is not false",
+    ),
+    "pod-worker-token-unset": (
+        check_pod_hardening,
+        lambda o: pod(o, "RayService", "recompose", "gpu").pop("automountServiceAccountToken"),
+        "RayService/recompose worker group gpu: automountServiceAccountToken is not false",
+    ),
+    "pod-mlflow-token-automounted": (
+        check_pod_hardening,
+        lambda o: pod(o, "Deployment", "mlflow").update(automountServiceAccountToken=True),
+        "Deployment/mlflow: automountServiceAccountToken is not false",
+    ),
+    "pod-submitter-without-security-context": (
+        check_pod_hardening,
+        lambda o: pod(o, "RayJob", "recompose-train")["containers"][0].pop("securityContext"),
+        "RayJob/recompose-train submitter ray-job-submitter: allowPrivilegeEscalation is not false",
+    ),
+    "pod-no-submitter-template": (
+        check_pod_hardening,
+        lambda o: find(o, "RayJob", "recompose-evaluate")["spec"].pop("submitterPodTemplate"),
+        "RayJob/recompose-evaluate: no submitterPodTemplate",
+    ),
+    "pod-writable-root": (
+        check_pod_hardening,
+        lambda o: pod(o, "StatefulSet", "mlflow-postgres")["containers"][0]["securityContext"].pop(
+            "readOnlyRootFilesystem"
+        ),
+        "StatefulSet/mlflow-postgres postgres: readOnlyRootFilesystem is not true",
+    ),
+    "pod-read-only-root-without-tmp": (
+        check_pod_hardening,
+        _drop_mount("/tmp"),
+        "RayCluster/recompose worker group gpu ray-worker: /tmp is not a writable emptyDir",
+    ),
+    "pod-ray-container-holds-the-token": (
+        check_pod_hardening,
+        lambda o: pod(o, "RayCluster", "recompose")["containers"][0]["volumeMounts"].append(
+            {"name": "autoscaler-token", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"}
+        ),
+        "ray-head mounts a service account token",
+    ),
+    "pod-autoscaler-without-the-token": (
+        check_pod_hardening,
+        lambda o: find(o, "RayService", "recompose")["spec"]["rayClusterConfig"]["autoscalerOptions"].pop(
+            "volumeMounts"
+        ),
+        "RayService/recompose head: the autoscaler mounts no service account token",
+    ),
+    "mlflow-default-permission-read": (
+        check_mlflow_auth,
+        _edit_server_script("default_permission = NO_PERMISSIONS", "default_permission = READ"),
+        "default_permission is READ, not NO_PERMISSIONS",
+    ),
+    "mlflow-without-basic-auth": (
+        check_mlflow_auth,
+        _edit_server_script("--app-name basic-auth", ""),
+        "no `--app-name basic-auth`",
+    ),
+    "mlflow-ray-pod-without-credentials": (
+        check_mlflow_auth,
+        _drop_env("MLFLOW_TRACKING_PASSWORD"),
+        "RayService/recompose worker group gpu: MLFLOW_TRACKING_PASSWORD is not from a Secret",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WEAKENED))
+def test_weakened_manifests_are_rejected(case):
+    check, weaken, expected = WEAKENED[case]
+    objects = copy.deepcopy(OBJECTS)
+    assert check(objects) == []
+    weaken(objects)
+    problems = check(objects)
+    assert any(expected in p for p in problems), f"{case}: {expected!r} not in {problems}"
+
+
+def test_an_address_range_may_hold_the_metadata_address_only_as_an_exception():
+    # The documented way for an artifact store without fixed addresses: 0.0.0.0/0 minus 169.254.169.254.
+    objects = copy.deepcopy(OBJECTS)
+    store = egress(objects, "mlflow-egress")[1]["to"][1]["ipBlock"]
+    store.update({"cidr": "0.0.0.0/0", "except": ["169.254.169.254/32"]})
+    assert check_egress(objects) == []
+    del store["except"]
+    assert check_egress(objects) == [
+        "NetworkPolicy/mlflow-egress egress[1]: 0.0.0.0/0 includes the metadata address 169.254.169.254: list it under `except`"
+    ]
 
 
 # --- images -----------------------------------------------------------------------------------
