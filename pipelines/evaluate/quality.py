@@ -27,6 +27,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
+from unittest import mock
 
 import numpy as np
 from pydantic import Field, StrictInt, model_validator
@@ -97,8 +98,8 @@ def _read_inception(cfg: QualityConfig) -> tuple[dict[str, Any], str]:
     if not path.is_file():
         raise ValueError(f"quality.inception_weights: {str(path)!r} is not a file ({no_inception_reason()})")
     data = path.read_bytes()
-    # weights_only first: a plain state dict loads, a pickle that would run code does not
-    # (torch-fidelity itself loads the file again with weights_only=False).
+    # weights_only: a plain state dict loads, a pickle that would run code does not. This state
+    # dict is what the network gets (_load_inception): the file is never unpickled otherwise.
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for a file that is not a checkpoint
@@ -175,16 +176,35 @@ def _sizes(**images: np.ndarray) -> str:
 
 
 # -- FID / KID ----------------------------------------------------------------------------------
+class _TorchLoading:
+    """``torch``, except that ``load`` returns ``state`` (see ``_load_inception``)."""
+
+    def __init__(self, state: dict[str, Any]):
+        self._state = state
+
+    def load(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return self._state
+
+    def __getattr__(self, name: str) -> Any:
+        import torch
+
+        return getattr(torch, name)
+
+
 def _load_inception(cfg: QualityConfig) -> tuple[Any, str]:
     """torch-fidelity's FID Inception on ``cfg.device`` and its record '<file> sha256:<12 hex>'."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fidelity_inception
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    _, digest = _read_inception(cfg)
+    state, digest = _read_inception(cfg)
     path = Path(str(cfg.inception_weights)).expanduser()
     try:
-        net = FeatureExtractorInceptionV3(
-            "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path)
-        )
+        # torch-fidelity would unpickle the weights path itself, with no weights-only check; its module is
+        # handed a torch whose load returns the state dict checked above instead.
+        with mock.patch.object(fidelity_inception, "torch", _TorchLoading(state)):
+            net = FeatureExtractorInceptionV3(
+                "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path)
+            )
     except RuntimeError as e:  # load_state_dict: missing / unexpected keys or wrong shapes
         raise ValueError(
             f"quality.inception_weights: {str(path)!r} does not fit torch-fidelity's FID Inception v3 "

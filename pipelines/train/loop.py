@@ -114,8 +114,40 @@ def restore(args: TrainerArgs, rank: int, device: torch.device) -> Training:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return _build(args, model, rank, device, None)
-    with checkpoint.as_directory() as ckpt_dir:
-        return _build(args, model, rank, device, Path(ckpt_dir))
+    damaged = []
+    for candidate in _latest_first(checkpoint):
+        with candidate.as_directory() as ckpt_dir:
+            problems = train_state.verify(Path(ckpt_dir))
+            if not problems:
+                if damaged and rank == 0:
+                    log.warning(
+                        "resuming from %s: the later checkpoints are damaged (%s)",
+                        candidate.path,
+                        "; ".join(damaged),
+                    )
+                return _build(args, model, rank, device, Path(ckpt_dir))
+        damaged.append(f"{candidate.path}: {', '.join(problems)}")
+    raise RuntimeError(
+        "every kept checkpoint is damaged, so the run cannot resume: "
+        + "; ".join(damaged)
+        + " (move them away to start over in the same --output, or use a new --output)"
+    )
+
+
+def _latest_first(latest: Any) -> list[Any]:
+    """``latest`` (Ray's latest recorded checkpoint), then the older checkpoints kept beside it,
+    newest first. Folders named later than ``latest`` were never recorded (a write cut short)."""
+    import pyarrow.fs
+    import ray.train
+
+    parent, _, name = latest.path.rstrip("/").rpartition("/")
+    infos = latest.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
+    older = sorted(
+        (i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory),
+        reverse=True,
+    )
+    older = [n for n in older if n.startswith("checkpoint_") and n < name]
+    return [latest] + [ray.train.Checkpoint(f"{parent}/{n}", latest.filesystem) for n in older]
 
 
 def _build(

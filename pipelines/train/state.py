@@ -2,19 +2,24 @@
 
     model/   as ComposerModel.save_pretrained: config.json + diffusion_pytorch_model.safetensors
     ema/     as diffusers EMAModel.save_pretrained: the EMA weights (safetensors), counters in config.json
-    state.pt optimizer, LR scheduler and every rank's RNG states (torch.save: these are not tensors-only)
-    state.json  step, epoch, images seen, config hash, MLflow run id; written last
+    state.pt optimizer, LR scheduler and every rank's RNG states (torch.save of tensors and plain
+             data only: read back with ``weights_only=True``, so a planted pickle cannot run code)
+    state.json  step, epoch, images seen, config hash, MLflow run id, and the SHA-256 of every
+             other file; written last
 
 Ray Train copies the folder into ``RUN_DIR/checkpoint_<time>/`` and records it as the latest
 only once the copy is complete (its checkpoint-manager snapshot is written after the upload), so
 a kill during a write leaves the previous checkpoint as the latest. ``read_progress`` still
 refuses a folder without ``state.json``, the file written last, in case one is given by hand.
+``verify`` checks a folder against the digests in its ``state.json``: a resume skips a damaged
+latest checkpoint (a disk error, a partial copy, a file edited by hand) for the one before it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +49,7 @@ class Progress:
     images: int = 0  # training images seen (all workers)
     config_hash: str = ""
     mlflow_run_id: str = ""
+    files: dict[str, str] = field(default_factory=dict)  # path in the folder -> SHA-256 (written by save)
 
 
 def _write_weights(directory: Path, config: dict, weights: dict[str, torch.Tensor]) -> None:
@@ -73,7 +79,46 @@ def save(
     torch.save(
         {"optimizer": optimizer, "lr_scheduler": lr_scheduler, "rng": rng_states}, directory / "state.pt"
     )
-    (directory / STATE_JSON).write_text(json.dumps(asdict(progress), indent=2) + "\n")
+    record = {**asdict(progress), "files": _digests(directory)}
+    (directory / STATE_JSON).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _digests(directory: Path) -> dict[str, str]:
+    """SHA-256 of every file in the folder but ``state.json``, by path relative to it."""
+    return {
+        p.relative_to(directory).as_posix(): _sha256(p)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != STATE_JSON
+    }
+
+
+def verify(directory: Path) -> list[str]:
+    """What is wrong with a checkpoint folder (empty: it is whole): no or an unreadable
+    ``state.json``, a file it lists missing or with other contents. A folder written before the
+    digests were recorded is checked for its files only."""
+    try:
+        recorded = read_progress(directory).files
+    except (RuntimeError, ValueError, TypeError) as e:  # missing, not JSON, unknown fields
+        return [f"{STATE_JSON}: {e}"]
+    if not recorded:
+        needed = [f"model/{WEIGHTS}", "state.pt"]
+        return [f"{name} is missing" for name in needed if not (directory / name).is_file()]
+    problems = []
+    for name, digest in recorded.items():
+        path = directory / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif _sha256(path) != digest:
+            problems.append(f"{name} does not match its recorded SHA-256")
+    return problems
 
 
 def read_progress(directory: Path) -> Progress:
@@ -94,6 +139,23 @@ def read_ema_counters(directory: Path) -> dict[str, Any]:
     return {k: config[k] for k in EMA_COUNTERS if k in config}
 
 
+class UnsafeCheckpoint(RuntimeError):
+    """A checkpoint file holds something other than tensors and plain data: it is not unpickled."""
+
+
 def read_state(directory: Path) -> dict[str, Any]:
-    """``optimizer``, ``lr_scheduler`` and ``rng`` (every rank's generator state)."""
-    return torch.load(directory / "state.pt", map_location="cpu", weights_only=False)
+    """``optimizer``, ``lr_scheduler`` and ``rng`` (every rank's generator state).
+
+    Loaded with ``weights_only=True``: tensors, numbers, strings, lists and dicts only. The
+    checkpoint storage is shared by every worker, so a pickle there that would import or call
+    anything is refused (``UnsafeCheckpoint``) instead of run."""
+    import pickle
+
+    path = directory / "state.pt"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpoint(
+            f"{path} holds objects other than tensors and plain data, so it is not loaded (loading "
+            f"it could run code planted in the checkpoint storage): {str(e).splitlines()[0]}"
+        ) from None

@@ -1,0 +1,180 @@
+"""Training checkpoints under attack and damage: nothing in them is unpickled, a damaged latest
+checkpoint is skipped for the one before it, and no product code unpickles anything."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipelines.train import state as train_state
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class _Planted:
+    """What an attacker with write access to the checkpoint storage would plant in state.pt."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.makedirs, (self.marker,))
+
+
+def _checkpoint(directory: Path, step: int = 3) -> Path:
+    model = torch.nn.Linear(2, 2)
+    optim = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 2)).sum().backward()
+    optim.step()
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: 1.0)
+    train_state.save(
+        directory,
+        {"in_features": 2},
+        model.state_dict(),
+        model.state_dict(),
+        {"decay": 0.9},
+        optim.state_dict(),
+        sched.state_dict(),
+        [torch.Generator().get_state()],
+        train_state.Progress(step=step, config_hash="abc"),
+    )
+    return directory
+
+
+def test_state_loads_without_unpickling_and_a_planted_pickle_is_refused(tmp_path):
+    ckpt = _checkpoint(tmp_path / "ok")
+    state = train_state.read_state(ckpt)  # optimizer, scheduler and RNG: tensors and plain data
+    assert set(state) == {"optimizer", "lr_scheduler", "rng"} and state["rng"][0].dtype == torch.uint8
+
+    bad = _checkpoint(tmp_path / "bad")
+    marker = tmp_path / "code-ran"
+    with (bad / "state.pt").open("wb") as f:
+        pickle.dump({"optimizer": _Planted(str(marker))}, f)
+    with pytest.raises(train_state.UnsafeCheckpoint, match="not loaded"):
+        train_state.read_state(bad)
+    assert not marker.exists()  # nothing ran
+
+
+def test_verify_finds_damaged_and_missing_files(tmp_path):
+    ckpt = _checkpoint(tmp_path / "c")
+    files = json.loads((ckpt / "state.json").read_text())["files"]
+    assert {
+        "model/diffusion_pytorch_model.safetensors",
+        "ema/diffusion_pytorch_model.safetensors",
+        "state.pt",
+    } <= set(files)
+    assert train_state.verify(ckpt) == []
+    weights = ckpt / "model" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert train_state.verify(ckpt) == [
+        "model/diffusion_pytorch_model.safetensors does not match its recorded SHA-256"
+    ]
+    (ckpt / "state.pt").unlink()
+    assert "state.pt is missing" in train_state.verify(ckpt)
+    (ckpt / "state.json").unlink()
+    assert "state.json" in train_state.verify(ckpt)[0]
+
+    # a checkpoint written before digests were recorded: its files are checked for presence
+    old = _checkpoint(tmp_path / "old")
+    record = json.loads((old / "state.json").read_text())
+    del record["files"]
+    (old / "state.json").write_text(json.dumps(record))
+    assert train_state.verify(old) == []
+    (old / "state.pt").unlink()
+    assert train_state.verify(old) == ["state.pt is missing"]
+
+
+def _call(text: str, open_paren: int) -> str:
+    """The text from ``open_paren`` to its matching closing parenthesis."""
+    depth = 0
+    for i in range(open_paren, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[open_paren : i + 1]
+    return text[open_paren:]
+
+
+def test_no_product_code_unpickles():
+    """pipelines/, models/, jobs/: no torch.load(weights_only=False), pickle.load(s), numpy
+    allow_pickle=True, or torch.load without weights_only (its default differs across versions)."""
+    forbidden = re.compile(r"weights_only\s*=\s*False|pickle\.loads?\(|allow_pickle\s*=\s*True")
+    found = []
+    for package in ("pipelines", "models", "jobs"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            text = path.read_text()
+            for m in forbidden.finditer(text):
+                found.append(f"{path.relative_to(ROOT)}:{text[: m.start()].count(chr(10)) + 1}: {m.group()}")
+            for m in re.finditer(r"torch\.load\(", text):
+                call = _call(text, m.end() - 1)
+                if "weights_only=True" not in call:
+                    found.append(f"{path.relative_to(ROOT)}: {call}")
+    assert found == []
+
+
+@pytest.mark.slow
+def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, ray_local):
+    from jobs.cli import main
+    from pipelines.data.synth import write_synth
+    from pipelines.decompose.config import DecomposeConfig
+    from pipelines.decompose.job import run_decompose
+
+    write_synth(tmp_path / "synth", count=32, resolution=32, seed=0, split="train", progress=False)
+    run_decompose(
+        DecomposeConfig(
+            input=str(tmp_path / "synth"),
+            output=str(tmp_path / "decomposed"),
+            resolution=32,
+            shard_size=32,
+            conditions=("palette", "sketch", "instances", "depth", "intensity"),
+            progress=False,
+        )
+    )
+    run_dir = tmp_path / "run"
+
+    def train(max_steps: int) -> int:
+        args = ["train", "--data", str(tmp_path / "decomposed"), "--output", str(run_dir), "--preset", "tiny"]
+        args += ["--max-steps", str(max_steps), "--workers", "2"]
+        sets = ["optim.batch_size=4", "checkpoint_every=2", "keep_checkpoints=2", "progress=false"]
+        sets += [
+            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "mlflow.sample_every=0",
+            "mlflow.log_every=1",
+        ]
+        for item in sets:
+            args += ["--set", item]
+        return main(args)
+
+    def checkpoints() -> dict[int, Path]:
+        found = {}
+        for p in run_dir.glob("checkpoint_*"):
+            if (p / "state.json").is_file():
+                found[json.loads((p / "state.json").read_text())["step"]] = p
+        return found
+
+    assert train(4) == 0
+    kept = checkpoints()
+    assert sorted(kept) == [2, 4]
+    weights = kept[4] / "model" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the weights: a disk error
+    weights.write_bytes(bytes(data))
+
+    assert train(6) == 0
+    training = json.loads((run_dir / "export" / "recompose-training.json").read_text())
+    assert training["step"] == 6
+    from mlflow import MlflowClient
+
+    run_id = json.loads((run_dir / "train.json").read_text())["mlflow"]["run_id"]
+    steps = [
+        m.step for m in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(run_id, "loss")
+    ]
+    assert sorted(set(steps)) == list(range(1, 7)) and sorted(steps).count(3) == 2  # 3 and 4 trained again
+    assert max(checkpoints()) == 6
