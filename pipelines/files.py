@@ -54,6 +54,60 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+_RENAME_EXCHANGE = 2  # linux/fs.h: renameat2 swaps the two paths atomically
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux renameat2); False where the platform or
+    the file system cannot."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    errno = ctypes.get_errno()
+    if errno in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: not supported here
+        return False
+    raise OSError(errno, os.strerror(errno), str(b))
+
+
+def replace_dir(new: Path, target: Path, between: Callable[[], None] | None = None) -> None:
+    """Put the finished directory ``new`` at ``target`` with no moment where ``target`` is missing
+    or partial: a rename when there is none yet, else an atomic exchange (then the old one is
+    deleted). Where the file system cannot exchange, the old directory is renamed aside first and
+    there is a moment without ``target``. ``between(),`` if given, runs after the swap and before
+    the old directory is deleted (the test seam of a kill there)."""
+    import shutil
+
+    _fsync_dir(new)
+    old = target.parent / f".{target.name}-old"
+    if not target.exists():
+        os.rename(new, target)
+    elif _exchange(new, target):
+        old = new  # the exchange left the old directory at ``new``
+    else:
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(target, old)
+        os.rename(new, target)
+    _fsync_dir(target.parent)
+    if between is not None:
+        between()
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def encode_png(array: np.ndarray) -> bytes:
     """PNG bytes of (H, W, 3) RGB or (H, W) grayscale uint8; no metadata, so bytes are deterministic."""
     from PIL import Image

@@ -104,14 +104,39 @@ class ComposerPyfunc(mlflow.pyfunc.PythonModel):
         return pd.DataFrame({"image": images})
 
 
+STEP_TAG = "recompose.step"  # a registered version's training step, with RUN_TAG its identity
+RUN_TAG = "recompose.run_id"
+
+
+def registered_version(registered_model_name: str, run_id: str, step: int) -> tuple[str, int] | None:
+    """``(models:/<name>/<version>, version)`` of the version that ``log_pipeline`` registered for
+    this run and step, or None: a rerun after a crash between registering and recording it
+    finds it here instead of registering a duplicate."""
+    client = mlflow.MlflowClient()
+    try:
+        versions = client.search_model_versions(f"name = '{registered_model_name}'")
+    except mlflow.exceptions.MlflowException:
+        return None
+    for v in versions:
+        tags = v.tags or {}
+        if tags.get(RUN_TAG) == run_id and tags.get(STEP_TAG) == str(step):
+            return f"models:/{registered_model_name}/{v.version}", int(v.version)
+    return None
+
+
 def log_pipeline(
-    export_dir: str | Path, registered_model_name: str | None, name: str = "pipeline"
+    export_dir: str | Path,
+    registered_model_name: str | None,
+    name: str = "pipeline",
+    run_id: str | None = None,
+    step: int | None = None,
 ) -> tuple[str, int | None]:
     """Logs the pipeline directory ``export_dir`` to the active run as a pyfunc model ``name``.
 
-    Registers it as ``registered_model_name`` when given. Returns ``(model_uri, version)``:
-    ``models:/<name>/<version>`` when registered (version None and the logged model's own
-    ``models:/<model id>`` otherwise).
+    Registers it as ``registered_model_name`` when given, the version tagged with ``run_id`` and
+    ``step`` when given (``registered_version`` finds it by them). Returns ``(model_uri,
+    version)``: ``models:/<name>/<version>`` when registered (version None and the logged model's
+    own ``models:/<model id>`` otherwise).
     """
     from importlib.metadata import PackageNotFoundError, version
 
@@ -138,11 +163,14 @@ def log_pipeline(
                 artifacts={"pipeline": str(export_dir)},
                 signature=SIGNATURE,
                 pip_requirements=requirements,
-                registered_model_name=registered_model_name,
             )
     if registered_model_name is None:
         return info.model_uri, None
-    v = int(info.registered_model_version)
+    tags = {RUN_TAG: run_id, STEP_TAG: str(step)} if run_id is not None and step is not None else None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Registered model .* already exists")
+        registered = mlflow.register_model(info.model_uri, registered_model_name, tags=tags)
+    v = int(registered.version)
     return f"models:/{registered_model_name}/{v}", v
 
 

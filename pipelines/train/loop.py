@@ -59,6 +59,7 @@ class TrainerArgs:
     # The seam tests inject a worker failure through: called as on_step(rank, step) on every
     # worker before each optimizer step. Must be picklable: Ray ships it to the worker processes.
     on_step: Callable[[int, int], None] | None = None
+    on_finish: Callable[[str], None] | None = None  # rank 0, at points of the export (run.finish_hook)
 
 
 def batch_inputs(model: ComposerModel, batch: dict[str, torch.Tensor], recipe: BatchRecipe):

@@ -41,6 +41,10 @@ RESERVED_DATA_CPUS = 1.0  # Ray Data needs CPUs of its own, or augmentation star
 # The seam tests inject a worker failure through (monkeypatch it): run_train ships it to every
 # worker in TrainerArgs.on_step, called as on_step(rank, step) before each optimizer step.
 step_hook: Callable[[int, int], None] | None = None
+# The same for the end of a run: rank 0 calls on_finish(point) at "export-written" (the new export
+# complete beside the old one), "export-swapped" (in place, the old one not yet deleted) and
+# "registered" (logged and registered in MLflow, not yet recorded in export/).
+finish_hook: Callable[[str], None] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,6 +238,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         init_weights=init_weights,
         verbosity=_verbosity(),
         on_step=step_hook,
+        on_finish=finish_hook,
     )
     return _fit(args, spec, info)
 

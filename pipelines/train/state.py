@@ -17,7 +17,6 @@ latest checkpoint (a disk error, a partial copy, a file edited by hand) for the 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models import ComposerModel
+from pipelines.files import sha256_file
 
 STATE_JSON = "state.json"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -83,18 +83,10 @@ def save(
     (directory / STATE_JSON).write_text(json.dumps(record, indent=2) + "\n")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(8 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _digests(directory: Path) -> dict[str, str]:
     """SHA-256 of every file in the folder but ``state.json``, by path relative to it."""
     return {
-        p.relative_to(directory).as_posix(): _sha256(p)
+        p.relative_to(directory).as_posix(): sha256_file(p)
         for p in sorted(directory.rglob("*"))
         if p.is_file() and p.name != STATE_JSON
     }
@@ -116,7 +108,7 @@ def verify(directory: Path) -> list[str]:
         path = directory / name
         if not path.is_file():
             problems.append(f"{name} is missing")
-        elif _sha256(path) != digest:
+        elif sha256_file(path) != digest:
             problems.append(f"{name} does not match its recorded SHA-256")
     return problems
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from pipelines import tracking
 from pipelines.config import flatten, to_dict
 from pipelines.data.augment import AugmentConfig
 from pipelines.data.batches import DataSpec, prepare_batch
-from pipelines.files import atomic_write, encode_png, write_bytes, write_json
+from pipelines.files import atomic_write, encode_png, replace_dir, write_bytes, write_json
 from pipelines.train.config import TrainConfig
 from pipelines.train.loop import TrainerArgs
 
@@ -230,9 +229,17 @@ class RankZeroTracker:
             log.info("export of step %d already logged (version %s)", step, done.get("version"))
         else:
             self._export(weights, export)
-            from pipelines.diffusion.mlflow_model import log_pipeline
+            from pipelines.diffusion.mlflow_model import log_pipeline, registered_version
 
-            uri, version = log_pipeline(export, self.cfg.mlflow.registered_model)
+            name = self.cfg.mlflow.registered_model
+            # A crash after registering and before the record below must not register it twice.
+            found = registered_version(name, self.run_id, step) if name else None
+            if found is not None:
+                uri, version = found
+                log.info("export of step %d was already registered as version %s", step, version)
+            else:
+                uri, version = log_pipeline(export, name, run_id=self.run_id, step=step)
+            self._point("registered")
             write_json({"step": step, "run_id": self.run_id, "model_uri": uri, "version": version}, info_path)
             where = f"models:/{self.cfg.mlflow.registered_model}/{version}" if version is not None else uri
             log.info("exported %s and logged it as %s", export, where)
@@ -242,7 +249,8 @@ class RankZeroTracker:
         mlflow.end_run()
 
     def _export(self, weights: dict[str, Any], export: Path) -> None:
-        """RUN_DIR/export: the pipeline with EMA weights, swapped in atomically (a rename)."""
+        """RUN_DIR/export: the pipeline with EMA weights, swapped in atomically (``replace_dir``):
+        whenever the run is killed, ``export/`` is a whole pipeline, the old one or the new."""
         from pipelines.diffusion.pipeline import ComposerPipeline
         from pipelines.diffusion.schedulers import default_scheduler
 
@@ -253,12 +261,12 @@ class RankZeroTracker:
         )
         tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=self.run_dir))
         pipe.save_pretrained(str(tmp))
-        old = self.run_dir / ".export-old"
-        if export.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            export.rename(old)
-        tmp.rename(export)
-        shutil.rmtree(old, ignore_errors=True)
+        self._point("export-written")
+        replace_dir(tmp, export, between=lambda: self._point("export-swapped"))
+
+    def _point(self, name: str) -> None:
+        if self.args.on_finish is not None:
+            self.args.on_finish(name)
 
 
 PLOTTED = (("loss", "loss/none", "loss/all"), ("images_per_s",), ("data_wait_fraction",), ("lr",))

@@ -21,3 +21,17 @@ class FailOnce:
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.touch()
             raise RuntimeError(f"failing once at step {step} on purpose (test)")
+
+
+@dataclasses.dataclass(frozen=True)
+class KillAt:
+    """Rank 0's process dies (``os._exit``, no cleanup, as a kill) at the end-of-run ``point``,
+    through the seam ``pipelines.train.run.finish_hook``."""
+
+    point: str
+
+    def __call__(self, point: str) -> None:
+        import os
+
+        if point == self.point:
+            os._exit(1)

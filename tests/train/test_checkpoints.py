@@ -119,38 +119,58 @@ def test_no_product_code_unpickles():
     assert found == []
 
 
-@pytest.mark.slow
-def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, ray_local):
-    from jobs.cli import main
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, ray_local) -> Path:
     from pipelines.data.synth import write_synth
     from pipelines.decompose.config import DecomposeConfig
     from pipelines.decompose.job import run_decompose
 
-    write_synth(tmp_path / "synth", count=32, resolution=32, seed=0, split="train", progress=False)
+    root = tmp_path_factory.mktemp("ckpt-data")
+    write_synth(root / "synth", count=32, resolution=32, seed=0, split="train", progress=False)
     run_decompose(
         DecomposeConfig(
-            input=str(tmp_path / "synth"),
-            output=str(tmp_path / "decomposed"),
+            input=str(root / "synth"),
+            output=str(root / "decomposed"),
             resolution=32,
             shard_size=32,
             conditions=("palette", "sketch", "instances", "depth", "intensity"),
             progress=False,
         )
     )
+    return root / "decomposed"
+
+
+def _train(data: Path, root: Path, max_steps: int) -> int:
+    """``recompose train`` of the tiny model into ``root/run``: checkpoints every 2 steps, 2 kept,
+    no restart after a failure, every step's loss logged, the export registered."""
+    from jobs.cli import main
+
+    args = ["train", "--data", str(data), "--output", str(root / "run"), "--preset", "tiny"]
+    args += ["--max-steps", str(max_steps), "--workers", "2"]
+    sets = [
+        "optim.batch_size=4",
+        "checkpoint_every=2",
+        "keep_checkpoints=2",
+        "progress=false",
+        "max_failures=0",
+    ]
+    sets += [
+        f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}",
+        "mlflow.sample_every=0",
+        "mlflow.log_every=1",
+    ]
+    sets += ["mlflow.registered_model=recompose-faults"]
+    for item in sets:
+        args += ["--set", item]
+    return main(args)
+
+
+@pytest.mark.slow
+def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(data, tmp_path):
     run_dir = tmp_path / "run"
 
     def train(max_steps: int) -> int:
-        args = ["train", "--data", str(tmp_path / "decomposed"), "--output", str(run_dir), "--preset", "tiny"]
-        args += ["--max-steps", str(max_steps), "--workers", "2"]
-        sets = ["optim.batch_size=4", "checkpoint_every=2", "keep_checkpoints=2", "progress=false"]
-        sets += [
-            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-            "mlflow.sample_every=0",
-            "mlflow.log_every=1",
-        ]
-        for item in sets:
-            args += ["--set", item]
-        return main(args)
+        return _train(data, tmp_path, max_steps)
 
     def checkpoints() -> dict[int, Path]:
         found = {}
@@ -163,9 +183,9 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, ray_
     kept = checkpoints()
     assert sorted(kept) == [2, 4]
     weights = kept[4] / "model" / "diffusion_pytorch_model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[len(data) // 2] ^= 0xFF  # one flipped byte in the weights: a disk error
-    weights.write_bytes(bytes(data))
+    damaged = bytearray(weights.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF  # one flipped byte in the weights: a disk error
+    weights.write_bytes(bytes(damaged))
 
     assert train(6) == 0
     training = json.loads((run_dir / "export" / "recompose-training.json").read_text())
@@ -178,3 +198,33 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, ray_
     ]
     assert sorted(set(steps)) == list(range(1, 7)) and sorted(steps).count(3) == 2  # 3 and 4 trained again
     assert max(checkpoints()) == 6
+
+
+@pytest.mark.slow
+def test_a_kill_at_any_point_of_the_export_leaves_a_whole_export_and_one_version(data, tmp_path, monkeypatch):
+    import ray.train
+    from mlflow import MlflowClient
+
+    from pipelines.diffusion.loading import load_pipeline
+    from pipelines.train import run as train_run
+    from tests.train.faults import KillAt
+
+    export = tmp_path / "run" / "export"
+
+    def recorded() -> dict:
+        info = export / "recompose-training.json"
+        return json.loads(info.read_text()) if info.is_file() else {}
+
+    assert _train(data, tmp_path, 2) == 0
+    assert recorded()["step"] == 2 and recorded()["version"] == 1
+    for point in ("export-written", "export-swapped", "registered"):
+        monkeypatch.setattr(train_run, "finish_hook", KillAt(point))
+        with pytest.raises(ray.train.WorkerGroupError, match="died"):  # rank 0 killed there
+            _train(data, tmp_path, 4)
+        load_pipeline(str(export), "cpu")  # a whole pipeline: the old one or the new, never none
+    monkeypatch.setattr(train_run, "finish_hook", None)
+    assert _train(data, tmp_path, 4) == 0
+    assert recorded()["step"] == 4 and recorded()["version"] == 2
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    versions = sorted(int(v.version) for v in client.search_model_versions("name = 'recompose-faults'"))
+    assert versions == [1, 2]  # the kill after registering did not make the rerun register again
