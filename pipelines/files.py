@@ -20,17 +20,22 @@ import numpy as np
 
 from pipelines.errors import UserError
 
+FILE_MODE = 0o644  # what every written file gets (mkstemp's own 0600 would hide outputs from a team)
+
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """Call ``write(f)`` on a temporary file beside ``path``, fsync it, then rename it to ``path``."""
+    """Call ``write(f)`` on a temporary file beside ``path``, fsync it, rename it to ``path`` and
+    fsync the folder (so the rename itself survives a crash); the file is mode 0644."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), FILE_MODE)
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
