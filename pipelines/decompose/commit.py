@@ -2,13 +2,17 @@
 
 A shard is committed in this order, each file atomically: ``shards/<name>.parquet`` (and
 ``.tar``), ``.recompose/errors/<name>.parquet``, then ``.recompose/state/<name>.json``. The state
-file is written last, so a shard counts as done only once everything it describes is on disk.
+file is written last and records every other file's sha256, so a shard counts as done only once
+everything it describes is on disk as it describes it: a kill between two of these writes (in a
+fresh run or one that adds a condition) leaves files that do not match the state, and the rerun
+computes that shard again.
 Rows are sorted by input index, so a shard's bytes do not depend on the order Ray delivered them.
 """
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +26,15 @@ from pipelines.data.sources import WorkUnit
 from pipelines.decompose.plan import JobPlan, Pending
 
 Errors = dict[str, list[Any]]  # columns of shards.ERRORS_SCHEMA
+
+# The seam the kill tests use: called as write_hook(file, shard) after each file of a commit is
+# written ("shard", "tar", "errors", "state"), and by manifest.py after "errors.parquet" and "manifest".
+write_hook: Callable[[str, str], None] | None = None
+
+
+def wrote(what: str, shard: str) -> None:
+    if write_hook is not None:
+        write_hook(what, shard)
 
 
 def empty_errors() -> Errors:
@@ -122,11 +135,16 @@ def _write(
     table = S.build_table(job.schema, data)
     path = job.out / "shards" / f"{unit.shard}.parquet"
     S.write_parquet(table, path)
+    wrote("shard", unit.shard)
+    tar = path.with_suffix(".tar")
     if job.cfg.write_webdataset:
         from pipelines.data.webdataset_out import write_tar
 
-        write_tar(table, path.with_suffix(".tar"))
-    S.write_parquet(S.errors_table(errors), job.state / "errors" / f"{unit.shard}.parquet")
+        write_tar(table, tar)
+        wrote("tar", unit.shard)
+    errors_path = job.state / "errors" / f"{unit.shard}.parquet"
+    S.write_parquet(S.errors_table(errors), errors_path)
+    wrote("errors", unit.shard)
     state = {
         "unit": unit.digest(),
         "path": f"shards/{unit.shard}.parquet",
@@ -135,7 +153,10 @@ def _write(
         "errors": len(errors["index"]),
         "error_stages": sorted(set(errors["stage"])),
         "sha256": files.sha256_file(path),
+        "errors_sha256": files.sha256_file(errors_path),
+        "tar_sha256": files.sha256_file(tar) if job.cfg.write_webdataset else None,
         "fingerprints": job.fingerprints,
     }
     files.write_json(state, job.state / "state" / f"{unit.shard}.json")
+    wrote("state", unit.shard)
     shutil.rmtree(job.state / "staging" / unit.shard, ignore_errors=True)

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from pipelines import files
 from pipelines.config import config_hash, to_dict
 from pipelines.data import shards as S
-from pipelines.decompose.commit import empty_errors
+from pipelines.decompose.commit import empty_errors, wrote
 from pipelines.decompose.plan import JobPlan
 
 
@@ -54,7 +54,9 @@ def write_outputs(job: JobPlan, changed: bool) -> Outputs:
         manifest = previous  # a rerun of a finished job: the outputs on disk already say exactly this
     else:
         manifest["errors_by_stage"] = _write_errors(job)
+        wrote("errors.parquet", "")
         files.write_json(manifest, path)
+        wrote("manifest", "")
         if preview is not None:
             from pipelines.data.preview import write_preview
 

@@ -4,8 +4,10 @@ The output directory's state folder ``.recompose/`` is the job's memory between 
 
     job.json            {"base_hash", "input"}: which input and decode settings the output holds
     lock                held (flock) by the run writing the directory
-    state/<shard>.json  a committed shard: its inputs' digest, row and error counts, sha256, and
-                        the extractor fingerprints it was computed with
+    state/<shard>.json  a committed shard: its inputs' digest, row and error counts, the sha256
+                        of the shard (and of its .tar and error records), and the extractor
+                        fingerprints it was computed with. A shard whose files do not match
+                        their sha256 (a kill between two of its writes) counts as not done.
     errors/<shard>.parquet  that shard's error records (merged into errors.parquet)
     staging/<shard>/    part files of a shard being computed (removed when it is committed)
 """
@@ -76,6 +78,7 @@ class JobPlan:
         self.specs = {n: e.columns() for n, e in self.extractors.items()}
         self.schema = S.shard_schema(cfg.resolution, self.specs, self.fingerprints)
         self.base = cfg.base_hash(self.plan.kind)
+        self._verified: dict[tuple, bool] = {}  # (file, size, mtime, sha256) -> it matches
 
     def identity(self) -> dict[str, str]:
         """``job.json``: an output directory holds the decomposition of one input and base hash
@@ -90,7 +93,27 @@ class JobPlan:
         st = json.loads(p.read_text())
         if st.get("unit") != unit.digest() or not (self.out / st["path"]).is_file():
             return None
+        recorded = [(self.out / st["path"], st["sha256"])]
+        if st.get("errors_sha256"):  # states written before these were recorded lack them
+            recorded.append((self.state / "errors" / f"{unit.shard}.parquet", st["errors_sha256"]))
+        if st.get("tar_sha256"):
+            recorded.append((self.out / Path(st["path"]).with_suffix(".tar"), st["tar_sha256"]))
+        if not all(self._matches(path, digest) for path, digest in recorded):
+            return None  # written after this state (a kill mid-commit) or changed by hand: redo
         return st
+
+    def _matches(self, path: Path, sha256: str) -> bool:
+        """``path`` exists with this sha256 (each file hashed once per run unless it changes)."""
+        from pipelines.files import sha256_file
+
+        try:
+            info = path.stat()
+        except OSError:
+            return False
+        key = (str(path), info.st_size, info.st_mtime_ns, sha256)
+        if key not in self._verified:
+            self._verified[key] = sha256_file(path) == sha256
+        return self._verified[key]
 
     def pending(self) -> list[Pending]:
         """The shards that are missing or were computed with other extractor fingerprints."""

@@ -326,3 +326,59 @@ def test_real_img2dataset_output(tmp_path, ray_local, layout):
     assert sorted(rows) == ["000000", "000001", "000002", "000003", "000004", "000010"]
     assert rows["000010"]["text"] == "picture number 5"
     assert rows["000000"]["image"].shape == (32, 32, 3)
+
+
+class _Killed(Exception):
+    """What the commit seam raises: the run stops there, as a kill would stop it."""
+
+
+def _kill_at(what: str, nth: int):
+    seen = []
+
+    def hook(file: str, shard: str) -> None:
+        if file == what:
+            seen.append(shard)
+            if len(seen) == nth:
+                raise _Killed(f"killed after writing {what} of {shard or 'the run'}")
+
+    return hook
+
+
+@pytest.mark.slow
+def test_a_kill_at_every_write_boundary_resumes_to_the_same_manifest(tmp_path, ray_local, monkeypatch):
+    """Fresh runs and runs that add a condition, stopped after each file a commit (or the
+    manifest step) writes; every rerun ends with the manifest of an uninterrupted run."""
+    from pipelines.decompose import commit
+
+    images.write_folder(tmp_path / "in", n_good=8)
+    two, three = "intensity,palette", FAST  # the update adds sketch
+
+    computed: list[dict] = []
+
+    def run(out: Path, conditions: str) -> dict:
+        s = run_decompose(cfg(tmp_path / "in", out, conditions, shard_size=4, write_webdataset=True))
+        computed.append(s.computed)
+        return _manifest(out)
+
+    fresh_ref = run(tmp_path / "fresh-ref", three)
+    update_ref_dir = tmp_path / "update-ref"
+    run(update_ref_dir, two)
+    update_ref = run(update_ref_dir, three)
+    cases = [("fresh", w, 2) for w in ("shard", "tar", "errors", "state")]
+    cases += [("fresh", w, 1) for w in ("errors.parquet", "manifest")]
+    cases += [("update", w, 2) for w in ("shard", "tar", "errors", "state")]
+    for kind, what, nth in cases:
+        out = tmp_path / f"{kind}-{what}"
+        if kind == "update":
+            run(out, two)
+        monkeypatch.setattr(commit, "write_hook", _kill_at(what, nth))
+        with pytest.raises(_Killed):
+            run(out, three)
+        monkeypatch.setattr(commit, "write_hook", None)
+        assert run(out, three) == (fresh_ref if kind == "fresh" else update_ref), (kind, what)
+        if kind == "update":
+            # a shard whose files were written after its state is computed again whole, not
+            # merged with files its state does not describe
+            assert ("intensity" in computed[-1]) == (what != "state"), (what, computed[-1])
+        rows = all_rows(out)
+        assert all(r["sketch"] is not None for r in rows.values())
