@@ -56,10 +56,19 @@ class WorkUnit:
     path: str  # the tar or parquet file ("" for folders)
     members: tuple[Any, ...]  # folder: relative image paths; webdataset: keys; parquet: row ids
     captions: tuple[str | None, ...] = ()  # folder with a captions file: one per member
+    # (size, mtime_ns) of each file read: a folder's images and their sidecar captions, or the
+    # tar / parquet file; a replaced file changes ``content_digest``
+    stats: tuple[tuple[int, int], ...] = ()
 
     def digest(self) -> str:
-        """Identifies the unit's inputs (for resume: a changed input means a recomputed shard)."""
+        """Identifies the unit's inputs by name (for resume: a changed input means a recomputed shard)."""
         blob = json.dumps([self.shard, self.kind, self.path, list(self.members), list(self.captions)])
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def content_digest(self) -> str:
+        """``digest`` and the size and modification time of every file read: a file replaced
+        under the same name recomputes its shard."""
+        blob = json.dumps([self.digest(), [list(s) for s in self.stats]])
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def to_json(self) -> str:
@@ -68,7 +77,17 @@ class WorkUnit:
     @staticmethod
     def from_json(item: str) -> WorkUnit:
         d = json.loads(item)
-        return WorkUnit(d["shard"], d["kind"], d["path"], tuple(d["members"]), tuple(d["captions"]))
+        stats = tuple(tuple(s) for s in d.get("stats", ()))
+        return WorkUnit(d["shard"], d["kind"], d["path"], tuple(d["members"]), tuple(d["captions"]), stats)
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    """(size, mtime_ns) of ``path``; (-1, -1) when it does not exist."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return (-1, -1)
+    return (info.st_size, info.st_mtime_ns)
 
 
 @dataclass
@@ -173,7 +192,8 @@ def _plan_folder(root: Path, shard_size: int, captions: str | None) -> list[Work
         caps: tuple[str | None, ...] = ()
         if table is not None:
             caps = tuple(table.get(str(Path(f).with_suffix("")), table.get(f)) for f in chunk)
-        units.append(WorkUnit(f"folder-{j:05d}", "folder", "", tuple(chunk), caps))
+        stats = tuple(s for f in chunk for s in (_stat(root / f), _stat((root / f).with_suffix(".txt"))))
+        units.append(WorkUnit(f"folder-{j:05d}", "folder", "", tuple(chunk), caps, stats))
     return units
 
 
@@ -188,7 +208,7 @@ def _plan_webdataset(root: Path, shard_size: int, skipped: Counter[str]) -> list
         skipped.update(skip)
         name = _safe_name(tar.name if rel == "" else rel)
         for j, chunk in _chunks(keys, shard_size):
-            units.append(WorkUnit(f"{name}-{j:04d}", "webdataset", str(tar), tuple(chunk)))
+            units.append(WorkUnit(f"{name}-{j:04d}", "webdataset", str(tar), tuple(chunk), (), (_stat(tar),)))
     return units
 
 
@@ -218,7 +238,7 @@ def _plan_parquet(
             rows = [i for i in rows if status[i] == "success"]
         name = _safe_name(file.name if rel == "" else rel)
         for j, chunk in _chunks(rows, shard_size):
-            units.append(WorkUnit(f"{name}-{j:04d}", "parquet", str(file), tuple(chunk)))
+            units.append(WorkUnit(f"{name}-{j:04d}", "parquet", str(file), tuple(chunk), (), (_stat(file),)))
     return units, has_gt
 
 

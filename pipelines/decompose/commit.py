@@ -147,6 +147,7 @@ def _write(
     wrote("errors", unit.shard)
     state = {
         "unit": unit.digest(),
+        "inputs_digest": unit.content_digest(),
         "path": f"shards/{unit.shard}.parquet",
         "inputs": len(unit.members),
         "rows": len(good),

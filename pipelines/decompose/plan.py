@@ -93,6 +93,8 @@ class JobPlan:
         st = json.loads(p.read_text())
         if st.get("unit") != unit.digest() or not (self.out / st["path"]).is_file():
             return None
+        if "inputs_digest" in st and st["inputs_digest"] != unit.content_digest():
+            return None  # a file was replaced under the same name (states before this lack it)
         recorded = [(self.out / st["path"], st["sha256"])]
         if st.get("errors_sha256"):  # states written before these were recorded lack them
             recorded.append((self.state / "errors" / f"{unit.shard}.parquet", st["errors_sha256"]))

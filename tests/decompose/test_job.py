@@ -382,3 +382,24 @@ def test_a_kill_at_every_write_boundary_resumes_to_the_same_manifest(tmp_path, r
             assert ("intensity" in computed[-1]) == (what != "state"), (what, computed[-1])
         rows = all_rows(out)
         assert all(r["sketch"] is not None for r in rows.values())
+
+
+@pytest.mark.slow
+def test_a_replaced_input_recomputes_its_shard_only(tmp_path, ray_local):
+    images.write_folder(tmp_path / "in", n_good=10, with_bad=False)
+    out = tmp_path / "out"
+    first = run_decompose(cfg(tmp_path / "in", out, shard_size=4))
+    before = all_rows(out)
+    # the same name, other pixels (and another size and modification time)
+    (tmp_path / "in" / "good00.png").write_bytes(images.good_png(99, size=40))
+    s = run_decompose(cfg(tmp_path / "in", out, shard_size=4))
+    assert s.shards_computed == 1 and s.shards_reused == first.shards_computed - 1
+    after = all_rows(out)
+    assert not np.array_equal(after["good00"]["image"], before["good00"]["image"])
+    assert all(np.array_equal(after[k]["image"], before[k]["image"]) for k in before if k != "good00")
+    # a replaced sidecar caption too
+    caption = next(p for p in (tmp_path / "in").rglob("*.txt"))
+    caption.write_text("a new caption")
+    s = run_decompose(cfg(tmp_path / "in", out, shard_size=4))
+    assert s.shards_computed == 1
+    assert "a new caption" in {r["text"] for r in all_rows(out).values()}
