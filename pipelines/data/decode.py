@@ -44,6 +44,8 @@ def check_formats(formats: tuple[str, ...], where: str) -> None:
 class DecodeConfig(Config):
     max_pixels: int = Field(100_000_000, ge=1)  # larger images are refused: decompression-bomb guard
     formats: tuple[str, ...] = added(IMAGE_FORMATS)  # the only formats decoded; others are error rows
+    # A file or tar member larger than this is an error row, never read into memory.
+    max_file_bytes: int = added(128 * 2**20, ge=1)
     min_side: int = Field(1, ge=1)  # smaller images are recorded as errors; raise it to drop thumbnails
     batch_size: int = resource(64, ge=1)  # rows per decode task
     num_cpus: float = resource(1.0, gt=0)  # CPUs per decode task

@@ -341,23 +341,42 @@ def _error(unit: WorkUnit, index: int, key: str, source: str, e: BaseException) 
     )
 
 
+class FileTooLarge(ValueError):
+    """An input file or tar member larger than ``max_file_bytes``: recorded, never read."""
+
+
+def _too_large(size: int, max_bytes: int | None) -> FileTooLarge | None:
+    if max_bytes is not None and size > max_bytes:
+        return FileTooLarge(f"{size} bytes is over max_file_bytes={max_bytes}; not read")
+    return None
+
+
 def read_unit(
-    unit: WorkUnit, root: str, image_column: str | None = None, caption_column: str | None = None
+    unit: WorkUnit,
+    root: str,
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    max_bytes: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Exactly one row per member: the encoded bytes and caption, or a ``read`` error."""
+    """Exactly one row per member: the encoded bytes and caption, or a ``read`` error (also for
+    a file or tar member over ``max_bytes``, which is never read)."""
     if unit.kind == "folder":
-        return _read_folder(unit, root)
+        return _read_folder(unit, root, max_bytes)
     if unit.kind == "webdataset":
-        return _read_tar(unit)
+        return _read_tar(unit, max_bytes)
     return _read_parquet(unit, image_column, caption_column)
 
 
-def _read_folder(unit: WorkUnit, root: str) -> list[dict[str, Any]]:
+def _read_folder(unit: WorkUnit, root: str, max_bytes: int | None = None) -> list[dict[str, Any]]:
     rows = []
     for i, rel in enumerate(unit.members):
         path = os.path.join(root, rel)
         key = str(Path(rel).with_suffix("")).replace(os.sep, "/")
         try:
+            big = _too_large(os.path.getsize(path), max_bytes)
+            if big is not None:
+                rows.append(_error(unit, i, key, rel, big))
+                continue
             with open(path, "rb") as f:
                 data = f.read()
             if unit.captions:
@@ -371,9 +390,10 @@ def _read_folder(unit: WorkUnit, root: str) -> list[dict[str, Any]]:
     return rows
 
 
-def _read_tar(unit: WorkUnit) -> list[dict[str, Any]]:
+def _read_tar(unit: WorkUnit, max_bytes: int | None = None) -> list[dict[str, Any]]:
     want = {k: i for i, k in enumerate(unit.members)}
     found: dict[str, dict[str, bytes]] = {}
+    too_large: dict[str, FileTooLarge] = {}
     failure: BaseException | None = None
     try:
         with tarfile.open(unit.path, mode="r:*") as tf:
@@ -387,6 +407,11 @@ def _read_tar(unit: WorkUnit) -> list[dict[str, Any]]:
                     if len(found) == len(want):
                         break
                     continue
+                big = _too_large(m.size, max_bytes)
+                if big is not None:
+                    too_large[key] = big
+                    found.setdefault(key, {})
+                    continue
                 f = tf.extractfile(m)
                 found.setdefault(key, {})[ext] = f.read() if f else b""
     except (tarfile.TarError, OSError, EOFError) as e:
@@ -396,6 +421,9 @@ def _read_tar(unit: WorkUnit) -> list[dict[str, Any]]:
     for key, i in want.items():
         src = f"{tar}:{key}"
         files = found.get(key, {})
+        if key in too_large:
+            rows.append(_error(unit, i, key, src, too_large[key]))
+            continue
         img_ext = next((e for e in files if "." + e.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS), None)
         if img_ext is None:
             why = failure or KeyError(f"no image for key {key!r} in {tar}")

@@ -23,6 +23,13 @@ def _npy(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def member_key(key: str) -> str:
+    """A sample key as a safe tar member prefix: relative, no ``.`` or ``..`` parts (a key comes
+    from input names, which may be anything), dots replaced as webdataset needs."""
+    parts = [p for p in str(key).replace("\\", "/").split("/") if p not in ("", ".", "..")]
+    return "/".join(parts).replace(".", "_") or "_"
+
+
 def write_tar(table: pa.Table, path: str | Path) -> None:
     import webdataset as wds
 
@@ -31,7 +38,7 @@ def write_tar(table: pa.Table, path: str | Path) -> None:
     with wds.TarWriter(buf, mtime=0.0) as sink:
         for i, key in enumerate(data["key"]):
             sample = {
-                "__key__": str(key).replace(".", "_"),
+                "__key__": member_key(key),
                 "txt": str(data["text"][i]),
                 "image.png": encode_png(data["image"][i]),
             }

@@ -80,6 +80,7 @@ def _dataset(job: JobPlan, work: list[Pending], staging: Path) -> Any:
         "root": job.plan.root,
         "image_column": cfg.image_column,
         "caption_column": cfg.caption_column,
+        "max_bytes": cfg.decode.max_file_bytes,
     }
     ds = ds.flat_map(read_rows, fn_kwargs=read_kwargs, num_cpus=cfg.read_num_cpus)
     ds = ds.map_batches(

@@ -30,10 +30,10 @@ def unfused() -> dict[str, Any]:
 
 
 def read_rows(
-    item: dict[str, Any], root: str, image_column: str | None, caption_column: str | None
+    item: dict[str, Any], root: str, image_column: str | None, caption_column: str | None, max_bytes: int
 ) -> list[dict[str, Any]]:
     unit = WorkUnit.from_json(item["unit"])
-    rows = read_unit(unit, root, image_column, caption_column)
+    rows = read_unit(unit, root, image_column, caption_column, max_bytes)
     for r in rows:
         r["todo"] = item["todo"]
     return rows
