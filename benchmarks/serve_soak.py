@@ -14,7 +14,7 @@ one JSON object on stdout:
 - ``valid``: count, failures (must be 0), latency p50 / p95 / max (s);
 - ``invalid``: count, mismatches (answers other than the expected status and code; must be 0);
 - ``rss_mb``: the model replica's and the ingress replica's resident memory, averaged over the
-  first and over the last 100 answers (sampled after each), and their growth (goal < 10%).
+  first and over the last ``--window`` (100) answers (sampled after each), and their growth (goal < 10%).
 
 The model is a random-init tiny pipeline at 32 px unless ``--model`` names one.
 """
@@ -43,7 +43,7 @@ import numpy as np  # noqa: E402
 from benchmarks.machine import cpu_name  # noqa: E402
 from benchmarks.serve import free_port, log, make_model  # noqa: E402
 
-WINDOW = 100  # answers in each of the first and last RSS windows
+WINDOW = 100  # default answers in each of the first and last RSS windows
 
 
 def _png(a: np.ndarray, fmt: str = "PNG") -> str:
@@ -211,7 +211,9 @@ def replica_pids(app: str) -> dict[str, int]:
     return pids
 
 
-async def soak(url: str, cases: list, total: int, concurrency: int, pids: dict[str, int]) -> dict[str, Any]:
+async def soak(
+    url: str, cases: list, total: int, concurrency: int, pids: dict[str, int], window: int = WINDOW
+) -> dict[str, Any]:
     import aiohttp
 
     results: list[dict[str, Any]] = []
@@ -252,7 +254,7 @@ async def soak(url: str, cases: list, total: int, concurrency: int, pids: dict[s
                 "got": [got_status, got_code],
             }
         )
-        if n < WINDOW or n >= total - WINDOW:
+        if n < window or n >= total - window:
             for d, pid in pids.items():
                 rss[d].append((n, _rss(pid)))
 
@@ -268,11 +270,11 @@ async def soak(url: str, cases: list, total: int, concurrency: int, pids: dict[s
     lat = sorted(r["latency"] for r in valid)
     rss_out = {}
     for d, points in rss.items():
-        first = statistics.mean(v for n, v in points if n < WINDOW)
-        last = statistics.mean(v for n, v in points if n >= total - WINDOW)
+        first = statistics.mean(v for n, v in points if n < window)
+        last = statistics.mean(v for n, v in points if n >= total - window)
         rss_out[d] = {
-            "first_100": round(first, 1),
-            "last_100": round(last, 1),
+            "first": round(first, 1),
+            "last": round(last, 1),
             "growth": round(last / first - 1, 4),
         }
     return {
@@ -308,9 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=520, help="answers to collect (>= 2 x 100)")
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--steps", type=int, default=2, help="DDIM steps of the valid generations")
+    p.add_argument("--window", type=int, default=WINDOW, help="answers in each RSS window (first, last)")
     args = p.parse_args(argv)
-    if args.requests < 2 * WINDOW or args.concurrency < 1 or args.steps < 1:
-        p.error(f"--requests must be >= {2 * WINDOW}, --concurrency and --steps >= 1")
+    if args.window < 1 or args.requests < 2 * args.window or args.concurrency < 1 or args.steps < 1:
+        p.error("--requests must be >= 2 x --window; --window, --concurrency and --steps >= 1")
     import ray
     import torch
     from ray import serve
@@ -335,7 +338,9 @@ def main(argv: list[str] | None = None) -> int:
                 url = f"http://127.0.0.1:{port}/"
                 cases = mix(args.steps)
                 log(f"soaking {url} with {args.requests} requests at concurrency {args.concurrency}")
-                out = asyncio.run(soak(url, cases, args.requests, args.concurrency, replica_pids("soak")))
+                out = asyncio.run(
+                    soak(url, cases, args.requests, args.concurrency, replica_pids("soak"), args.window)
+                )
             finally:
                 serve.shutdown()
                 ray.shutdown()
