@@ -107,6 +107,8 @@ def model_label(model_dir: str) -> tuple[str, str]:
     """
     import hashlib
 
+    from pipelines.files import sha256_file
+
     if model_dir.startswith("models:/"):
         name, _, version = model_dir.removeprefix("models:/").rstrip("/").partition("/")
         if not version and "@" in name:
@@ -121,10 +123,10 @@ def model_label(model_dir: str) -> tuple[str, str]:
     else:
         parts = Path(model_dir).resolve().parts
         name = "/".join(parts[-2:]) if len(parts) >= 2 else (parts[-1] if parts else model_dir)
-    digest = hashlib.sha256()
     weights = sorted((pipeline_dir(model_dir) / "unet").glob("*.safetensors"))
-    for f in weights:
-        with f.open("rb") as fh:
-            while chunk := fh.read(8 << 20):
-                digest.update(chunk)
-    return name, digest.hexdigest()[:12] if weights else "unknown"
+    if not weights:
+        return name, "unknown"
+    if len(weights) == 1:
+        return name, sha256_file(weights[0])[:12]
+    combined = "".join(sha256_file(f) for f in weights)  # sharded weights: one digest of the shards'
+    return name, hashlib.sha256(combined.encode()).hexdigest()[:12]

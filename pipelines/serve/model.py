@@ -327,9 +327,8 @@ class ComposerServer:
         )
         return self.pipe.prepare(request)
 
-    def _sample(
-        self, jobs: list[Job], prepared: list["PreparedRequest"], key: tuple
-    ) -> list["ComposerOutput"]:
+    def _sample(self, prepared: list["PreparedRequest"], key: tuple) -> list["ComposerOutput"]:
+        """One batched sampling run; a failure that lost the device marks the replica unhealthy."""
         _, steps, scheduler, threshold = key
         try:
             return self.pipe.sample_batch(prepared, steps, scheduler, threshold)
@@ -361,7 +360,7 @@ class ComposerServer:
                 run = runs.pop(0)
                 t = time.perf_counter()
                 try:
-                    outs = self._sample([jobs[i] for i in run], [prepared[i] for i in run], key)
+                    outs = self._sample([prepared[i] for i in run], key)
                 except Exception as e:  # noqa: BLE001 - see the docstring
                     if len(run) > 1 and self.lost is None:
                         runs += [[i] for i in run]
