@@ -1,7 +1,7 @@
 """``recompose decompose`` / ``python -m jobs.decompose``: image dataset → condition shards.
 
     recompose decompose --input SRC --output DIR [--format auto|folder|webdataset|parquet]
-        [--conditions a,b,…] [--resolution N] [--config FILE] [--set key=value …] [--json]
+        [--conditions a,b,…] [--resolution N] [--base BASE] [--config FILE] [--set key=value …] [--json]
 
 Runs on the Ray cluster in ``RAY_ADDRESS`` (as under ``ray job submit``) or a local Ray. Its output
 directory is what ``recompose train`` and ``recompose evaluate`` read with ``--data``.
@@ -28,13 +28,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["auto", "folder", "webdataset", "parquet"], help="(config: format)")
     p.add_argument("--conditions", help="comma-separated; empty: every available one (config: conditions)")
     p.add_argument("--resolution", type=int, help="stored side length in pixels (config: resolution)")
+    p.add_argument(
+        "--base",
+        help="a Stable Diffusion 1.x/2.x diffusers pipeline directory, or a repo id in the local Hugging "
+        "Face cache: also store `latents` (its VAE's encoding; the resolution must be a multiple of the "
+        "VAE's scale factor, 8 for SD) and the caption as its text encoder's embeddings, what "
+        "`recompose train` on that base reads (config: base)",
+    )
     add_config_arguments(p, "configs/decompose-*.yaml", "sketch.method=canny")
     add_common_arguments(p, json_help="print the summary as JSON on stdout")
     return p
 
 
 def decompose(args: argparse.Namespace) -> DecomposeResult:
-    keys = ("input", "output", "format", "conditions", "resolution")
+    keys = ("input", "output", "format", "conditions", "resolution", "base")
     cfg = load_config(DecomposeConfig, args.config, {k: getattr(args, k) for k in keys}, args.overrides)
     return run_decompose(cfg)
 

@@ -1,7 +1,12 @@
 """``recompose train`` / ``python -m jobs.train``: decomposition shards -> a trained pipeline.
 
     recompose train --data DIR --output RUN_DIR [--preset tiny|small|medium|base] [--max-steps N]
-        [--workers N] [--gpus-per-worker N] [--config FILE] [--set key=value …]
+        [--workers N] [--gpus-per-worker N] [--base BASE_DIR [--mode full|adapter]]
+        [--config FILE] [--set key=value …]
+
+With ``--base`` the Composer UNet starts as a pretrained Stable Diffusion 1.x/2.x UNet (a diffusers
+pipeline directory, or a repo id in the local Hugging Face cache), exactly that model at step 0,
+trained on the latents and caption embeddings that ``recompose decompose --base`` stored.
 
 Runs on the Ray cluster in ``RAY_ADDRESS`` (as under ``ray job submit``) or a local Ray. Running
 the same command again resumes RUN_DIR from its latest checkpoint, in the same MLflow run.
@@ -26,6 +31,17 @@ def parser() -> argparse.ArgumentParser:
     add("--max-steps", type=int, default=None, help="steps in all; a rerun trains on (config: max_steps)")
     add("--workers", type=int, default=None, help="Ray Train workers (config: workers)")
     add("--gpus-per-worker", type=float, default=None, help="0: CPU workers (config: gpus_per_worker)")
+    add(
+        "--base",
+        default=None,
+        help="a Stable Diffusion 1.x/2.x pipeline directory or cached repo id to start from (config: base)",
+    )
+    add(
+        "--mode",
+        choices=["full", "adapter"],
+        default=None,
+        help="with --base: train the whole UNet, or only the new condition paths (config: mode)",
+    )
     add_config_arguments(p, "configs/train-*.yaml", "optim.lr=3e-4")
     add_common_arguments(p, json_help="print the summary as JSON on stdout")
     return p
@@ -39,6 +55,8 @@ def train(args: argparse.Namespace) -> TrainResult:
         "max_steps": args.max_steps,
         "workers": args.workers,
         "gpus_per_worker": args.gpus_per_worker,
+        "base": args.base,
+        "mode": args.mode,
     }
     return run_train(load_config(TrainConfig, args.config, values, args.overrides))
 

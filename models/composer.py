@@ -16,7 +16,9 @@ from typing import Literal
 import torch
 from diffusers import ModelMixin, UNet2DConditionModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from torch import nn
 
+from models.backbone import add_lora, base_state_dict, build_unet, is_new_parameter
 from models.conditioning import (
     CONDITIONS,
     PALETTE_BINS,
@@ -31,7 +33,8 @@ from models.encoders import HashTokenizer, ImageEncoder, TextEncoder
 # "clip+t5": both frozen embeddings at once (as eDiffi); pipelines/diffusion/inputs.py joins them —
 # sentence vectors concatenated, token sequences one after the other in disjoint feature columns —
 # so the widths/lengths below are the sums of the two encoders'.
-CAPTION_ENCODERS = ("trainable", "clip", "t5", "clip+t5")
+# "base": a pretrained base's own text-encoder states (models/backbone.py), passed through.
+CAPTION_ENCODERS = ("trainable", "clip", "t5", "clip+t5", "base")
 
 
 class ComposerModel(ModelMixin, ConfigMixin):
@@ -53,7 +56,7 @@ class ComposerModel(ModelMixin, ConfigMixin):
         cross_attention_dim: int = 64,
         local_channels: int = 8,
         local_hidden: int = 16,
-        caption_encoder: Literal["trainable", "clip", "t5", "clip+t5"] = "trainable",
+        caption_encoder: Literal["trainable", "clip", "t5", "clip+t5", "base"] = "trainable",
         caption_sentence_dim: int = 64,
         caption_token_dim: int = 64,
         caption_length: int = 24,
@@ -68,6 +71,11 @@ class ComposerModel(ModelMixin, ConfigMixin):
         # ResNet block's normalised features (AdaGN, as the ADM/GLIDE UNets Composer builds on);
         # "default": it is added to them (diffusers' default).
         resnet_time_scale_shift: Literal["default", "scale_shift"] = "default",
+        # A pretrained Stable Diffusion–family UNet's config (``from_base``): the UNet is that
+        # architecture with zero-start condition paths (models/backbone.py), and the settings
+        # above that shape a UNet (channels, levels, heads, groups) are not used.
+        base_unet: dict | None = None,
+        lora_rank: int = 0,  # base models: peft LoRA rank on the base's attention projections (0: none)
     ):
         super().__init__()
         if resnet_time_scale_shift not in ("default", "scale_shift"):
@@ -88,8 +96,73 @@ class ComposerModel(ModelMixin, ConfigMixin):
             raise ValueError(
                 f"attention_head_dim {attention_head_dim} must divide every block_out_channels entry"
             )
-        embed_dim = block_out_channels[0] * 4  # UNet2DConditionModel's timestep-embedding width
-        self.unet = UNet2DConditionModel(
+        if (base_unet is None) != (caption_encoder != "base"):
+            raise ValueError(
+                "caption_encoder 'base' goes with base_unet (ComposerModel.from_base), and only with it"
+            )
+        if lora_rank < 0 or (lora_rank and base_unet is None):
+            raise ValueError(f"lora_rank is for base models and >= 0, got {lora_rank}")
+        self.embed_out = None
+        if base_unet is not None:
+            for key, want in (("in_channels", image_channels), ("cross_attention_dim", cross_attention_dim)):
+                if base_unet.get(key) != want:
+                    raise ValueError(f"base_unet has {key}={base_unet.get(key)}, the model {want}")
+            self.unet = build_unet(base_unet, local_channels, semantics_tokens + palette_tokens)
+            if lora_rank:
+                add_lora(self.unet, lora_rank)
+            embed_dim = self.unet.time_embedding.linear_2.out_features
+            # The global conditions' embedding joins the base's timestep embedding through a
+            # zero-initialised layer: exactly the base until trained.
+            self.embed_out = nn.Linear(embed_dim, embed_dim)
+            nn.init.zeros_(self.embed_out.weight)
+            nn.init.zeros_(self.embed_out.bias)
+        else:
+            embed_dim = block_out_channels[0] * 4  # UNet2DConditionModel's timestep-embedding width
+            self.unet = self._pixel_unet(
+                sample_size,
+                image_channels,
+                local_channels,
+                block_out_channels,
+                attention_levels,
+                layers_per_block,
+                attention_head_dim,
+                norm_num_groups,
+                cross_attention_dim,
+                resnet_time_scale_shift,
+            )
+        self.conditioner = GlobalConditioner(
+            embed_dim=embed_dim,
+            context_dim=cross_attention_dim,
+            caption_sentence_dim=caption_sentence_dim,
+            caption_token_dim=caption_token_dim,
+            caption_length=caption_length,
+            semantics_dim=semantics_dim,
+            semantics_tokens=semantics_tokens,
+            palette_tokens=palette_tokens,
+            caption_passthrough=base_unet is not None,
+        )
+        self.local = LocalConditioner(local_channels, local_hidden, local_downsample)
+        self.text_encoder = (
+            TextEncoder(text_vocab_size, caption_length, caption_token_dim, text_layers, text_heads)
+            if caption_encoder == "trainable"
+            else None
+        )
+        self.image_encoder = ImageEncoder(semantics_dim) if semantics_encoder == "trainable" else None
+
+    @staticmethod
+    def _pixel_unet(
+        sample_size,
+        image_channels,
+        local_channels,
+        block_out_channels,
+        attention_levels,
+        layers_per_block,
+        attention_head_dim,
+        norm_num_groups,
+        cross_attention_dim,
+        resnet_time_scale_shift,
+    ) -> UNet2DConditionModel:
+        return UNet2DConditionModel(
             sample_size=sample_size,
             in_channels=image_channels + local_channels,
             out_channels=image_channels,
@@ -108,23 +181,6 @@ class ComposerModel(ModelMixin, ConfigMixin):
             class_embed_type="identity",
             resnet_time_scale_shift=resnet_time_scale_shift,
         )
-        self.conditioner = GlobalConditioner(
-            embed_dim=embed_dim,
-            context_dim=cross_attention_dim,
-            caption_sentence_dim=caption_sentence_dim,
-            caption_token_dim=caption_token_dim,
-            caption_length=caption_length,
-            semantics_dim=semantics_dim,
-            semantics_tokens=semantics_tokens,
-            palette_tokens=palette_tokens,
-        )
-        self.local = LocalConditioner(local_channels, local_hidden, local_downsample)
-        self.text_encoder = (
-            TextEncoder(text_vocab_size, caption_length, caption_token_dim, text_layers, text_heads)
-            if caption_encoder == "trainable"
-            else None
-        )
-        self.image_encoder = ImageEncoder(semantics_dim) if semantics_encoder == "trainable" else None
 
     # -- inputs ------------------------------------------------------------------------------
     @property
@@ -143,6 +199,67 @@ class ComposerModel(ModelMixin, ConfigMixin):
         if self.image_encoder is None:
             raise ValueError("this model takes CLIP semantics embeddings; decompose the image with CLIP")
         return self.image_encoder(image.to(self.device, self.dtype))
+
+    @classmethod
+    def from_base(
+        cls,
+        base: UNet2DConditionModel,
+        null_caption: torch.Tensor,
+        sentence_dim: int,
+        local_downsample: int,
+        sample_size: int | None = None,
+        lora_rank: int = 0,
+        **settings,
+    ) -> ComposerModel:
+        """A Composer UNet whose output is exactly ``base``'s until trained (models/backbone.py).
+
+        ``null_caption`` (L, W): the base text encoder's states for the empty prompt (the absent
+        caption); ``sentence_dim``: the width of its pooled vector; ``local_downsample``: the VAE's
+        scale factor; ``sample_size``: the latent side (default: the base's); ``settings``: the
+        condition paths' other ``ComposerModel`` arguments (``local_channels``, ``semantics_dim``, …).
+        """
+        cfg = {k: v for k, v in base.config.items() if not k.startswith("_")}
+        if null_caption.ndim != 2 or null_caption.shape[1] != cfg.get("cross_attention_dim"):
+            raise ValueError(
+                f"null_caption must be (length, {cfg.get('cross_attention_dim')}), got {tuple(null_caption.shape)}"
+            )
+        model = cls(
+            sample_size=sample_size or cfg["sample_size"],
+            image_channels=cfg["in_channels"],
+            local_downsample=local_downsample,
+            cross_attention_dim=cfg["cross_attention_dim"],
+            caption_encoder="base",
+            caption_sentence_dim=sentence_dim,
+            caption_token_dim=cfg["cross_attention_dim"],
+            caption_length=null_caption.shape[0],
+            base_unet=cfg,
+            lora_rank=lora_rank,
+            **settings,
+        )
+        model.load_base(base, null_caption)
+        return model
+
+    def load_base(self, base: UNet2DConditionModel, null_caption: torch.Tensor) -> None:
+        """The base UNet's weights and its empty-prompt states into this base model (built from the
+        base's config): afterwards the model's output is exactly the base's (``from_base``)."""
+        if self.config.base_unet is None:
+            raise ValueError("load_base is for models built on a base UNet (base_unet)")
+        ours = self.unet.state_dict()
+        weights = {}
+        for key, value in base_state_dict(base).items():
+            # peft's LoRA wraps a projection: its own weight moves to `<name>.base_layer.<param>`
+            name, _, param = key.rpartition(".")
+            wrapped = f"{name}.base_layer.{param}"
+            weights[key if key in ours else wrapped] = value
+        result = self.unet.load_state_dict(weights, strict=False)
+        missing = [k for k in result.missing_keys if not is_new_parameter(f"unet.{k}")]
+        if missing or result.unexpected_keys:
+            raise ValueError(
+                f"the base UNet's weights do not fit this model: missing {missing[:5]}, "
+                f"unexpected {result.unexpected_keys[:5]}"
+            )
+        with torch.no_grad():
+            self.conditioner.null_caption.copy_(null_caption.to(self.conditioner.null_caption))
 
     # -- the two steps -----------------------------------------------------------------------
     def encode(self, conditions: Conditions, presence: torch.Tensor) -> EncodedConditions:
@@ -175,6 +292,8 @@ class ComposerModel(ModelMixin, ConfigMixin):
         elif c.semantics_image is not None:
             raise ValueError("this model takes CLIP semantics embeddings, not semantics_image")
         embedding, context = self.conditioner(presence, sentence, tokens, semantics, c.palette)
+        if self.embed_out is not None:
+            embedding = self.embed_out(embedding)
         mask = None
         if c.mask is not None or c.masked_image is not None:
             if c.mask is None or c.masked_image is None:

@@ -138,6 +138,7 @@ class GlobalConditioner(nn.Module):
         semantics_dim: int,
         semantics_tokens: int,
         palette_tokens: int,
+        caption_passthrough: bool = False,
     ):
         super().__init__()
         self.context_dim = context_dim
@@ -148,14 +149,26 @@ class GlobalConditioner(nn.Module):
         self.palette_embed = _mlp(PALETTE_BINS, embed_dim)
         self.presence_embed = nn.Linear(len(CONDITIONS), embed_dim)
         self.null_embed = nn.Parameter(torch.zeros(len(GLOBAL_CONDITIONS), embed_dim))
-        self.caption_context = nn.Linear(caption_token_dim, context_dim)
+        # passthrough: the caption tokens are a pretrained base's own cross-attention context
+        # (models/backbone.py), used unchanged; an absent caption is the base's empty-prompt
+        # embedding, a buffer that the base fills in (ComposerModel.from_base).
+        if caption_passthrough and caption_token_dim != context_dim:
+            raise ValueError(
+                f"passed-through caption tokens must be {context_dim} wide, got {caption_token_dim}"
+            )
+        self.caption_context = (
+            nn.Identity() if caption_passthrough else nn.Linear(caption_token_dim, context_dim)
+        )
         self.semantics_context = nn.Sequential(
             nn.LayerNorm(semantics_dim), nn.Linear(semantics_dim, semantics_tokens * context_dim)
         )
         self.palette_context = nn.Sequential(
             nn.LayerNorm(PALETTE_BINS), nn.Linear(PALETTE_BINS, palette_tokens * context_dim)
         )
-        self.null_caption = nn.Parameter(torch.randn(caption_length, context_dim) * 0.02)
+        if caption_passthrough:
+            self.register_buffer("null_caption", torch.zeros(caption_length, context_dim))
+        else:
+            self.null_caption = nn.Parameter(torch.randn(caption_length, context_dim) * 0.02)
         self.null_semantics = nn.Parameter(torch.randn(semantics_tokens, context_dim) * 0.02)
         self.null_palette = nn.Parameter(torch.randn(palette_tokens, context_dim) * 0.02)
 

@@ -102,8 +102,13 @@ class Extractor(ABC):
 
         A change of the fingerprint makes a resumed job recompute this condition (and only it).
         """
-        settings = json.dumps(to_dict(self.config, outputs_only=True), sort_keys=True, default=str)
-        digest = hashlib.sha256(f"{self.resolution}|{settings}".encode()).hexdigest()[:12]
+        return self._fingerprint(to_dict(self.config, outputs_only=True))
+
+    def _fingerprint(self, settings: dict[str, Any]) -> str:
+        """``name@version:digest`` of the resolution and ``settings`` (extractors whose outputs
+        depend on weights add the weights' identity to their settings here)."""
+        text = json.dumps(settings, sort_keys=True, default=str)
+        digest = hashlib.sha256(f"{self.resolution}|{text}".encode()).hexdigest()[:12]
         return f"{self.name}@{self.version}:{digest}"
 
     def describe(self) -> dict[str, Any]:
@@ -126,7 +131,8 @@ class Extractor(ABC):
             return self.config.device
         import torch
 
-        return "cuda" if self.config.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        gpus = self.config.num_gpus or 0  # None (chosen from the cluster) was never filled in here
+        return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
 
     def prepare(self) -> None:
         """Check availability and load weights once; raises ``ExtractorUnavailable`` with the reason."""

@@ -2,17 +2,24 @@
 
 Composer embeds the caption with CLIP's text tower, both as one sentence vector (a global
 condition) and as per-token states (cross-attention context). eDiffi and Imagen show that a T5
-encoder's token states help text fidelity, so T5 can be stored next to (or instead of) CLIP:
+encoder's token states help text fidelity, so T5 can be stored next to (or instead of) CLIP; and a
+model on a pretrained Stable Diffusion base (``--base``) conditions on the base's own text encoder:
 
     caption.clip_sentence (D,)                  the pooled, projected open_clip text embedding
     caption.clip_tokens   (L, W)                final hidden states (after ln_final, before the
                                                 projection); L = context length, W = text width
     caption.t5_sentence   (D_t5,)               attention-mask-weighted mean of the token states
     caption.t5_tokens     (t5_max_length, D_t5) T5 encoder states, padding positions zeroed
+    caption.base_sentence (W_b,)                the base text encoder's pooled output
+    caption.base_tokens   (L_b, W_b)            its last hidden states, the caption padded to the
+                                                tokenizer's model_max_length (L_b; 77 for SD)
 
-All float16. Weights come from disk only: ``clip_model`` as in ``semantics``
-(``local-dir:/path`` or ``hf-hub:org/repo`` from the local cache), ``t5_model`` a directory holding
-a ``T5EncoderModel`` checkpoint and its tokenizer, or a repo id already in the Hugging Face cache.
+All float16; an empty caption gets the empty prompt's embeddings. The ``base_*`` columns are
+exactly ``BaseModel.encode_text`` (what Stable Diffusion's cross-attention reads), computed in
+float32. Weights come from disk only: ``clip_model`` as in ``semantics`` (``local-dir:/path`` or
+``hf-hub:org/repo`` from the local cache), ``t5_model`` a directory holding a ``T5EncoderModel``
+checkpoint and its tokenizer, or a repo id already in the Hugging Face cache, ``base`` a diffusers
+pipeline directory or cached repo (``pipelines/conditions/backbone.py``).
 
 With no weights configured the extractor is unavailable, and that is not a dead end: the
 decomposition job stores the caption text itself in the ``text`` column, and the trainable text
@@ -29,6 +36,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
+from pipelines.conditions.backbone import BaseModelError, load_base, resolve_base, text_encoder_identity
 from pipelines.conditions.base import (
     Batch,
     ColumnSpec,
@@ -45,21 +53,23 @@ from pipelines.conditions.semantics import (
     open_clip_model_cfg,
     resolve_open_clip,
 )
-from pipelines.config import resource
+from pipelines.config import added, resource, to_dict
 
-ENCODERS = ("clip", "t5")
+ENCODERS = ("clip", "t5", "base")
 # The T5 that eDiffi and DeepFloyd IF use; only named in messages.
 SUGGESTED_T5 = "google/t5-v1_1-xxl"
 
 
 class CaptionConfig(ExtractorConfig):
-    encoders: tuple[Literal["clip", "t5"], ...] = ("clip",)  # Composer uses CLIP; add "t5" as eDiffi does
+    # Composer uses CLIP; add "t5" as eDiffi does; "base": the --base pipeline's text encoder
+    encoders: tuple[Literal["clip", "t5", "base"], ...] = ("clip",)
     clip_model: str | None = None  # open_clip weights, 'local-dir:/path' or 'hf-hub:org/repo' (cache only)
     t5_model: str | None = None  # T5 encoder + tokenizer directory, or a repo id in the HF cache
     t5_max_length: int = Field(
         77, ge=1
     )  # T5 tokens kept per caption; 77 matches CLIP's context for equal cost
     batch_size: int = resource(64, ge=1)  # text encoders are cheap per row; 64 keeps a T5-XXL batch in memory
+    base: str | None = added(None)  # the pipeline whose text encoder "base" runs; set from the job's `base`
 
     @model_validator(mode="after")
     def _check(self) -> CaptionConfig:
@@ -104,6 +114,7 @@ class CaptionExtractor(Extractor):
         self._models: dict[str, Any] = {}
         self._tokenizers: dict[str, Any] = {}
         self._device: Any = None
+        self._base_identity: dict[str, Any] | None = None
 
     def _dir(self, encoder: str) -> str:
         """The resolved weights directory of ``encoder``; ``ExtractorUnavailable`` says why not."""
@@ -113,6 +124,16 @@ class CaptionExtractor(Extractor):
                 if c.clip_model is None:
                     raise ExtractorUnavailable(no_clip_model_reason("caption.clip_model"))
                 self._dirs[encoder] = resolve_open_clip(c.clip_model, "caption.clip_model")
+            elif encoder == "base":
+                if c.base is None:
+                    raise ExtractorUnavailable(
+                        "caption.encoders has 'base' and no base is given; give --base BASE_DIR "
+                        "(config: base), a diffusers Stable Diffusion pipeline directory"
+                    )
+                try:
+                    self._dirs[encoder] = str(resolve_base(c.base))
+                except BaseModelError as e:
+                    raise ExtractorUnavailable(str(e)) from None
             else:
                 if c.t5_model is None:
                     raise ExtractorUnavailable(
@@ -166,8 +187,43 @@ class CaptionExtractor(Extractor):
                         "caption.t5_tokens", "float16", (n, d_model), "T5 encoder states, padding zeroed"
                     ),
                 ]
+            if "base" in self.config.encoders:
+                root = Path(self._dir("base"))
+                width = int(json.loads((root / "text_encoder" / "config.json").read_text())["hidden_size"])
+                tokenizer = json.loads((root / "tokenizer" / "tokenizer_config.json").read_text())
+                length = int(tokenizer["model_max_length"])
+                specs += [
+                    ColumnSpec(
+                        "caption.base_sentence", "float16", (width,), "base text encoder pooled output"
+                    ),
+                    ColumnSpec(
+                        "caption.base_tokens",
+                        "float16",
+                        (length, width),
+                        "base text encoder last hidden states, padded to the tokenizer's model_max_length",
+                    ),
+                ]
             self._schema = specs
         return self._schema
+
+    def fingerprint(self) -> str:
+        # The base's text encoder is named by its weights, not by where they are (as latents' VAE).
+        settings = {k: v for k, v in to_dict(self.config, outputs_only=True).items() if k != "base"}
+        if "base" in self.config.encoders:
+            settings["text_encoder"] = self._text_encoder()
+        return self._fingerprint(settings)
+
+    def describe(self) -> dict[str, Any]:
+        out = super().describe()
+        if "base" in self.config.encoders:
+            out |= {"base": self.config.base, "text_encoder": self._text_encoder()}
+        return out
+
+    def _text_encoder(self) -> dict[str, Any]:
+        """``text_encoder_identity`` of the base (hashes the weights once per extractor)."""
+        if self._base_identity is None:
+            self._base_identity = text_encoder_identity(self._dir("base"))
+        return self._base_identity
 
     def setup(self) -> None:
         import torch
@@ -189,6 +245,11 @@ class CaptionExtractor(Extractor):
             # float32: T5 v1.1 overflows in float16, and checkpoints are stored in mixed dtypes.
             model = T5EncoderModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
             self._models["t5"] = model.to(self._device).eval()
+        if "base" in self.config.encoders:
+            # float32: text is cheap per row, and the stored float16 then equals encode_text's output
+            self._models["base"] = load_base(
+                self._dir("base"), ("text_encoder", "tokenizer"), torch.float32, str(self._device)
+            )
 
     def extract(self, batch: Batch) -> Batch:
         import torch
@@ -218,6 +279,10 @@ class CaptionExtractor(Extractor):
                 tokens = states.last_hidden_state.float() * mask
                 out["caption.t5_sentence"] = _f16(tokens.sum(1) / mask.sum(1).clamp(min=1.0))
                 out["caption.t5_tokens"] = _f16(tokens)
+            if "base" in self.config.encoders:
+                tokens, sentence = self._models["base"].encode_text(texts)
+                out["caption.base_sentence"] = _f16(sentence)
+                out["caption.base_tokens"] = _f16(tokens)
         return out
 
 

@@ -22,7 +22,7 @@ from pipelines.data.augment import AugmentConfig, augment
 from pipelines.data.shards import MANIFEST_FORMAT, SHARD_FORMAT, from_binary
 from pipelines.errors import UserError
 
-CAPTION_ENCODERS = ("clip", "t5")
+CAPTION_ENCODERS = ("clip", "t5", "base")  # "base": a pretrained base's text encoder (`decompose --base`)
 
 
 class DataError(UserError):
@@ -42,6 +42,10 @@ class DataSpec:
     caption_embeddings: tuple[str, ...]  # frozen caption encoders stored ("clip", "t5")
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # tensor column -> per-row shape
     settings: dict[str, Any] = field(default_factory=dict)  # the decomposition's extractor settings
+    # `latents` (`decompose --base`): the VAE that made them (pipelines/conditions/backbone.py
+    # vae_identity) and the base as the decomposition was given it; None: no latents stored
+    latents_vae: dict[str, Any] | None = None
+    latents_base: str | None = None
 
     def model_inputs(self, caption_encoder: str, semantics_encoder: str) -> dict[str, Any]:
         """ComposerModel arguments that must match the stored embeddings' widths."""
@@ -106,6 +110,7 @@ def open_data(path: str | Path) -> DataSpec:
     # Captions come from the text (trainable encoder) or stored embeddings; semantics from a
     # stored CLIP embedding or the image itself (trainable encoder); the mask is drawn here.
     present = {"caption", "semantics", "mask"} | {n for n in ("palette", *MAPS) if n in names}
+    latents = manifest.get("extractors", {}).get("latents") if "latents" in names else None
     return DataSpec(
         root=str(root.resolve()),
         files=files,
@@ -116,6 +121,8 @@ def open_data(path: str | Path) -> DataSpec:
         caption_embeddings=caption_embeddings,
         shapes=_field_shapes(schema),
         settings=dict(manifest.get("settings", {})),
+        latents_vae=dict(latents.get("vae") or {}) if latents else None,
+        latents_base=latents.get("base") if latents else None,
     )
 
 
@@ -151,6 +158,7 @@ class BatchRecipe:
     text_vocab_size: int
     caption_length: int
     augment: AugmentConfig
+    latents: bool = False  # read the stored `latents` (a base model's x0); the rows are never cropped
 
 
 def make_recipe(
@@ -165,6 +173,9 @@ def make_recipe(
     cols += [n for n in ("palette", *MAPS) if n in conditions]
     if "mask" in conditions and "instances" not in cols and "instances" in spec.shapes:
         cols.append("instances")  # instance masks are drawn from it even if not trained on
+    latents = getattr(model_config, "base_unet", None) is not None
+    if latents:
+        cols.append("latents")
     return BatchRecipe(
         columns=tuple(cols),
         shapes=dict(spec.shapes),
@@ -176,6 +187,7 @@ def make_recipe(
         text_vocab_size=int(model_config.text_vocab_size),
         caption_length=int(model_config.caption_length),
         augment=augment_cfg,
+        latents=latents,
     )
 
 
@@ -206,8 +218,13 @@ def prepare_batch(table: pa.Table, recipe: BatchRecipe) -> dict[str, np.ndarray]
         if name in recipe.columns:
             rows[name] = from_binary(table.column(name), "uint8", (r, r))
     rng = np.random.default_rng()  # fresh draws every epoch; model noise/dropout are the seeded part
-    rows = augment(rows, recipe.augment, rng, recipe.size)
+    aug = recipe.augment
+    if recipe.latents:  # latents cannot follow a crop or a flip of the pixels: the rows stay whole
+        aug = aug.model_copy(update={"crop_scale": (1.0, 1.0), "flip": False})
+    rows = augment(rows, aug, rng, recipe.size)
     out: dict[str, np.ndarray] = {"image": rows["image"]}
+    if recipe.latents:
+        out["latents"] = _tensor(table, "latents", recipe, "float16")
     for name in MAPS:
         if name in recipe.conditions and name in rows:
             out[name] = rows[name]

@@ -35,7 +35,8 @@ from pipelines.config import Config, ConfigError, from_dict, nested
 from pipelines.data.decode import DecodeConfig, ImageTooLarge, decode_image, open_image, resize_center_crop
 from pipelines.errors import UserError
 
-CaptionEncoder = Literal["trainable", "clip", "t5", "clip+t5"]
+# "base": a model on a pretrained base, whose pipeline encodes the caption text itself
+CaptionEncoder = Literal["trainable", "clip", "t5", "clip+t5", "base"]
 SemanticsEncoder = Literal["trainable", "clip"]
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -87,9 +88,9 @@ class ImageDecomposer:
             self.config = from_dict(ExtractionSettings, data)
         except ConfigError as e:
             raise ConfigError(f"the pipeline's decompose settings (model_index.json): {e}") from None
-        if caption_encoder not in ("trainable", "clip", "t5", "clip+t5"):
+        if caption_encoder not in ("trainable", "clip", "t5", "clip+t5", "base"):
             raise ValueError(
-                f"caption_encoder must be trainable, clip, t5 or clip+t5, got {caption_encoder!r}"
+                f"caption_encoder must be trainable, clip, t5, clip+t5 or base, got {caption_encoder!r}"
             )
         if semantics_encoder not in ("trainable", "clip"):
             raise ValueError(f"semantics_encoder must be trainable or clip, got {semantics_encoder!r}")
@@ -225,8 +226,9 @@ class ImageDecomposer:
         return {k: v[0] for k, v in self.extractor(name)(batch).items()}
 
     def caption(self, text: str) -> dict[str, Any]:
-        """The caption inputs: the text itself, or its frozen CLIP/T5 embeddings."""
-        if self.caption_encoder == "trainable":
+        """The caption inputs: the text itself (a trainable encoder, or a base model's pipeline
+        text encoder), or its frozen CLIP/T5 embeddings."""
+        if self.caption_encoder in ("trainable", "base"):
             return {"text": str(text)}
         return self._run("caption", None, str(text))
 

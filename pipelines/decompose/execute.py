@@ -27,13 +27,15 @@ after_commit: Callable[[int], None] | None = None
 
 
 def fit_to_cluster(stages: dict[str, dict[str, Any]], cluster: dict[str, float]) -> dict[str, dict[str, Any]]:
-    """Scale the actors' CPU reservations down when they cannot all be placed at once.
+    """Give stages with ``num_gpus`` None (auto) their GPUs, and scale the actors' CPU
+    reservations down when they cannot all be placed at once.
 
     Every actor stage must be running for the stream to flow; on a laptop the configured
     reservations (1 CPU per actor) may exceed the machine, which would stall the job. Only the
     reservations shrink — what the job computes is unchanged. Missing GPUs are a clear error.
     """
     gpus = cluster.get("GPU", 0.0)
+    stages = _auto_gpus(stages, gpus)
     for name, r in stages.items():
         if r["num_gpus"] and r["num_gpus"] * r["concurrency"] > gpus:
             raise ConfigError(
@@ -48,6 +50,21 @@ def fit_to_cluster(stages: dict[str, dict[str, Any]], cluster: dict[str, float])
     scale = budget / need
     log.info(f"actors reserve {need:g} CPUs on a {cpus:g}-CPU cluster: scaling reservations by {scale:.2f}")
     return {n: {**r, "num_cpus": r["num_cpus"] * scale} for n, r in stages.items()}
+
+
+def _auto_gpus(stages: dict[str, dict[str, Any]], gpus: float) -> dict[str, dict[str, Any]]:
+    """``num_gpus`` None: up to one GPU per actor out of those the other stages leave free, none
+    (the CPU) on a cluster without GPUs."""
+    free = gpus - sum(r["num_gpus"] * r["concurrency"] for r in stages.values() if r["num_gpus"])
+    out = {}
+    for name, r in stages.items():
+        if r["num_gpus"] is None:
+            share = min(1.0, free / r["concurrency"]) if free > 0 else 0.0
+            free -= share * r["concurrency"]
+            log.info(f"{name}: {share:g} GPU per actor ({gpus:g} in the cluster, num_gpus unset)")
+            r = {**r, "num_gpus": share}
+        out[name] = r
+    return out
 
 
 def execute(job: JobPlan, work: list[Pending], commit: Callable[[Pending, list[Path]], None]) -> None:
@@ -97,7 +114,8 @@ def _dataset(job: JobPlan, work: list[Pending], staging: Path) -> Any:
             ExtractorStage,
             fn_constructor_kwargs={
                 "name": name,
-                "config": getattr(cfg, name),
+                # the GPUs it got: an auto (None) num_gpus is decided above, and decides the device
+                "config": getattr(cfg, name).model_copy(update={"num_gpus": res["num_gpus"]}),
                 "resolution": cfg.resolution,
                 "has_ground_truth": has_gt,
             },

@@ -79,6 +79,7 @@ def run_decompose(cfg: DecomposeConfig) -> DecomposeResult:
             commit(p, [])
         work = [p for p in pending if p.todo]
         if work:
+            job.check_base(work)
             execute(job, work, commit)
         outputs = write_outputs(job, changed=bool(work or updates))
     result = DecomposeResult(

@@ -15,12 +15,14 @@ The output directory's state folder ``.recompose/`` is the job's memory between 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.conditions import EXTRACTED_NAMES, Extractor, get_extractor
+from pipelines.conditions import STORED_NAMES, Extractor, get_extractor
+from pipelines.conditions.backbone import load_base
 from pipelines.config import ConfigError
 from pipelines.data import shards as S
 from pipelines.data.sources import WorkUnit, plan
@@ -28,23 +30,32 @@ from pipelines.decompose.config import DecomposeConfig
 
 STATE_DIR = ".recompose"
 
+log = logging.getLogger(__name__)
+
 
 def build_extractors(cfg: DecomposeConfig, has_gt: bool) -> tuple[dict[str, Extractor], dict[str, str]]:
     """The extractors this run uses, and the reasons of the ones it cannot run."""
-    wanted = cfg.conditions or EXTRACTED_NAMES
+    wanted = cfg.wanted()
     chosen: dict[str, Extractor] = {}
     unavailable: dict[str, str] = {}
-    for name in EXTRACTED_NAMES:
+    for name in STORED_NAMES:
         if name not in wanted:
             continue
         ext = get_extractor(name)(getattr(cfg, name), cfg.resolution, has_gt)
         reason = ext.unavailable_reason()
         if reason:
+            if name == "latents":  # what --base is for: never skipped
+                raise ConfigError(f"latents cannot be extracted: {reason}")
             if cfg.conditions:
                 raise ConfigError(f"condition {name!r} was requested but is unavailable: {reason}")
             unavailable[name] = reason
         else:
             chosen[name] = ext
+    if cfg.base is not None and "caption" in chosen and "base" not in cfg.caption.encoders:
+        log.info(
+            f"caption.encoders {list(cfg.caption.encoders)} is set explicitly and lacks base: the "
+            "caption is not stored as the base's text-encoder embeddings"
+        )
     if not chosen:
         raise ConfigError(
             "no condition can be extracted with this config: "
@@ -116,6 +127,18 @@ class JobPlan:
         if key not in self._verified:
             self._verified[key] = sha256_file(path) == sha256
         return self._verified[key]
+
+    def check_base(self, work: list[Pending]) -> None:
+        """Load the parts of ``--base`` that ``work`` uses once, here: a base that cannot be
+        loaded is one clear error before any Ray work, not an actor failing in each stage."""
+        if self.cfg.base is None:
+            return
+        todo = {n for p in work for n in p.todo}
+        parts = ("vae",) if "latents" in todo else ()
+        if "caption" in todo and "base" in self.cfg.caption.encoders:
+            parts += ("text_encoder", "tokenizer")
+        if parts:
+            load_base(self.cfg.base, parts)
 
     def pending(self) -> list[Pending]:
         """The shards that are missing or were computed with other extractor fingerprints."""

@@ -37,7 +37,7 @@ from pipelines.diffusion.schedulers import (
 
 # Which input keys make a condition "given" (model_inputs.py documents the keys).
 _KEYS = {
-    "caption": ("text", "caption.clip_sentence", "caption.t5_sentence"),
+    "caption": ("text", "caption.clip_sentence", "caption.t5_sentence", "caption.base_sentence"),
     "semantics": ("semantics", "semantics.image"),
     "palette": ("palette",),
     "sketch": ("sketch",),
@@ -73,8 +73,8 @@ class ComposerOutput(BaseOutput):
 
 
 class ComposerPipeline(DiffusionPipeline):
-    model_cpu_offload_seq = "unet->vae"
-    _optional_components = ["vae"]
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _optional_components = ["vae", "text_encoder", "tokenizer"]
 
     def __init__(
         self,
@@ -82,13 +82,24 @@ class ComposerPipeline(DiffusionPipeline):
         scheduler: DDIMScheduler,
         vae: AutoencoderKL | None = None,
         decompose: dict | None = None,
+        text_encoder: Any = None,
+        tokenizer: Any = None,
     ):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler, vae=vae)
+        self.register_modules(
+            unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer
+        )
         self.register_to_config(decompose=dict(decompose or {}))
         if vae is not None and unet.config.image_channels != vae.config.latent_channels:
             raise ValueError(
                 f"the model takes {unet.config.image_channels} channels, the VAE makes {vae.config.latent_channels}"
+            )
+        if (text_encoder is None) != (tokenizer is None):
+            raise ValueError("a text encoder comes with its tokenizer: give both or neither")
+        if text_encoder is not None and unet.config.caption_encoder != "base":
+            raise ValueError(
+                f"a text encoder is for models on a pretrained base; this model's captions are "
+                f"{unet.config.caption_encoder}"
             )
 
     @classmethod
@@ -124,6 +135,31 @@ class ComposerPipeline(DiffusionPipeline):
             x = self.vae.decode(x.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
         return tensor_to_image(x)
 
+    def _encode_text(self, texts: list[str]) -> dict[str, np.ndarray]:
+        """Captions -> the base text encoder's ``caption.base_*`` inputs (as the decomposition
+        stores them: float16), for models on a pretrained base."""
+        if self.text_encoder is None:
+            raise ValueError(
+                "this model takes the base text encoder's caption embeddings and the pipeline has no "
+                "text encoder; give caption.base_sentence and caption.base_tokens"
+            )
+        unique = list(dict.fromkeys(texts))
+        ids = self.tokenizer(
+            unique,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.text_encoder.device)
+        with torch.no_grad():
+            out = self.text_encoder(ids)
+        index = [unique.index(t) for t in texts]
+        # float16 as stored in the shards, so a caption given as text and the same caption's
+        # stored embeddings give the same samples
+        tokens = out.last_hidden_state.float().cpu().numpy().astype(np.float16)[index]
+        sentence = out.pooler_output.float().cpu().numpy().astype(np.float16)[index]
+        return {"caption.base_tokens": tokens, "caption.base_sentence": sentence}
+
     def _scheduler(self, name: SchedulerName, threshold: Threshold) -> SchedulerMixin:
         return sampler(self.scheduler.config, name, threshold, latent=self.vae is not None)
 
@@ -137,6 +173,7 @@ class ComposerPipeline(DiffusionPipeline):
                 "mask.image",
                 "caption.clip_tokens",
                 "caption.t5_tokens",
+                "caption.base_tokens",
             }
         )
         if unknown:
@@ -376,6 +413,8 @@ class ComposerPipeline(DiffusionPipeline):
         for key in per_request[0]:
             parts = [r[key] for r in per_request]
             rows[key] = sum(parts, []) if key == "text" else np.concatenate(parts)
+        if "text" in rows and self.unet.config.caption_encoder == "base":
+            rows.update(self._encode_text(rows.pop("text")))
         k = len(guidance.sets())
         conds = to_conditions(self.unet, rows).repeat(k)
         return self.unet.encode(conds, guidance.presence(sum(sizes), self.unet.device))

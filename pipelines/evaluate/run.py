@@ -199,7 +199,7 @@ def _benchmark_skipped(
         return "benchmark.enabled is off"
     if not synthetic:
         return "the data's captions are not the synthetic generator's"
-    if model_config.caption_encoder != "trainable":
+    if model_config.caption_encoder not in ("trainable", "base"):  # a base's pipeline encodes text itself
         return "the model's caption encoder needs CLIP/T5 embeddings of new captions"
     if "caption" not in available:
         return "the model was not trained on captions"

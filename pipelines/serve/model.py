@@ -141,10 +141,10 @@ class ComposerServer:
         cfg = self.pipe.unet.config
         out: dict[str, bool | str] = {}
         for name in EXTRACTED_NAMES:
-            if (name == "caption" and cfg.caption_encoder == "trainable") or (
+            if (name == "caption" and cfg.caption_encoder in ("trainable", "base")) or (
                 name == "semantics" and cfg.semantics_encoder == "trainable"
             ):
-                out[name] = True  # the model encodes the text / the image itself
+                out[name] = True  # the model (or a base's text encoder) encodes the text / the image itself
                 continue
             try:
                 self.dec.extractor(name)
@@ -157,7 +157,9 @@ class ComposerServer:
         cfg = self.pipe.unet.config
         r = self.pipe.image_size
         sizes = {
-            "caption": "text" if cfg.caption_encoder == "trainable" else f"{cfg.caption_encoder} embeddings",
+            "caption": "text"
+            if cfg.caption_encoder in ("trainable", "base")
+            else f"{cfg.caption_encoder} embeddings",
             "semantics": "image" if cfg.semantics_encoder == "trainable" else f"vector ({cfg.semantics_dim})",
             "palette": "156-bin histogram",
             **{m: f"{r}x{r} map" for m in ("sketch", "instances", "depth", "intensity")},

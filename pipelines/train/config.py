@@ -101,6 +101,17 @@ class TrainConfig(Config):
     # UNet weights start this run instead of the seed's random ones; steps, optimizer, LR warm-up and
     # EMA start afresh. Its model must be the one the model section builds. None: from scratch.
     init_from: str | None = added(None)
+    # A pretrained Stable Diffusion-family pipeline (a diffusers directory, or a repo id in the local
+    # Hugging Face cache) whose UNet becomes the Composer UNet (models/backbone.py); the data must
+    # hold `latents` from its VAE (`recompose decompose --base`). None: a pixel model from scratch.
+    base: str | None = added(None)
+    # with a base: "full" trains the whole UNet (as Composer); "adapter" freezes the base and trains
+    # only the new condition paths (and LoRA on its attention projections when lora_rank > 0)
+    mode: Literal["full", "adapter"] = added("full")
+    lora_rank: int = added(0, ge=0)  # peft LoRA rank on the base's attention layers (adapter mode)
+    gradient_checkpointing: bool = resource(
+        False
+    )  # recompute activations in backward: less memory, ~30% slower
     checkpoint_every: int = resource(200, ge=1)  # optimizer steps between checkpoints (and one at the end)
     keep_checkpoints: int = resource(2, ge=1)
     max_failures: int = resource(2, ge=0)  # worker-group restarts from the latest checkpoint
@@ -116,4 +127,12 @@ class TrainConfig(Config):
     def _check(self) -> TrainConfig:
         if self.strategy == "fsdp" and self.workers < 2:
             raise ValueError("strategy fsdp shards over workers: it needs workers >= 2")
+        if self.base is None and (self.mode != "full" or self.lora_rank):
+            raise ValueError("mode and lora_rank are for a pretrained base: set base (--base) too")
+        if self.lora_rank and self.mode != "adapter":
+            raise ValueError("lora_rank trains LoRA beside a frozen base: set mode adapter (--mode adapter)")
+        if self.base is not None and self.strategy == "fsdp" and self.mode == "adapter":
+            raise ValueError("strategy fsdp is for mode full; the adapter mode trains few weights: use ddp")
+        if self.base is not None and self.init_from is not None:
+            raise ValueError("base and init_from both choose the starting weights; give one")
         return self

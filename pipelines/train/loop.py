@@ -60,21 +60,59 @@ class TrainerArgs:
     # worker before each optimizer step. Must be picklable: Ray ships it to the worker processes.
     on_step: Callable[[int, int], None] | None = None
     on_finish: Callable[[str], None] | None = None  # rank 0, at points of the export (run.finish_hook)
+    base: BaseStart | None = None  # cfg.base, resolved by the driver (pipelines/train/run.py)
 
 
-def batch_inputs(model: ComposerModel, batch: dict[str, torch.Tensor], recipe: BatchRecipe):
-    """A prepared batch (pipelines/train/data.py) -> x0 (B, 3, S, S) in [-1, 1], Conditions, available (B, 8).
+@dataclasses.dataclass(frozen=True)
+class BaseStart:
+    """A pretrained base as the workers need it: where its UNet is and what the driver read."""
+
+    path: str  # the base pipeline directory (resolved: the workers' HF cache is not consulted)
+    null_caption: Any  # (L, W) float32 numpy: the base text encoder's states for ""
+    scheduler: dict[str, Any]  # the noise schedule the base was trained with (DDIMScheduler config)
+    latent_scale: tuple[float, float]  # (scaling_factor, shift_factor): stored latents -> x0
+
+
+def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters the optimizer and the EMA work on (all but a frozen base's)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def train_scheduler(args: TrainerArgs) -> Any:
+    """The noise schedule of training, samples and the export: the base's, or recompose's default."""
+    if args.base is None:
+        return default_scheduler(args.cfg.model.prediction)
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(args.base.scheduler)
+
+
+def batch_inputs(
+    model: ComposerModel,
+    batch: dict[str, torch.Tensor],
+    recipe: BatchRecipe,
+    latent_scale: tuple[float, float] | None = None,
+):
+    """A prepared batch (pipelines/train/data.py) -> x0, Conditions, available (B, 8).
+
+    x0 is (B, 3, S, S) in [-1, 1]; with ``latent_scale`` (a base model's VAE scaling and shift
+    factors) it is the stored ``latents`` (B, C, S, S), scaled as the VAE's users do.
 
     Every condition the recipe trains on is always given (zeros in rows where it is absent), so
     DDP sees every parameter used in every step.
     """
-    rows: dict[str, Any] = {k: v.numpy() for k, v in batch.items() if k not in ("text_ids", "has_caption")}
+    skip = ("text_ids", "has_caption", "latents")
+    rows: dict[str, Any] = {k: v.numpy() for k, v in batch.items() if k not in skip}
     if "mask" in recipe.conditions:
         rows["mask.image"] = rows["image"]
     cond = to_conditions(model, rows)
-    x0 = image_to_tensor(rows["image"])
+    pixels = image_to_tensor(rows["image"])
     if "semantics" in recipe.conditions and recipe.semantics_encoder == "trainable":
-        cond.semantics_image = x0  # the trainable semantics encoder sees the image itself
+        cond.semantics_image = pixels  # the trainable semantics encoder sees the image itself
+    x0 = pixels
+    if latent_scale is not None:
+        scale, shift = latent_scale
+        x0 = (batch["latents"].float() - shift) * scale
     if "text_ids" in batch:
         cond.text_ids = batch["text_ids"]
     b = x0.shape[0]
@@ -114,6 +152,8 @@ def restore(args: TrainerArgs, rank: int, device: torch.device) -> Training:
     model = ComposerModel(**args.model_kwargs)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
+        if args.base is not None:  # step 0 is exactly the base (models/backbone.py)
+            _load_base(model, args.base)
         return _build(args, model, rank, device, None)
     damaged = []
     for candidate in _latest_first(checkpoint):
@@ -133,6 +173,25 @@ def restore(args: TrainerArgs, rank: int, device: torch.device) -> Training:
         + "; ".join(damaged)
         + " (move them away to start over in the same --output, or use a new --output)"
     )
+
+
+def _load_base(model: ComposerModel, base: BaseStart) -> None:
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(str(Path(base.path) / "unet"), use_safetensors=True)
+    model.load_base(unet, torch.as_tensor(base.null_caption))
+    del unet
+
+
+def _prepare(model: ComposerModel, cfg: TrainConfig) -> None:
+    """What a base run's mode trains (adapter: only the new paths and LoRA), and gradient checkpointing."""
+    if cfg.base is not None and cfg.mode == "adapter":
+        from models.backbone import is_new_parameter
+
+        for name, p in model.named_parameters():
+            p.requires_grad_(is_new_parameter(name))
+    if cfg.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
 
 
 def _latest_first(latest: Any) -> list[Any]:
@@ -173,11 +232,14 @@ def _build(
         from safetensors.torch import load_file
 
         model.load_state_dict({k: v.float() for k, v in load_file(args.init_weights).items()})
-    wrapped = parallel.wrap(model, cfg.strategy, device)  # FSDP: parameters become shards here
+    _prepare(model, cfg)
+    # the paths of conditions the data lacks (e.g. no instances stored) get no gradient
+    some_unused = set(args.recipe.conditions) != set(CONDITIONS)
+    wrapped = parallel.wrap(model, cfg.strategy, device, some_unused)  # FSDP: parameters become shards here
     ema = _ema(cfg, model, ckpt, weights)
     o = cfg.optim
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay
+        trainable(model), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay
     )
     lr_scheduler = get_scheduler(
         SCHEDULES[o.schedule], optimizer, num_warmup_steps=o.warmup_steps, num_training_steps=cfg.max_steps
@@ -202,7 +264,7 @@ def _ema(cfg: TrainConfig, model: ComposerModel, ckpt: Path | None, weights: dic
     # The EMA tracks the (possibly sharded) parameters: load its weights into them, copy, reload.
     if ema_weights is not None:
         parallel.load_weights(model, ema_weights)
-    ema = EMAModel(model.parameters(), decay=cfg.optim.ema_decay, use_ema_warmup=cfg.optim.ema_warmup)
+    ema = EMAModel(trainable(model), decay=cfg.optim.ema_decay, use_ema_warmup=cfg.optim.ema_warmup)
     if ema_weights is not None:
         ema.load_state_dict(train_state.read_ema_counters(ckpt))
         parallel.load_weights(model, weights)
@@ -235,6 +297,7 @@ class Step:
     scheduler: Any  # the diffusion noise schedule (pipelines/diffusion/pipeline.py)
     dropout: ConditionDropout
     amp_dtype: torch.dtype | None  # autocast dtype; None: float32
+    latent_scale: tuple[float, float] | None = None  # base models: x0 from the stored latents
 
     @classmethod
     def of(cls, args: TrainerArgs, device: torch.device, world: int) -> Step:
@@ -242,9 +305,8 @@ class Step:
         global_batch = cfg.optim.batch_size * cfg.optim.grad_accum * world
         dropout = ConditionDropout(cfg.dropout)
         amp = _resolve_precision(cfg, device)
-        return cls(
-            cfg, args.recipe, device, global_batch, default_scheduler(cfg.model.prediction), dropout, amp
-        )
+        latent_scale = args.base.latent_scale if args.base is not None else None
+        return cls(cfg, args.recipe, device, global_batch, train_scheduler(args), dropout, amp, latent_scale)
 
 
 def train_step(t: Training, s: Step, stream: Iterator[dict], window: Window) -> None:
@@ -255,7 +317,7 @@ def train_step(t: Training, s: Step, stream: Iterator[dict], window: Window) -> 
         tw = time.perf_counter()
         batch = next(stream)
         window.wait += time.perf_counter() - tw
-        x0, cond, available = batch_inputs(t.model, batch, s.recipe)
+        x0, cond, available = batch_inputs(t.model, batch, s.recipe, s.latent_scale)
         presence = s.dropout(available, t.generator)
         last = micro == cfg.optim.grad_accum - 1
         sync = contextlib.nullcontext() if last else parallel.no_sync(t.wrapped, cfg.strategy)
@@ -281,7 +343,7 @@ def train_step(t: Training, s: Step, stream: Iterator[dict], window: Window) -> 
     t.optimizer.step()
     t.lr_scheduler.step()
     if t.ema is not None:
-        t.ema.step(t.model.parameters())
+        t.ema.step(trainable(t.model))
     t.progress.step += 1
     t.progress.images += s.global_batch
     window.steps += 1

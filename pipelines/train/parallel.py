@@ -31,12 +31,17 @@ def _rank() -> int:
     return dist.get_rank() if _distributed() else 0
 
 
-def wrap(model: ComposerModel, strategy: str, device: torch.device) -> torch.nn.Module:
-    """``model`` ready for data-parallel training (on ``device``)."""
+def wrap(
+    model: ComposerModel, strategy: str, device: torch.device, some_unused: bool = False
+) -> torch.nn.Module:
+    """``model`` ready for data-parallel training (on ``device``). ``some_unused``: some
+    parameters never get a gradient (the paths of conditions the data lacks), which DDP must be
+    told to expect (``find_unused_parameters``)."""
     import ray.train.torch
 
     if strategy == "ddp":
-        return ray.train.torch.prepare_model(model, parallel_strategy="ddp")
+        kwargs = {"find_unused_parameters": True} if some_unused else {}
+        return ray.train.torch.prepare_model(model, parallel_strategy="ddp", parallel_strategy_kwargs=kwargs)
     from torch.distributed.fsdp import fully_shard
 
     model.to(device)
@@ -96,7 +101,7 @@ def full_ema_weights(model: ComposerModel, ema: Any) -> dict[str, torch.Tensor] 
     """The EMA weights as a full state dict (rank 0); the model's own weights without an EMA."""
     if ema is None:
         return full_weights(model)
-    params = list(model.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]  # the EMA's (loop.trainable)
     ema.store(params)
     ema.copy_to(params)
     try:
@@ -129,6 +134,9 @@ def load_optimizer_state(model: ComposerModel, optimizer: torch.optim.Optimizer,
     if _distributed():
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        # strict=False: a parameter that never had a gradient (its condition absent from the
+        # data) has no AdamW state to restore, which strict loading would call a mismatch
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        set_optimizer_state_dict(model, optimizer, state, options=options)
     else:
         optimizer.load_state_dict(state)

@@ -29,7 +29,7 @@ from pipelines.data.batches import DataError, DataSpec, make_recipe, open_data, 
 from pipelines.files import claim_output
 from pipelines.train.config import TrainConfig
 from pipelines.train.data import build_dataset
-from pipelines.train.loop import TrainerArgs
+from pipelines.train.loop import BaseStart, TrainerArgs
 
 if TYPE_CHECKING:
     from pipelines.train.tracking import RunInfo
@@ -62,6 +62,118 @@ class TrainResult:
     tracking_uri: str
     seconds: float  # in trainer.fit
     config: dict[str, Any]
+
+
+# The settings of a preset that shape the condition paths; on a base, the UNet is the base's and the
+# preset (with model.overrides) decides only these.
+CONDITION_PATH_SETTINGS = (
+    "local_channels",
+    "local_hidden",
+    "semantics_dim",
+    "semantics_tokens",
+    "palette_tokens",
+)
+
+
+def base_start(cfg: TrainConfig, spec: DataSpec) -> tuple[dict[str, Any], BaseStart]:
+    """A base run's ComposerModel arguments and what its workers need (``BaseStart``), checked
+    against the data: latents from this base's VAE at a resolution the model takes, caption
+    embeddings from its text encoder. ``ConfigError`` / ``DataError`` say what does not fit."""
+    import json
+
+    import numpy as np
+
+    from pipelines.conditions.backbone import BaseModelError, load_base, vae_identity
+
+    assert cfg.base is not None
+    try:
+        parts = load_base(cfg.base, ("text_encoder", "tokenizer", "scheduler"))
+        vae = vae_identity(parts.path)
+        unet_config = json.loads((parts.path / "unet" / "config.json").read_text())
+    except BaseModelError as e:
+        raise ConfigError(str(e)) from None
+    if spec.latents_vae is None:
+        raise DataError(
+            f"--data {spec.root}: holds no latents; decompose it with --base {cfg.base} "
+            "(training on a base never runs the VAE)"
+        )
+    if (
+        spec.latents_vae.get("sha256") != vae["sha256"]
+        or spec.latents_vae.get("scaling_factor") != vae["scaling_factor"]
+    ):
+        raise DataError(
+            f"--data {spec.root}: its latents come from another VAE than --base {cfg.base}'s "
+            f"(decomposed with --base {spec.latents_base}, VAE sha256 {str(spec.latents_vae.get('sha256'))[:12]}; "
+            f"this base's VAE {vae['sha256'][:12]}): decompose again with --base {cfg.base}"
+        )
+    f = int(vae["scale_factor"])
+    size = cfg.model.resolution or spec.resolution
+    if size != spec.resolution:
+        raise ConfigError(
+            f"model.resolution {size}: a base model trains on the stored latents, at the decomposition's "
+            f"resolution ({spec.resolution}); decompose at {size} instead"
+        )
+    if "caption" in spec.conditions and "base" not in spec.caption_embeddings:
+        raise DataError(
+            f"--data {spec.root}: holds no caption embeddings of the base's text encoder "
+            f"(caption.base_*); decompose it with --base {cfg.base}"
+        )
+    if cfg.model.caption_encoder not in ("auto", "base"):
+        raise ConfigError(
+            f"model.caption_encoder {cfg.model.caption_encoder}: a base model takes its own text encoder's"
+        )
+    augment_set = cfg.augment.model_fields_set
+    if ("crop_scale" in augment_set and tuple(cfg.augment.crop_scale) != (1.0, 1.0)) or cfg.augment.flip:
+        raise ConfigError(
+            "augment.crop_scale / augment.flip: a base model trains on precomputed latents, which "
+            "cannot be cropped or flipped; leave them unset (or crop_scale [1, 1], flip false)"
+        )
+    scheduler = dict(parts.scheduler.config)
+    prediction = scheduler.get("prediction_type", "epsilon")
+    if "prediction" in cfg.model.model_fields_set and cfg.model.prediction != prediction:
+        raise ConfigError(
+            f"model.prediction {cfg.model.prediction}: the base predicts {prediction}, and a base model "
+            "keeps what its base predicts"
+        )
+    null_tokens, null_sentence = parts.encode_text([""])
+    _, semantics = resolve_encoders(spec, "auto", cfg.model.semantics_encoder)
+    preset = preset_config(cfg.model.preset, **dict(cfg.model.overrides))
+    kwargs = {
+        **{k: preset[k] for k in CONDITION_PATH_SETTINGS if k in preset},
+        **spec.model_inputs("base" if "base" in spec.caption_embeddings else "trainable", semantics),
+        "sample_size": size // f,
+        "image_channels": unet_config["in_channels"],
+        "local_downsample": f,
+        "cross_attention_dim": unet_config["cross_attention_dim"],
+        "caption_encoder": "base",
+        "caption_sentence_dim": int(null_sentence.shape[-1]),
+        "caption_token_dim": int(null_tokens.shape[-1]),
+        "caption_length": int(null_tokens.shape[1]),
+        "base_unet": {k: v for k, v in unet_config.items() if not k.startswith("_")},
+        "lora_rank": cfg.lora_rank,
+    }
+    if "base" in spec.caption_embeddings:
+        stored = (spec.shapes["caption.base_tokens"], spec.shapes["caption.base_sentence"])
+        if stored != (
+            (kwargs["caption_length"], kwargs["caption_token_dim"]),
+            (kwargs["caption_sentence_dim"],),
+        ):
+            raise DataError(
+                f"--data {spec.root}: its caption.base_* embeddings are {stored}, the base's text encoder "
+                f"makes ({kwargs['caption_length']}, {kwargs['caption_token_dim']}): decompose again with --base {cfg.base}"
+            )
+    try:
+        with torch.device("meta"):
+            model = ComposerModel(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model on base {cfg.base}: {e}") from None
+    start = BaseStart(
+        path=str(parts.path.resolve()),
+        null_caption=null_tokens[0].float().numpy().astype(np.float32),
+        scheduler=scheduler | {"clip_sample": False},
+        latent_scale=(float(vae["scaling_factor"]), float(vae.get("shift_factor") or 0.0)),
+    )
+    return dict(model.config), start
 
 
 def model_arguments(cfg: TrainConfig, spec: DataSpec) -> dict[str, Any]:
@@ -202,7 +314,11 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     run_dir = Path(cfg.output).resolve()
     spec = open_data(cfg.data)
     conditions = _conditions(cfg, spec)
-    model_kwargs = model_arguments(cfg, spec)
+    base = None
+    if cfg.base is not None:
+        model_kwargs, base = base_start(cfg, spec)
+    else:
+        model_kwargs = model_arguments(cfg, spec)
     init_weights = init_weights_file(cfg, model_kwargs)
     chash = config_hash(cfg)
     identity = {"config_hash": chash, "data": spec.root, "manifest_hash": spec.manifest_hash}
@@ -239,6 +355,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         verbosity=_verbosity(),
         on_step=step_hook,
         on_finish=finish_hook,
+        base=base,
     )
     return _fit(args, spec, info)
 

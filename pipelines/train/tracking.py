@@ -31,7 +31,7 @@ from pipelines.data.augment import AugmentConfig
 from pipelines.data.batches import DataSpec, prepare_batch
 from pipelines.files import atomic_write, encode_png, replace_dir, write_bytes, write_json
 from pipelines.train.config import TrainConfig
-from pipelines.train.loop import TrainerArgs
+from pipelines.train.loop import TrainerArgs, train_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,7 @@ class RankZeroTracker:
         self.run_dir = Path(args.run_dir)
         self.run_id = args.mlflow_run_id
         self._rows: dict[str, Any] | None = None
+        self._base: dict[str, Any] | None = None
 
     def start(self, step: int) -> None:
         import mlflow
@@ -168,6 +169,18 @@ class RankZeroTracker:
                 out[name] = b[name][row]
         return out
 
+    def _base_parts(self) -> dict[str, Any]:
+        """A base model's VAE, text encoder and tokenizer (loaded once): the grids decode latents
+        and the export carries them, so it generates from a caption's text."""
+        if self.args.base is None:
+            return {}
+        if self._base is None:
+            from pipelines.conditions.backbone import load_base
+
+            b = load_base(self.args.base.path, ("vae", "text_encoder", "tokenizer"), device=str(self.device))
+            self._base = {"vae": b.vae, "text_encoder": b.text_encoder, "tokenizer": b.tokenizer}
+        return self._base
+
     def _export_model(self, weights: dict[str, Any]) -> ComposerModel:
         """A plain model (on this worker's device) holding ``weights``, the EMA weights."""
         m = ComposerModel.from_config(self.args.model_kwargs)
@@ -178,7 +191,6 @@ class RankZeroTracker:
         from pipelines.conditions.palette import render_palette
         from pipelines.diffusion.pictures import layout, text_tile
         from pipelines.diffusion.pipeline import ComposerPipeline
-        from pipelines.diffusion.schedulers import default_scheduler
 
         trained = tuple(c for c in self.recipe.conditions if c != "mask")
         sets = [
@@ -186,7 +198,7 @@ class RankZeroTracker:
             for label, names in SAMPLE_SETS
             if all(c in trained for c in (names or ()))
         ]
-        pipe = ComposerPipeline(self._export_model(weights), default_scheduler(self.cfg.model.prediction))
+        pipe = ComposerPipeline(self._export_model(weights), train_scheduler(self.args), **self._base_parts())
         pipe.set_progress_bar_config(disable=True)
         size = max(self.recipe.size, 96)
         rows = []
@@ -252,12 +264,12 @@ class RankZeroTracker:
         """RUN_DIR/export: the pipeline with EMA weights, swapped in atomically (``replace_dir``):
         whenever the run is killed, ``export/`` is a whole pipeline, the old one or the new."""
         from pipelines.diffusion.pipeline import ComposerPipeline
-        from pipelines.diffusion.schedulers import default_scheduler
 
         pipe = ComposerPipeline(
             self._export_model(weights),
-            default_scheduler(self.cfg.model.prediction),
+            train_scheduler(self.args),
             decompose=self.args.decompose,
+            **self._base_parts(),
         )
         tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=self.run_dir))
         pipe.save_pretrained(str(tmp))

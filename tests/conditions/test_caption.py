@@ -7,6 +7,7 @@ from pipelines.config import ConfigError, from_dict
 from tests.conditions.contract import assert_contract, make_batch
 from tests.helpers import add_to_hf_cache, block_network
 from tests.helpers.tiny_clip import make_tiny_open_clip
+from tests.helpers.tiny_sd import make_tiny_sd
 from tests.helpers.tiny_t5 import make_tiny_t5
 
 T5_LEN = 12
@@ -20,6 +21,11 @@ def clip_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def t5_dir(tmp_path_factory):
     return make_tiny_t5(tmp_path_factory.mktemp("tiny_t5"))
+
+
+@pytest.fixture(scope="module")
+def sd_dir(tmp_path_factory):
+    return make_tiny_sd(tmp_path_factory.mktemp("sd") / "base")
 
 
 @pytest.fixture(autouse=True)
@@ -143,7 +149,7 @@ def test_missing_directory_and_uncached_repo(tmp_path, monkeypatch):
 
 
 def test_config_validation():
-    with pytest.raises(ValueError, match=r"(?s)encoders.*'clip' or 't5'.*'bert'"):
+    with pytest.raises(ValueError, match=r"(?s)encoders.*'clip', 't5' or 'base'.*'bert'"):
         CaptionConfig(encoders=("clip", "bert"))
     with pytest.raises(ValueError, match="twice"):
         CaptionConfig(encoders=("clip", "clip"))
@@ -166,3 +172,53 @@ def test_t5_directory_without_weights_refused(t5_dir, tmp_path):
     shutil.copy(f"{t5_dir}/config.json", tmp_path)
     reason = _extractor(encoders=("t5",), t5_model=str(tmp_path)).unavailable_reason()
     assert "no weights file" in reason
+
+
+def test_contract_base(sd_dir):
+    ex = _extractor(encoders=("base",), base=sd_dir)
+    shapes = {s.name: s.shape for s in ex.columns()}
+    assert shapes == {"caption.base_sentence": (32,), "caption.base_tokens": (16, 32)}
+    assert_contract(
+        ex, _batch(["a red square", "", "Zebra crossing 42!", "a blue circle on the left"]), atol=2e-3
+    )
+
+
+def test_base_is_encode_text_and_an_empty_caption_the_empty_prompt(sd_dir, clip_dir):
+    from pipelines.conditions.backbone import load_base
+
+    texts = ["a red square", "", "a green star"]
+    out = _extractor(encoders=("clip", "base"), clip_model=clip_dir, base=sd_dir)(_batch(texts))
+    assert len(out) == 4
+    tokens, sentence = load_base(sd_dir, ("text_encoder", "tokenizer")).encode_text(texts)
+    np.testing.assert_array_equal(out["caption.base_tokens"], tokens.numpy().astype(np.float16))
+    np.testing.assert_array_equal(out["caption.base_sentence"], sentence.numpy().astype(np.float16))
+    a, b = out["caption.base_sentence"][:2].astype(np.float32)
+    assert np.abs(a - b).max() > 1e-2
+
+
+def test_base_fingerprint_follows_the_text_encoder_not_the_path(sd_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    def fingerprint(base, encoders=("base",)):
+        return _extractor(encoders=encoders, base=base).fingerprint()
+
+    moved = shutil.copytree(sd_dir, tmp_path / "moved")
+    assert fingerprint(str(moved)) == fingerprint(sd_dir)
+    # base's path alone (--base with explicit encoders [clip]) leaves the CLIP fingerprint as it was
+    assert fingerprint(sd_dir, ("clip",)) == _extractor().fingerprint()
+    weights = next((moved / "text_encoder").glob("*.safetensors"))
+    tensors = load_file(weights)
+    save_file({k: v + 1e-3 for k, v in tensors.items()}, weights, metadata={"format": "pt"})
+    assert fingerprint(str(moved)) != fingerprint(sd_dir)
+    described = _extractor(encoders=("base",), base=sd_dir).describe()
+    assert described["base"] == sd_dir and len(described["text_encoder"]["sha256"]) == 64
+
+
+def test_base_unavailable_without_a_base():
+    reason = _extractor(encoders=("base",)).unavailable_reason()
+    assert "give --base" in reason
+    assert (
+        "neither a local directory" in _extractor(encoders=("base",), base="/no/such/sd").unavailable_reason()
+    )

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 
 from models import CONDITIONS
-from pipelines.conditions import CONDITION_NAMES, EXTRACTED_NAMES, MAPS, REGISTRY, get_extractor
+from pipelines.conditions import (
+    CONDITION_NAMES,
+    EXTRACTED_NAMES,
+    EXTRAS,
+    MAPS,
+    REGISTRY,
+    STORED_NAMES,
+    get_extractor,
+)
 from pipelines.config import load_config
 from pipelines.decompose.config import DecomposeConfig
 from tests.conditions.contract import assert_contract, make_batch
@@ -33,8 +41,17 @@ def test_one_extractor_per_condition_in_the_models_order():
     )
 
 
+def test_other_representations_are_stored_but_are_not_conditions():
+    # `latents` (tests/conditions/test_latents.py) has no presence column in the model.
+    assert set(EXTRAS) == {"latents"} and not set(EXTRAS) & set(CONDITIONS)
+    assert STORED_NAMES == EXTRACTED_NAMES + ("latents",)
+    assert all(get_extractor(n) is cls and cls.name == n and cls.extracted for n, cls in EXTRAS.items())
+
+
 def test_unknown_name_lists_the_known_ones():
-    with pytest.raises(ValueError, match="known conditions: caption, semantics"):
+    with pytest.raises(
+        ValueError, match="known conditions: caption, semantics.*other representations: latents"
+    ):
         get_extractor("colour")
 
 
