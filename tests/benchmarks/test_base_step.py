@@ -45,7 +45,9 @@ def test_figures(tiny_run):
             assert key in run, (name, key)
         assert run["images_per_s"] > 0 and run["peak_memory_gib"] > 0, name
         assert run["process_peak_memory_gib"] >= run["peak_memory_gib"], name
-        assert run["process_peak_memory_gib"] >= run["rss_at_start_gib"] > 0, name
+        # ru_maxrss and the RSS read at start come from different kernel counters (shared pages
+        # count in one, not always in the other): both positive, not ordered
+        assert run["process_peak_memory_gib"] > 0 and run["rss_at_start_gib"] > 0, name
         assert torch.isfinite(torch.tensor(run["final_loss"])), name
         assert run["flops_per_step"] is None and run["mfu"] is None, name  # counted on CUDA only
     # Every parameter trains in plain, full and full_online; the encoders of the last are frozen
