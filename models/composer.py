@@ -118,17 +118,26 @@ class ComposerModel(ModelMixin, ConfigMixin):
             nn.init.zeros_(self.embed_out.bias)
         else:
             embed_dim = block_out_channels[0] * 4  # UNet2DConditionModel's timestep-embedding width
-            self.unet = self._pixel_unet(
-                sample_size,
-                image_channels,
-                local_channels,
-                block_out_channels,
-                attention_levels,
-                layers_per_block,
-                attention_head_dim,
-                norm_num_groups,
-                cross_attention_dim,
-                resnet_time_scale_shift,
+            self.unet = UNet2DConditionModel(
+                sample_size=sample_size,
+                in_channels=image_channels + local_channels,
+                out_channels=image_channels,
+                down_block_types=tuple(
+                    "CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention_levels
+                ),
+                up_block_types=tuple(
+                    "CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention_levels)
+                ),
+                block_out_channels=tuple(block_out_channels),
+                layers_per_block=layers_per_block,
+                # diffusers reads `attention_head_dim` as the number of heads (a naming slip it keeps
+                # for old configs, diffusers issue #2011), so give it per-block head counts instead.
+                attention_head_dim=tuple(c // attention_head_dim for c in block_out_channels),
+                norm_num_groups=norm_num_groups,
+                cross_attention_dim=cross_attention_dim,
+                # The global-condition embedding arrives as `class_labels` and is added as is.
+                class_embed_type="identity",
+                resnet_time_scale_shift=resnet_time_scale_shift,
             )
         self.conditioner = GlobalConditioner(
             embed_dim=embed_dim,
@@ -148,39 +157,6 @@ class ComposerModel(ModelMixin, ConfigMixin):
             else None
         )
         self.image_encoder = ImageEncoder(semantics_dim) if semantics_encoder == "trainable" else None
-
-    @staticmethod
-    def _pixel_unet(
-        sample_size,
-        image_channels,
-        local_channels,
-        block_out_channels,
-        attention_levels,
-        layers_per_block,
-        attention_head_dim,
-        norm_num_groups,
-        cross_attention_dim,
-        resnet_time_scale_shift,
-    ) -> UNet2DConditionModel:
-        return UNet2DConditionModel(
-            sample_size=sample_size,
-            in_channels=image_channels + local_channels,
-            out_channels=image_channels,
-            down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention_levels),
-            up_block_types=tuple(
-                "CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention_levels)
-            ),
-            block_out_channels=tuple(block_out_channels),
-            layers_per_block=layers_per_block,
-            # diffusers reads `attention_head_dim` as the number of heads (a naming slip it keeps
-            # for old configs, diffusers issue #2011), so give it per-block head counts instead.
-            attention_head_dim=tuple(c // attention_head_dim for c in block_out_channels),
-            norm_num_groups=norm_num_groups,
-            cross_attention_dim=cross_attention_dim,
-            # The global-condition embedding arrives as `class_labels` and is added as is.
-            class_embed_type="identity",
-            resnet_time_scale_shift=resnet_time_scale_shift,
-        )
 
     # -- inputs ------------------------------------------------------------------------------
     @property

@@ -137,20 +137,25 @@ class BaseModel:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def encode_text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Captions -> (tokens (B, L, W) last hidden states, sentence (B, W) pooled output), as
-        Stable Diffusion conditions on them (padded to the tokenizer's model_max_length)."""
-        import torch
+        """``encode_text`` with this base's tokenizer and text encoder."""
+        return encode_text(self.tokenizer, self.text_encoder, texts)
 
-        ids = self.tokenizer(
-            list(texts),
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.text_encoder.device)
-        with torch.no_grad():
-            out = self.text_encoder(ids)
-        return out.last_hidden_state, out.pooler_output
+
+def encode_text(tokenizer: Any, text_encoder: Any, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Captions -> (tokens (B, L, W) last hidden states, sentence (B, W) pooled output), as Stable
+    Diffusion conditions on them (padded to the tokenizer's model_max_length); no gradients."""
+    import torch
+
+    ids = tokenizer(
+        list(texts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(text_encoder.device)
+    with torch.no_grad():
+        out = text_encoder(ids)
+    return out.last_hidden_state, out.pooler_output
 
 
 def load_base(

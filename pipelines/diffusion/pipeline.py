@@ -25,6 +25,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from models import ComposerModel
+from pipelines.conditions.backbone import encode_text
 from pipelines.diffusion.guidance import Guidance
 from pipelines.diffusion.inputs import image_to_tensor, tensor_to_image, to_conditions
 from pipelines.diffusion.requests import Batch, PreparedRequest, SampleRequest
@@ -144,20 +145,12 @@ class ComposerPipeline(DiffusionPipeline):
                 "text encoder; give caption.base_sentence and caption.base_tokens"
             )
         unique = list(dict.fromkeys(texts))
-        ids = self.tokenizer(
-            unique,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.text_encoder.device)
-        with torch.no_grad():
-            out = self.text_encoder(ids)
+        states, pooled = encode_text(self.tokenizer, self.text_encoder, unique)
         index = [unique.index(t) for t in texts]
         # float16 as stored in the shards, so a caption given as text and the same caption's
         # stored embeddings give the same samples
-        tokens = out.last_hidden_state.float().cpu().numpy().astype(np.float16)[index]
-        sentence = out.pooler_output.float().cpu().numpy().astype(np.float16)[index]
+        tokens = states.float().cpu().numpy().astype(np.float16)[index]
+        sentence = pooled.float().cpu().numpy().astype(np.float16)[index]
         return {"caption.base_tokens": tokens, "caption.base_sentence": sentence}
 
     def _scheduler(self, name: SchedulerName, threshold: Threshold) -> SchedulerMixin:
