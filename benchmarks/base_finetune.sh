@@ -32,6 +32,8 @@ CONFIG=benchmarks/train-base-finetune.yaml
 # Captions per side (seen / held-out pairs) of the compositional benchmark. At 32 (the rows'
 # count) one accuracy's sampling error is about ±0.06, more than the 0.05 margin judged here.
 BENCH_CAPTIONS=${BENCH_CAPTIONS:-128}
+# Extra options of benchmarks/tiny_latent_base.py (e.g. "--unet-steps 12000" for a shorter base).
+read -r -a BASE_ARGS <<<"${BASE_ARGS:-}"
 mkdir -p "$OUT"
 
 step() { # step NAME DONE COMMAND...: COMMAND, logged to $OUT/NAME.log, unless the file DONE exists
@@ -64,7 +66,7 @@ evaluate() { # evaluate NAME: the export of train-NAME into $OUT/eval-NAME
     --num-samples 32 --set benchmark.num_captions="$BENCH_CAPTIONS"
 }
 
-step base "$OUT/base/build/samples.json" python benchmarks/tiny_latent_base.py --output "$OUT/base"
+step base "$OUT/base/build/samples.json" python benchmarks/tiny_latent_base.py --output "$OUT/base" "${BASE_ARGS[@]}"
 step synth "$OUT/synth/synth.json" recompose synth --output "$OUT/synth" --count 2000 --seed 0 --resolution 64
 step decompose "$OUT/decomposed/manifest.json" \
   recompose decompose --input "$OUT/synth" --output "$OUT/decomposed" --base "$OUT/base" \

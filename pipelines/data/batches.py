@@ -14,8 +14,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from models import CONDITIONS
-from models.encoders import HashTokenizer
 from pipelines.conditions import MAPS
 from pipelines.config import hash_data
 from pipelines.data.augment import AugmentConfig, augment
@@ -111,6 +109,8 @@ def open_data(path: str | Path) -> DataSpec:
     # stored CLIP embedding or the image itself (trainable encoder); the mask is drawn here.
     present = {"caption", "semantics", "mask"} | {n for n in ("palette", *MAPS) if n in names}
     latents = manifest.get("extractors", {}).get("latents") if "latents" in names else None
+    from models import CONDITIONS  # here, not at the top: see prepare_batch
+
     return DataSpec(
         root=str(root.resolve()),
         files=files,
@@ -236,6 +236,10 @@ def prepare_batch(table: pa.Table, recipe: BatchRecipe) -> dict[str, np.ndarray]
     if "semantics" in recipe.columns:
         out["semantics"] = _tensor(table, "semantics", recipe, "float16")
     if "text" in recipe.columns:
+        # Imported here: Ray Data's processes load this module to unpickle prepare_batch, and
+        # models (torch, diffusers) costs seconds in each new one that never tokenizes.
+        from models.encoders import HashTokenizer
+
         texts = [str(t) for t in table.column("text").to_pylist()]
         tok = HashTokenizer(recipe.text_vocab_size, recipe.caption_length)
         out["text_ids"] = tok(texts).numpy()

@@ -1,5 +1,5 @@
 """``recompose train --base``: Composer on a pretrained Stable Diffusion pipeline, end to end on a
-real local Ray (2 CPU DDP workers) with a tiny SD base in the real diffusers format
+real local Ray (2 CPU workers: FSDP in full mode, DDP in adapter mode) with a tiny SD base in the real diffusers format
 (tests/helpers/tiny_sd.py): the decomposition stores its latents and caption embeddings, both
 modes train (the loss falls, a rerun resumes), the MLflow run is read back, the export carries the
 base's VAE and text encoder, generates from every condition, edits exactly outside a mask, and
@@ -94,8 +94,10 @@ def _losses(uri: str, run_dir: Path) -> list[float]:
 
 @pytest.fixture(scope="module")
 def full(setup) -> Path:
-    assert _train(setup, "full", 16) == 0
-    assert _train(setup, "full", 20) == 0  # a rerun resumes at 16
+    """Full mode as a large base would train it: FSDP2 over the 2 workers, gradient checkpointing."""
+    sharded = ("strategy=fsdp", "gradient_checkpointing=true")
+    assert _train(setup, "full", 16, *sharded) == 0
+    assert _train(setup, "full", 20, *sharded) == 0  # a rerun resumes at 16
     return setup["root"] / "full"
 
 
@@ -109,6 +111,7 @@ def test_full_mode_trains_resumes_and_logs(setup, full):
     run = MlflowClient(setup["uri"]).get_run(record["mlflow"]["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["base"] == setup["base"] and run.data.params["mode"] == "full"
+    assert run.data.params["strategy"] == "fsdp"
     for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         assert (full / "export" / part).is_dir(), part
     index = json.loads((full / "export" / "model_index.json").read_text())
