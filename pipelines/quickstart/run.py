@@ -204,6 +204,8 @@ class Quickstart:
             "mlflow.log_every": max(1, min(10, p.train_steps)),
             "optim.warmup_steps": min(100, p.train_steps // 2),
         }
+        if p.mode == "fast":  # the last sample grid of a 6-step model: as few DDIM steps as the rest
+            sets["mlflow.sample_steps"] = p.eval_steps
         args = ["--data", str(self.paths["decompose"]), "--output", str(run)]
         args += ["--config", str(ROOT / "configs/train-laptop.yaml"), "--max-steps", str(p.train_steps)]
         t0 = time.perf_counter()

@@ -1,7 +1,10 @@
-"""The Serve app over real HTTP: a local Ray Serve with two apps of a tiny 32 px pipeline.
+"""The Serve app over real HTTP: a local Ray Serve with two apps of a tiny 32 px pipeline and
+one of a pipeline on a pretrained Stable Diffusion base, one Ray + Serve start for all three.
 
-``main`` at ``/`` (no auth, batching on, small body/image limits to test 413s) and ``strict``
-at ``/strict`` (bearer auth, one request at a time and a queue of one, to test backpressure).
+``main`` at ``/`` (no auth, batching on, small body/image limits to test 413s), ``strict``
+at ``/strict`` (bearer auth, one request at a time and a queue of one, to test backpressure) and
+``base`` at ``/base`` (tests/helpers/tiny_sd.py: captions as text through the export's own text
+encoder, latents decoded and composited in a masked edit).
 """
 
 from __future__ import annotations
@@ -42,7 +45,13 @@ def scene(i: int, size: int = 64) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def apps(tiny_model_dir):
+def apps(tiny_model_dir, tmp_path_factory):
+    from pipelines.conditions.backbone import load_base
+    from tests.diffusion.test_base_pipeline import make_pipe
+    from tests.helpers.tiny_sd import make_tiny_sd
+
+    root = tmp_path_factory.mktemp("base-serve")
+    make_pipe(load_base(make_tiny_sd(root / "sd"))).save_pretrained(str(root / "export"))
     os.environ[TOKEN_ENV] = TOKEN  # inherited by the Ray workers started below
     try:
         with serve_cluster() as port:
@@ -68,7 +77,8 @@ def apps(tiny_model_dir):
                 batching={"enabled": False},
                 backpressure={"status_code": 503, "retry_after_s": 2},
             )
-            yield {"main": main, "strict": strict}
+            base = run_app(port, str(root / "export"), "base", "/base", default_steps=2)
+            yield {"main": main, "strict": strict, "base": base}
     finally:
         os.environ.pop(TOKEN_ENV, None)
 
@@ -360,3 +370,32 @@ def test_backpressure_and_auth(apps):
     )
     # and the main app needs no token
     assert requests.get(apps["main"] + "v1/model", timeout=30).status_code == 200
+
+
+def test_a_base_model_generates_from_text_and_maps_and_edits_exactly(apps):
+    url = apps["base"]
+    info = requests.get(url + "v1/model", timeout=30).json()
+    assert info["resolution"] == R and info["caption_encoder"] == "base"
+    assert info["inputs"]["caption"] == "text" and info["decomposable"]["caption"] is True
+    a = png(scene(0, R))
+    for cond in (
+        {"text": "a red circle"},
+        {"sketch": {"image": "a"}},
+        {"text": "a star", "intensity": {"image": "a"}},
+    ):
+        r = post(url, "v1/generate", {"images": {"a": a}, "conditions": cond, "seed": 1})
+        assert r.status_code == 200, (cond, r.text)
+        assert decode(r.json()["images"][0]).shape == (R, R, 3)
+    mask = np.zeros((R, R), np.uint8)
+    mask[5:19, 9:23] = 255
+    r = post(
+        url,
+        "v1/edit",
+        {"source": a, "conditions": {"text": "a blue square"}, "mask": png(mask), "num_images": 2},
+    )
+    assert r.status_code == 200, r.text
+    out = r.json()
+    src, m = decode(out["source_png"]), decode(out["conditions"]["mask"]["png"]) > 0
+    for im in out["images"]:
+        im = decode(im)
+        assert np.array_equal(im[~m], src[~m]) and not np.array_equal(im[m], src[m])
