@@ -7,6 +7,13 @@ eight representations (Composer, arXiv 2302.09778, §3.2). Read top to bottom:
 In pixel space (the base model, 64×64 as in Composer) x_t is the image; given a VAE the same
 code runs on latents with ``image_channels`` = latent channels and ``local_downsample`` = the VAE's
 scale factor, so local maps stay at image resolution.
+
+An **upsampler** of Composer's cascade (``upsample_factor`` f = 2–4; §3, as Imagen's and unCLIP's
+super-resolution models) is the same network with one more input: the low-resolution image
+(side / f), upsampled bicubically and concatenated to x_t, with the timestep of its
+noise-conditioning augmentation (Imagen §2.5) embedded and added to the timestep embedding. The
+eight conditions stay optional at the target resolution, with the same dropout and set guidance;
+the low-resolution image is in every row and every guidance branch.
 """
 
 from __future__ import annotations
@@ -14,8 +21,10 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from diffusers import ModelMixin, UNet2DConditionModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
 from models.backbone import add_lora, base_state_dict, build_unet, is_new_parameter
@@ -76,6 +85,7 @@ class ComposerModel(ModelMixin, ConfigMixin):
         # above that shape a UNet (channels, levels, heads, groups) are not used.
         base_unet: dict | None = None,
         lora_rank: int = 0,  # base models: peft LoRA rank on the base's attention projections (0: none)
+        upsample_factor: int = 1,  # 2–4: an upsampler from side / factor (module doc); 1: a base model
     ):
         super().__init__()
         if resnet_time_scale_shift not in ("default", "scale_shift"):
@@ -102,6 +112,18 @@ class ComposerModel(ModelMixin, ConfigMixin):
             )
         if lora_rank < 0 or (lora_rank and base_unet is None):
             raise ValueError(f"lora_rank is for base models and >= 0, got {lora_rank}")
+        if upsample_factor not in (1, 2, 3, 4):
+            raise ValueError(
+                f"upsample_factor must be 1 (a base model) or 2–4 (an upsampler), got {upsample_factor}"
+            )
+        if upsample_factor > 1 and (base_unet is not None or local_downsample != 1):
+            raise ValueError(
+                "an upsampler (upsample_factor > 1) is a pixel-space model: no base_unet, local_downsample 1"
+            )
+        if sample_size % upsample_factor:
+            raise ValueError(
+                f"sample_size {sample_size} is not a multiple of upsample_factor {upsample_factor}"
+            )
         self.embed_out = None
         if base_unet is not None:
             for key, want in (("in_channels", image_channels), ("cross_attention_dim", cross_attention_dim)):
@@ -120,7 +142,8 @@ class ComposerModel(ModelMixin, ConfigMixin):
             embed_dim = block_out_channels[0] * 4  # UNet2DConditionModel's timestep-embedding width
             self.unet = UNet2DConditionModel(
                 sample_size=sample_size,
-                in_channels=image_channels + local_channels,
+                # an upsampler's low-resolution image is concatenated after the local features
+                in_channels=image_channels + local_channels + (image_channels if upsample_factor > 1 else 0),
                 out_channels=image_channels,
                 down_block_types=tuple(
                     "CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention_levels
@@ -157,6 +180,13 @@ class ComposerModel(ModelMixin, ConfigMixin):
             else None
         )
         self.image_encoder = ImageEncoder(semantics_dim) if semantics_encoder == "trainable" else None
+        self.low_res_level = None
+        if upsample_factor > 1:  # the augmentation level, embedded as the UNet embeds its timestep
+            width = block_out_channels[0]
+            self.low_res_level = nn.Sequential(
+                Timesteps(width, flip_sin_to_cos=True, downscale_freq_shift=0),
+                TimestepEmbedding(width, embed_dim),
+            )
 
     # -- inputs ------------------------------------------------------------------------------
     @property
@@ -288,7 +318,29 @@ class ComposerModel(ModelMixin, ConfigMixin):
         }
         size = (self.config.sample_size, self.config.sample_size)
         local = self.local(presence, maps, size)
+        if self.low_res_level is not None:
+            up, level = self._low_res(c, b)
+            embedding = embedding + level.to(embedding.dtype)
+            local = torch.cat([local, up.to(local.dtype)], dim=1)
+        elif c.low_res is not None or c.low_res_level is not None:
+            raise ValueError("low_res is an upsampler's input; this model has upsample_factor 1")
         return EncodedConditions(embedding=embedding, context=context, local=local)
+
+    def _low_res(self, c: Conditions, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """An upsampler's low-resolution input, upsampled to the sample size, and its level's embedding."""
+        f, side = self.config.upsample_factor, self.config.sample_size
+        if c.low_res is None or c.low_res_level is None:
+            raise ValueError(f"this upsampler (factor {f}) needs low_res and low_res_level in every row")
+        want = (b, self.config.image_channels, side // f, side // f)
+        if tuple(c.low_res.shape) != want:
+            raise ValueError(
+                f"low_res must be {want} (the image at 1/{f} of {side} px), got {tuple(c.low_res.shape)}"
+            )
+        if c.low_res_level.shape != (b,):
+            raise ValueError(f"low_res_level must be ({b},), got {tuple(c.low_res_level.shape)}")
+        up = F.interpolate(c.low_res.float(), size=(side, side), mode="bicubic", align_corners=False)
+        proj, embed = self.low_res_level
+        return up, embed(proj(c.low_res_level).to(self.dtype))
 
     def forward(
         self,
@@ -332,7 +384,8 @@ def random_inputs(
 
 
 def random_conditions(model: ComposerModel, batch: int, generator: torch.Generator) -> Conditions:
-    """Every condition ``model``'s encoders take, filled with plausible random values."""
+    """Every condition ``model``'s encoders take (and an upsampler's low-resolution input),
+    filled with plausible random values."""
     cfg, g, size = model.config, generator, model.image_size
     if cfg.caption_encoder == "trainable":
         caption = {
@@ -351,9 +404,17 @@ def random_conditions(model: ComposerModel, batch: int, generator: torch.Generat
                 torch.randn(batch, cfg.semantics_dim, generator=g), dim=1
             )
         }
+    low_res = {}
+    if cfg.upsample_factor > 1:  # an upsampler's input: an image at 1/f, augmented up to level 250
+        side = cfg.sample_size // cfg.upsample_factor
+        low_res = {
+            "low_res": torch.rand(batch, cfg.image_channels, side, side, generator=g) * 2 - 1,
+            "low_res_level": torch.randint(0, 250, (batch,), generator=g),
+        }
     return Conditions(
         **caption,
         **semantics,
+        **low_res,
         palette=torch.softmax(torch.randn(batch, PALETTE_BINS, generator=g) * 3, dim=1),
         sketch=(torch.rand(batch, 1, size, size, generator=g) > 0.8).float(),
         instances=torch.randint(0, 256, (batch, size, size), generator=g),

@@ -60,6 +60,11 @@ class Conditions:
     intensity: torch.Tensor | None = None  # (B, 1, H, W) in [0, 1]
     mask: torch.Tensor | None = None  # (B, 1, H, W) {0, 1}, 1 = region to regenerate
     masked_image: torch.Tensor | None = None  # (B, 3, H, W) in [-1, 1], 0 inside the mask
+    # Upsamplers only (``upsample_factor`` > 1), in every row, outside presence and dropout: the
+    # image to upsample at H / factor, noise-augmented (models/objective.py, ``noise_low_res``),
+    # and the timestep of that augmentation (0: clean).
+    low_res: torch.Tensor | None = None  # (B, 3, H/f, W/f) in [-1, 1]
+    low_res_level: torch.Tensor | None = None  # (B,) int64
 
     def fields(self) -> dict[str, torch.Tensor]:
         return {

@@ -15,6 +15,11 @@ How rows are weighted (``weighting``), with SNR = ᾱ_t / (1 − ᾱ_t):
 - ``"min_snr"``: Min-SNR-γ (Hang et al. 2023, arXiv 2303.09556): the x0-error weight clipped at
   γ = ``min_snr_gamma``, i.e. ``min(SNR, γ) / SNR`` for ε and ``min(SNR, γ) / (SNR + 1)`` for v;
   low-noise steps no longer dominate the gradient, which converges several times faster.
+
+An upsampler (``upsample_factor`` > 1) learns from the same images: ``noise_low_res`` derives its
+low-resolution input from x0 and applies Imagen's noise-conditioning augmentation (Saharia et al.
+2022, §2.5): a random level of the same forward process, given to the network, so that at
+sampling time it tolerates the base model's artefacts (a chosen level, ``low_res_level``).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from diffusers import SchedulerMixin
 
 from models.composer import ComposerModel
@@ -72,3 +78,45 @@ def diffusion_loss(
             clipped = snr.clamp(max=min_snr_gamma)
             per_row = per_row * (clipped / snr if prediction == "epsilon" else clipped / (snr + 1))
     return per_row.mean() if reduction == "mean" else per_row
+
+
+def downsample(images: torch.Tensor, factor: int) -> torch.Tensor:
+    """(B, C, S, S) in [-1, 1] -> (B, C, S/f, S/f): antialiased bicubic, as an image resize."""
+    side = images.shape[-1] // factor
+    out = F.interpolate(
+        images.float(), size=(side, side), mode="bicubic", align_corners=False, antialias=True
+    )
+    return out.clamp(-1, 1).to(images.dtype)
+
+
+def noise_low_res(
+    scheduler: SchedulerMixin,
+    x0: torch.Tensor,
+    factor: int,
+    max_level: int,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """An upsampler's training input: x0 downsampled by ``factor``, then noised to a level drawn
+    uniformly from 0..``max_level`` (timesteps of ``scheduler``'s forward process; 0 leaves it
+    clean, exactly). Returns ``(low_res, level)``, (B, C, S/f, S/f) and (B,) int64."""
+    if not 0 <= max_level < scheduler.config.num_train_timesteps:
+        raise ValueError(
+            f"max_level must be in [0, {scheduler.config.num_train_timesteps - 1}], got {max_level}"
+        )
+    level = torch.randint(0, max_level + 1, (x0.shape[0],), generator=generator)
+    return noise_to_level(scheduler, downsample(x0, factor), level, generator), level.to(x0.device)
+
+
+def noise_to_level(
+    scheduler: SchedulerMixin,
+    low: torch.Tensor,
+    level: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``low`` (B, C, h, w) through ``scheduler``'s forward process to timesteps ``level`` (B,);
+    rows at level 0 are returned unchanged. Noise drawn on the CPU from ``generator``."""
+    b = low.shape[0]
+    noise = torch.randn(low.shape, generator=generator, dtype=torch.float32).to(low.device, low.dtype)
+    level = level.to(low.device)
+    noised = scheduler.add_noise(low, noise, level)
+    return torch.where((level > 0).view(b, 1, 1, 1), noised, low)

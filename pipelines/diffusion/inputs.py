@@ -13,6 +13,8 @@ One place for the conversion, used by the training loop and by the generation pi
     "instances"         (B, R, R) uint8 ids
     "mask"              (B, R, R) uint8 {0, 1}, 1 = regenerate, with
     "mask.image"        (B, R, R, 3) uint8: the source image, blanked inside the mask here
+    "low_res"           (B, R/f, R/f, 3) uint8   an upsampler's (upsample_factor f) image to upsample
+    "low_res.level"     (B,) int                 its noise-augmentation level (default 0: clean)
 """
 
 from __future__ import annotations
@@ -90,4 +92,8 @@ def to_conditions(model: ComposerModel, rows: Mapping[str, Any]) -> Conditions:
         image = image_to_tensor(rows["mask.image"]).permute(0, 2, 3, 1).numpy()  # channels last, [-1, 1]
         masked = apply_mask(image, np.asarray(rows["mask"]))  # mid-gray (0) where regenerated
         out["masked_image"] = torch.from_numpy(masked).permute(0, 3, 1, 2)
+    if "low_res" in rows:
+        out["low_res"] = image_to_tensor(rows["low_res"])
+        level = rows.get("low_res.level", np.zeros(len(out["low_res"]), np.int64))
+        out["low_res_level"] = torch.from_numpy(np.asarray(level).astype(np.int64))
     return Conditions(**out)

@@ -167,6 +167,8 @@ class ComposerPipeline(DiffusionPipeline):
                 "caption.clip_tokens",
                 "caption.t5_tokens",
                 "caption.base_tokens",
+                "low_res",
+                "low_res.level",
             }
         )
         if unknown:
@@ -187,6 +189,24 @@ class ComposerPipeline(DiffusionPipeline):
                 raise ValueError(
                     f"{key} is {np.asarray(conditions[key]).shape}, the model takes {r}×{r} maps"
                 )
+        f = self.unet.config.upsample_factor
+        if f == 1:
+            if "low_res" in conditions or "low_res.level" in conditions:
+                raise ValueError("low_res is an upsampler's input; this model is not an upsampler")
+            return
+        if "low_res" not in conditions:
+            raise ValueError(
+                f"this model upsamples ×{f}: give the image to upsample as low_res ({r // f}×{r // f})"
+            )
+        if np.asarray(conditions["low_res"]).shape != (r // f, r // f, 3):
+            raise ValueError(
+                f"low_res is {np.asarray(conditions['low_res']).shape}, this upsampler takes ({r // f}, {r // f}, 3)"
+            )
+        level = int(conditions.get("low_res.level", 0))
+        if not 0 <= level < self.scheduler.config.num_train_timesteps:
+            raise ValueError(
+                f"low_res.level must be in [0, {self.scheduler.config.num_train_timesteps - 1}], got {level}"
+            )
 
     def encode_conditions(self, conditions: Mapping[str, Any], guidance: Guidance, n: int):
         """Every guidance branch's conditions for ``n`` samples, encoded once for all steps."""
@@ -307,7 +327,9 @@ class ComposerPipeline(DiffusionPipeline):
         with eval_mode(self.unet):  # sampling is in eval mode whatever the caller's model mode
             sched = self._scheduler(scheduler, threshold)
             x = self._noise(batch)
-            encoded = self._encode_rows([p.conditions for p in prepared], batch.sizes, first.guidance)
+            encoded = self._encode_rows(
+                [p.conditions for p in prepared], batch.sizes, first.guidance, batch.generators
+            )
             x0 = self._encode_sources(batch) if first.request.source is not None else None
             if inverting:
                 x = self._invert(batch, sched, x0, num_inference_steps)
@@ -395,7 +417,13 @@ class ComposerPipeline(DiffusionPipeline):
             )
         return outputs
 
-    def _encode_rows(self, conditions: Sequence[Mapping[str, Any]], sizes: Sequence[int], guidance: Guidance):
+    def _encode_rows(
+        self,
+        conditions: Sequence[Mapping[str, Any]],
+        sizes: Sequence[int],
+        guidance: Guidance,
+        generators: Sequence[torch.Generator] | None = None,
+    ):
         """Every guidance branch's conditions for each request's samples, encoded once for all steps.
 
         Rows are request-major within a branch (request 0's samples, request 1's, …), the layout
@@ -409,5 +437,26 @@ class ComposerPipeline(DiffusionPipeline):
         if "text" in rows and self.unet.config.caption_encoder == "base":
             rows.update(self._encode_text(rows.pop("text")))
         k = len(guidance.sets())
-        conds = to_conditions(self.unet, rows).repeat(k)
-        return self.unet.encode(conds, guidance.presence(sum(sizes), self.unet.device))
+        conds = to_conditions(self.unet, rows)
+        if conds.low_res is not None:  # before the branches are repeated: one augmentation per sample
+            conds.low_res = self._augment_low_res(conds.low_res, conds.low_res_level, sizes, generators)
+        return self.unet.encode(conds.repeat(k), guidance.presence(sum(sizes), self.unet.device))
+
+    def _augment_low_res(
+        self,
+        low: torch.Tensor,
+        level: torch.Tensor,
+        sizes: Sequence[int],
+        generators: Sequence[torch.Generator] | None,
+    ) -> torch.Tensor:
+        """An upsampler's low-resolution rows noised to their level, as in training (Imagen's
+        noise-conditioning augmentation); each request's noise from its own generator, drawn after
+        its x_T (a fixed seed without generators)."""
+        from models.objective import noise_to_level
+
+        gens = list(generators) if generators is not None else [torch.Generator().manual_seed(0)] * len(sizes)
+        parts, start = [], 0
+        for n, g in zip(sizes, gens, strict=True):
+            parts.append(noise_to_level(self.scheduler, low[start : start + n], level[start : start + n], g))
+            start += n
+        return torch.cat(parts)
