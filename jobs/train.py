@@ -2,11 +2,14 @@
 
     recompose train --data DIR --output RUN_DIR [--preset tiny|small|medium|base] [--max-steps N]
         [--workers N] [--gpus-per-worker N] [--base BASE_DIR [--mode full|adapter]]
-        [--config FILE] [--set key=value …]
+        [--stage base|upsampler [--upsample-factor 2|3|4]] [--config FILE] [--set key=value …]
 
 With ``--base`` the Composer UNet starts as a pretrained Stable Diffusion 1.x/2.x UNet (a diffusers
 pipeline directory, or a repo id in the local Hugging Face cache), exactly that model at step 0,
 trained on the latents and caption embeddings that ``recompose decompose --base`` stored.
+
+With ``--stage upsampler`` it trains a super-resolution model of Composer's cascade on the same
+data: each image's low-resolution input (side / factor) is derived on the fly and noise-augmented.
 
 Runs on the Ray cluster in ``RAY_ADDRESS`` (as under ``ray job submit``) or a local Ray. Running
 the same command again resumes RUN_DIR from its latest checkpoint, in the same MLflow run.
@@ -42,6 +45,19 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="with --base: train the whole UNet, or only the new condition paths (config: mode)",
     )
+    add(
+        "--stage",
+        choices=["base", "upsampler"],
+        default=None,
+        help="the cascade's base model, or an upsampler from side / factor (config: stage)",
+    )
+    add(
+        "--upsample-factor",
+        type=int,
+        choices=[2, 3, 4],
+        default=None,
+        help="with --stage upsampler: the factor it upsamples by (config: upsample_factor)",
+    )
     add_config_arguments(p, "configs/train-*.yaml", "optim.lr=3e-4")
     add_common_arguments(p, json_help="print the summary as JSON on stdout")
     return p
@@ -57,6 +73,8 @@ def train(args: argparse.Namespace) -> TrainResult:
         "gpus_per_worker": args.gpus_per_worker,
         "base": args.base,
         "mode": args.mode,
+        "stage": args.stage,
+        "upsample_factor": args.upsample_factor,
     }
     return run_train(load_config(TrainConfig, args.config, values, args.overrides))
 

@@ -42,6 +42,14 @@ def tensor_to_image(x: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).to(torch.uint8).cpu().numpy()
 
 
+def downsample_image(images: np.ndarray, factor: int) -> np.ndarray:
+    """(B, R, R, 3) uint8 -> (B, R/f, R/f, 3) uint8, as an upsampler's training input is made
+    (``models.objective.downsample``: antialiased bicubic)."""
+    from models.objective import downsample
+
+    return tensor_to_image(downsample(image_to_tensor(images), factor))
+
+
 def join_tokens(parts: list[np.ndarray]) -> np.ndarray:
     """Token sequences (B, L_i, W_i) of several encoders -> (B, ΣL_i, ΣW_i), one after the other,
     each in its own feature columns (zeros elsewhere): one linear projection of the joined

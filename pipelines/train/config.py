@@ -109,6 +109,13 @@ class TrainConfig(Config):
     # only the new condition paths (and LoRA on its attention projections when lora_rank > 0)
     mode: Literal["full", "adapter"] = added("full")
     lora_rank: int = added(0, ge=0)  # peft LoRA rank on the base's attention layers (adapter mode)
+    # Composer's cascade (issue 19): "base" trains the base model; "upsampler" a super-resolution
+    # model of the same data, its low-resolution input derived from each image on the fly
+    # (downsampled by upsample_factor, then noised to a level in 0..low_res_max_level: Imagen's
+    # noise-conditioning augmentation, models/objective.py)
+    stage: Literal["base", "upsampler"] = added("base")
+    upsample_factor: int = added(4, ge=2, le=4)
+    low_res_max_level: int = added(250, ge=0, le=999)  # timesteps of the noise schedule
     gradient_checkpointing: bool = resource(
         False
     )  # recompute activations in backward: less memory, ~30% slower
@@ -135,4 +142,10 @@ class TrainConfig(Config):
             raise ValueError("strategy fsdp is for mode full; the adapter mode trains few weights: use ddp")
         if self.base is not None and self.init_from is not None:
             raise ValueError("base and init_from both choose the starting weights; give one")
+        if self.stage == "upsampler" and self.base is not None:
+            raise ValueError("an upsampler is a pixel-space model of the cascade: it takes no base")
+        if "upsample_factor" in self.model.overrides:
+            raise ValueError(
+                "set upsample_factor (with stage: upsampler), not model.overrides.upsample_factor"
+            )
         return self

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from models import CONDITIONS, ComposerModel, ConditionDropout
-from models.objective import diffusion_loss
+from models.objective import diffusion_loss, noise_low_res
 from pipelines.data.batches import BatchRecipe
 from pipelines.diffusion.inputs import image_to_tensor, to_conditions
 from pipelines.diffusion.schedulers import default_scheduler
@@ -308,6 +308,13 @@ class Step:
         latent_scale = args.base.latent_scale if args.base is not None else None
         return cls(cfg, args.recipe, device, global_batch, train_scheduler(args), dropout, amp, latent_scale)
 
+    def low_res(self, model: ComposerModel, x0: torch.Tensor, cond: Any, generator: torch.Generator) -> None:
+        """An upsampler's input, drawn into ``cond`` from x0: downsampled, then noise-augmented."""
+        if model.config.upsample_factor > 1:
+            cond.low_res, cond.low_res_level = noise_low_res(
+                self.scheduler, x0, model.config.upsample_factor, self.cfg.low_res_max_level, generator
+            )
+
 
 def train_step(t: Training, s: Step, stream: Iterator[dict], window: Window) -> None:
     """One optimizer step over ``grad_accum`` micro-batches; losses and timings go to ``window``."""
@@ -318,6 +325,7 @@ def train_step(t: Training, s: Step, stream: Iterator[dict], window: Window) -> 
         batch = next(stream)
         window.wait += time.perf_counter() - tw
         x0, cond, available = batch_inputs(t.model, batch, s.recipe, s.latent_scale)
+        s.low_res(t.model, x0, cond, t.generator)
         presence = s.dropout(available, t.generator)
         last = micro == cfg.optim.grad_accum - 1
         sync = contextlib.nullcontext() if last else parallel.no_sync(t.wrapped, cfg.strategy)

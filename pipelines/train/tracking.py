@@ -29,6 +29,7 @@ from pipelines import tracking
 from pipelines.config import flatten, to_dict
 from pipelines.data.augment import AugmentConfig
 from pipelines.data.batches import DataSpec, prepare_batch
+from pipelines.diffusion.inputs import downsample_image
 from pipelines.files import atomic_write, encode_png, replace_dir, write_bytes, write_json
 from pipelines.train.config import TrainConfig
 from pipelines.train.loop import TrainerArgs, train_scheduler
@@ -152,6 +153,9 @@ class RankZeroTracker:
     def _conditions(self, row: int, names: tuple[str, ...]) -> dict[str, Any]:
         b, r = self._sample_rows(), self.recipe
         out: dict[str, Any] = {}
+        f = self.args.model_kwargs.get("upsample_factor", 1)
+        if f > 1:  # an upsampler: the row's image at 1/f, clean
+            out["low_res"] = downsample_image(b["image"][row : row + 1], f)[0]
         for name in names:
             if name == "caption":
                 if r.caption_encoder == "trainable":
@@ -193,9 +197,10 @@ class RankZeroTracker:
         from pipelines.diffusion.pipeline import ComposerPipeline
 
         trained = tuple(c for c in self.recipe.conditions if c != "mask")
+        upsampler = self.args.model_kwargs.get("upsample_factor", 1) > 1
         sets = [
-            (label, names or trained)
-            for label, names in SAMPLE_SETS
+            (label, trained if names is None else names)
+            for label, names in (*((("low-res only", ()),) if upsampler else ()), *SAMPLE_SETS)
             if all(c in trained for c in (names or ()))
         ]
         pipe = ComposerPipeline(self._export_model(weights), train_scheduler(self.args), **self._base_parts())
@@ -205,6 +210,8 @@ class RankZeroTracker:
         b = self._sample_rows()
         for i in range(len(b["image"])):
             row = [("image", b["image"][i])]
+            if upsampler:
+                row.append(("low-res", self._conditions(i, ())["low_res"]))
             if "caption" in trained:
                 row.append(("caption", text_tile(str(b["text"][i]), size)))
             if "palette" in trained:
