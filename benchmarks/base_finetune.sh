@@ -8,7 +8,8 @@
 # 2. synth      2000 new scenes at 64 px (seed 0): the fine-tuning and evaluation data
 # 3. decompose  with --base: the base VAE's latents, its text encoder's caption embeddings and
 #               every condition that needs no downloaded weights (semantics needs CLIP: skipped)
-# 4. train      base: the untouched base as a ComposerPipeline; full; adapter (+ LoRA rank 8)
+# 4. train      base: the untouched base as a ComposerPipeline; full; adapter (+ LoRA rank 8);
+#               full again at the lower learning rates FULL_LRS (default "5e-5 1e-4")
 # 5. evaluate   each: condition fidelity against the unconditional floor, and the synthetic
 #               compositional benchmark (caption-only colour / shape accuracy)
 # 6. summary    the three evaluations' key figures as one markdown table (stdout, OUT_ROOT/summary.md)
@@ -83,15 +84,23 @@ train full --mode full
 evaluate full
 train adapter --mode adapter --set lora_rank=8 --set optim.lr=1e-3
 evaluate adapter
+# Full mode again at lower learning rates (FULL_LRS, "" for none): how much of the base's caption
+# accuracy a smaller step keeps, and how much less of the conditions it learns.
+read -r -a FULL_LRS <<<"${FULL_LRS-5e-5 1e-4}"
+for lr in "${FULL_LRS[@]}"; do
+  train "full-lr$lr" --mode full --set optim.lr="$lr"
+  evaluate "full-lr$lr"
+done
 
-python - "$OUT" <<'EOF' | tee "$OUT/summary.md"
+python - "$OUT" "${FULL_LRS[@]}" <<'EOF' | tee "$OUT/summary.md"
 """The evaluations' quality bars and caption-only accuracies, one row per model."""
 import json
 import sys
 from pathlib import Path
 
 out = Path(sys.argv[1])
-models = {"base (step 0)": "base", "full": "full", "adapter + LoRA 8": "adapter"}
+models = {"base (step 0)": "base", "full (lr 2e-4)": "full", "adapter + LoRA 8 (lr 1e-3)": "adapter"}
+models.update({f"full (lr {x})": f"full-lr{x}" for x in sys.argv[2:]})
 evals = {k: json.loads((out / f"eval-{v}" / "evaluate.json").read_text()) for k, v in models.items()}
 conds = ("palette", "sketch", "instances", "depth", "intensity")
 bench = [(m, side) for side in ("seen", "heldout") for m in ("colour", "shape")]
@@ -127,9 +136,9 @@ for label, source in (("base, unconditional (floor)", "none"), ("renders (the pa
     cells = ["–"] * (len(conds) + 1) + [fmt(base.get(f"{source}/{side}/{m}")) for m, side in bench] + [""]
     print("| " + " | ".join([label, *cells]) + " |")
 vae = json.loads((out / "base" / "build" / "vae.json").read_text())
-n = {k: e["num_rows"] for k, e in evals.items()}
+n = evals["base (step 0)"]["num_rows"]
 print(
-    f"\nFidelity: each condition alone, ratio to the unconditional floor ({n['full']} rows); "
+    f"\nFidelity: each condition alone, ratio to the unconditional floor ({n} rows); "
     f"caption-only: the benchmark's per-object accuracy (guidance {first['config']['benchmark']['guidance']}). "
     f"Base VAE: held-out PSNR {vae['heldout_psnr_db']:.1f} dB, scaling factor {vae['scaling_factor']:.3f}."
 )

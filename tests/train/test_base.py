@@ -172,7 +172,7 @@ def test_data_from_another_vae_or_without_latents_is_refused(setup, capsys):
     assert not (setup["root"] / "mismatch" / "train.json").exists()
 
 
-def test_generate_and_evaluate_take_the_export(setup, full, tmp_path):
+def test_generate_and_evaluate_take_the_export(setup, full, tmp_path, monkeypatch):
     from PIL import Image
 
     from pipelines.data.shards import read_shard
@@ -184,6 +184,23 @@ def test_generate_and_evaluate_take_the_export(setup, full, tmp_path):
     args += ["--text", "a red circle on a blue background", "--sketch-from", str(tmp_path / "in.png")]
     assert main(args) == 0
     assert len(list((tmp_path / "gen").rglob("*.png"))) >= 2
+    # the registered version, by its models:/ URI: VAE, text encoder and tokenizer travel with it
+    uri = json.loads((full / "export" / "recompose-training.json").read_text())["model_uri"]
+    assert uri.startswith("models:/sd-test/")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", setup["uri"])
+    args = [
+        "generate",
+        "--model",
+        uri,
+        "--output",
+        str(tmp_path / "gen-uri"),
+        "--steps",
+        "2",
+        "--text",
+        "a red star",
+    ]
+    assert main(args) == 0
+    assert len(list((tmp_path / "gen-uri").rglob("*.png"))) >= 1
     args = ["evaluate", "--model", str(full / "export"), "--data", str(setup["data"])]
     args += ["--output", str(tmp_path / "eval"), "--num-samples", "2"]
     for item in ("steps=2", "batch_size=2", "benchmark.num_captions=2", "grid_rows=2", "progress=false"):
