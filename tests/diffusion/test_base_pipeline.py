@@ -113,3 +113,23 @@ def test_bidirectional_guidance_inverts_in_latent_space(base):
     plain = pipe({"text": "a blue square"}, **common)
     assert out.images.shape == (1, R, R, 3) and out.invert_guidance is not None
     assert not np.array_equal(out.images, plain.images)  # it started from the source's inversion
+
+
+def test_set_guidance_per_condition_weights_and_recipes_work_on_a_base(base):
+    from pipelines.diffusion.recipes import colorize, translate
+
+    pipe = make_pipe(base)
+    s = render_sample(3, "train", 5, R)
+    common = {"num_inference_steps": 3, "seed": 0}
+    conditions = {"text": s.caption, "intensity": s.image.mean(-1).astype(np.uint8)}
+    joint = pipe(conditions, guidance=3.0, **common)
+    each = pipe(conditions, guidance="caption=2,intensity=4", **common)
+    assert each.guidance["branches"] == 3 and joint.guidance["branches"] == 2
+    assert not np.array_equal(each.images, joint.images)
+    out = translate(pipe, s.image, "a green star on a black background", layout=("sketch",), **common)
+    assert out.images.shape == (1, R, R, 3)
+    palette = np.full(156, 1 / 156, np.float32)
+    out = colorize(pipe, s.image, palette, text="a red circle", guidance="palette+intensity=3", **common)
+    assert out.images.shape == (1, R, R, 3) and {"intensity", "palette"} <= set(
+        out.guidance["targets"][0]["c2"]
+    )
