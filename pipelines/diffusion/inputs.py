@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from models import ComposerModel, Conditions
+from models.objective import downsample
 from pipelines.conditions.mask import apply_mask
 
 
@@ -45,8 +46,6 @@ def tensor_to_image(x: torch.Tensor) -> np.ndarray:
 def downsample_image(images: np.ndarray, factor: int) -> np.ndarray:
     """(B, R, R, 3) uint8 -> (B, R/f, R/f, 3) uint8, as an upsampler's training input is made
     (``models.objective.downsample``: antialiased bicubic)."""
-    from models.objective import downsample
-
     return tensor_to_image(downsample(image_to_tensor(images), factor))
 
 

@@ -181,12 +181,7 @@ def model_arguments(cfg: TrainConfig, spec: DataSpec) -> dict[str, Any]:
     caption, semantics = resolve_encoders(spec, cfg.model.caption_encoder, cfg.model.semantics_encoder)
     size = cfg.model.resolution or spec.resolution
     kwargs = {**spec.model_inputs(caption, semantics), "sample_size": size, **dict(cfg.model.overrides)}
-    if cfg.stage == "upsampler":
-        if size % cfg.upsample_factor:
-            raise ConfigError(
-                f"the upsampler trains at {size} px (model.resolution, or the data's), not a multiple "
-                f"of upsample_factor {cfg.upsample_factor}"
-            )
+    if cfg.stage == "upsampler":  # the model refuses a side the factor does not divide
         kwargs["upsample_factor"] = cfg.upsample_factor
     try:
         kwargs = preset_config(cfg.model.preset, **kwargs)

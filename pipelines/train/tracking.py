@@ -147,15 +147,15 @@ class RankZeroTracker:
             plain = AugmentConfig(crop_scale=(1.0, 1.0), flip=False, random_intensity=False)
             batch = prepare_batch(table, dataclasses.replace(self.recipe, augment=plain))
             batch["text"] = np.array(table.column("text").to_pylist(), object)
+            f = self.args.model_kwargs.get("upsample_factor", 1)
+            if f > 1:  # an upsampler's input: each row's image at 1/f, clean
+                batch["low_res"] = downsample_image(batch["image"], f)
             self._rows = batch
         return self._rows
 
     def _conditions(self, row: int, names: tuple[str, ...]) -> dict[str, Any]:
         b, r = self._sample_rows(), self.recipe
-        out: dict[str, Any] = {}
-        f = self.args.model_kwargs.get("upsample_factor", 1)
-        if f > 1:  # an upsampler: the row's image at 1/f, clean
-            out["low_res"] = downsample_image(b["image"][row : row + 1], f)[0]
+        out: dict[str, Any] = {"low_res": b["low_res"][row]} if "low_res" in b else {}
         for name in names:
             if name == "caption":
                 if r.caption_encoder == "trainable":
@@ -197,21 +197,21 @@ class RankZeroTracker:
         from pipelines.diffusion.pipeline import ComposerPipeline
 
         trained = tuple(c for c in self.recipe.conditions if c != "mask")
-        upsampler = self.args.model_kwargs.get("upsample_factor", 1) > 1
+        b = self._sample_rows()
+        choices = ((("low-res only", ()),) if "low_res" in b else ()) + SAMPLE_SETS
         sets = [
             (label, trained if names is None else names)
-            for label, names in (*((("low-res only", ()),) if upsampler else ()), *SAMPLE_SETS)
+            for label, names in choices
             if all(c in trained for c in (names or ()))
         ]
         pipe = ComposerPipeline(self._export_model(weights), train_scheduler(self.args), **self._base_parts())
         pipe.set_progress_bar_config(disable=True)
         size = max(self.recipe.size, 96)
         rows = []
-        b = self._sample_rows()
         for i in range(len(b["image"])):
             row = [("image", b["image"][i])]
-            if upsampler:
-                row.append(("low-res", self._conditions(i, ())["low_res"]))
+            if "low_res" in b:
+                row.append(("low-res", b["low_res"][i]))
             if "caption" in trained:
                 row.append(("caption", text_tile(str(b["text"][i]), size)))
             if "palette" in trained:
