@@ -24,6 +24,8 @@ COMMANDS = {
     "decompose": ("jobs.decompose", "decompose an image dataset into condition shards (Ray Data)"),
     "train": ("jobs.train", "train the multi-conditional model on condition shards (Ray Train, MLflow)"),
     "generate": ("jobs.generate", "generate or edit images with a trained pipeline from any conditions"),
+    "cascade": ("jobs.cascade", "assemble a base model and upsamplers into Composer's cascade"),
+    "upscale": ("jobs.upscale", "super-resolve an image with an upsampler or a cascade's upsamplers"),
     "evaluate": ("jobs.evaluate", "measure a trained pipeline: condition fidelity, benchmark, FID (Ray)"),
     "serve": ("jobs.serve", "serve a trained pipeline over HTTP: JSON API and web page (Ray Serve)"),
     "reference": ("jobs.reference", "pack a training run as the shipped reference model, evaluated"),

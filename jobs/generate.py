@@ -2,11 +2,13 @@
 
     recompose generate [--model DIR] --output DIR [--text …] [--palette '#ff0000,#00ff00']
         [--semantics-from IMG] [--sketch-from IMG] [--depth-from IMG] [--instances-from IMG]
-        [--intensity-from IMG] [--mask IMG --source IMG] [--guidance …] [--steps N] [--seed S]
-        [--num-images N] [--config FILE] [--set key=value …] [--json]
+        [--intensity-from IMG] [--mask IMG --source IMG] [--outpaint left=L,… --source IMG]
+        [--guidance …] [--steps N] [--seed S] [--num-images N] [--resolution R]
+        [--upsampler-steps N] [--upsampler-guidance G] [--config FILE] [--set key=value …] [--json]
 
 A condition "from IMG" is decomposed with the extractors and settings of the training shards
-(the pipeline's model_index.json ``decompose``); see docs/generation.md.
+(the pipeline's model_index.json ``decompose``); see docs/generation.md. Given a cascade directory
+(``recompose cascade``) it runs the base and then each upsampler, up to ``--resolution``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pipelines.generate.run import GenerateResult, run_generate
 
 IMAGES = {k for k in GenerateConfig.model_fields if k.endswith(("_from", "_map"))} | {"mask", "source"}
 SAMPLING = ("guidance", "invert_guidance", "steps", "seed", "num_images", "scheduler", "threshold", "device")
+SAMPLING += ("resolution", "upsampler_steps", "upsampler_guidance", "low_res_level")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -30,7 +33,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="recompose generate", description=__doc__.split("\n\n")[0])
     conditions, sampling = p.add_argument_group("conditions (any subset)"), p.add_argument_group("sampling")
     for key, field in GenerateConfig.model_fields.items():
-        kind = typing.get_args(field.annotation)[0] if key == "threshold" else field.annotation
+        kind = field.annotation
+        if type(None) in typing.get_args(kind):  # X | None: a flag of X
+            kind = typing.get_args(kind)[0]
         if kind is bool:
             kw: dict[str, Any] = {"action": "store_true", "default": None}
         elif typing.get_origin(kind) is typing.Literal:

@@ -77,6 +77,55 @@ PRESETS: dict[str, dict[str, Any]] = {
         semantics_tokens=4,
         palette_tokens=4,
     ),
+    # Upsamplers of the cascade (``recompose train --stage upsampler``): Imagen's Efficient U-Net
+    # idea — attention only at the lowest-resolution level, the cost where the pixels are spent
+    # on convolutions; otherwise the base sizes' condition widths.
+    "upsampler-tiny": dict(
+        block_out_channels=(16, 32, 64),
+        attention_levels=(False, False, True),
+        layers_per_block=1,
+        attention_head_dim=8,
+        norm_num_groups=8,
+        cross_attention_dim=64,
+        local_channels=8,
+        local_hidden=16,
+        caption_sentence_dim=64,
+        caption_token_dim=64,
+        text_layers=2,
+        semantics_dim=8,
+    ),
+    "upsampler-small": dict(
+        block_out_channels=(64, 128, 256, 256),
+        attention_levels=(False, False, False, True),
+        layers_per_block=2,
+        attention_head_dim=32,
+        norm_num_groups=32,
+        cross_attention_dim=256,
+        local_channels=16,
+        local_hidden=32,
+        caption_sentence_dim=256,
+        caption_token_dim=256,
+        text_layers=4,
+        semantics_dim=16,
+    ),
+    # 64→256 / 256→1024 on a GPU cluster, with the base preset's frozen-embedding conditions.
+    "upsampler-base": dict(
+        block_out_channels=(128, 256, 512, 1024),
+        attention_levels=(False, False, False, True),
+        layers_per_block=3,
+        attention_head_dim=64,
+        norm_num_groups=32,
+        cross_attention_dim=1024,
+        local_channels=64,
+        local_hidden=128,
+        caption_sentence_dim=768,
+        caption_token_dim=768,
+        caption_length=77,
+        text_layers=12,
+        semantics_dim=64,
+        semantics_tokens=4,
+        palette_tokens=4,
+    ),
 }
 
 

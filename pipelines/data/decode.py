@@ -124,6 +124,14 @@ def _to_rgb(im):  # PIL.Image -> PIL.Image (RGB, 8-bit)
 
 def decode_image(data: bytes, resolution: int, cfg: DecodeConfig) -> np.ndarray:
     """Encoded bytes → (resolution, resolution, 3) uint8 RGB; raises on any bad input."""
+    from PIL import Image
+
+    return resize_center_crop(decode_rgb(data, cfg), resolution, Image.Resampling.BICUBIC)
+
+
+def decode_rgb(data: bytes, cfg: DecodeConfig):
+    """Encoded bytes → the image as it is (a PIL RGB image, EXIF orientation applied, first
+    frame); the same checks as ``decode_image``."""
     from PIL import Image, ImageOps
 
     if not data:
@@ -143,8 +151,7 @@ def decode_image(data: bytes, resolution: int, cfg: DecodeConfig) -> np.ndarray:
             im.seek(0)  # animated GIF/WebP: the first frame
         im.load()
         im = ImageOps.exif_transpose(im)
-        im = _to_rgb(im)
-    return resize_center_crop(im, resolution, Image.Resampling.BICUBIC)
+        return _to_rgb(im)
 
 
 def resize_center_crop(im, resolution: int, resample) -> np.ndarray:

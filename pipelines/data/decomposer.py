@@ -32,7 +32,14 @@ from pipelines.conditions.palette import PaletteConfig
 from pipelines.conditions.semantics import SemanticsConfig
 from pipelines.conditions.sketch import SketchConfig
 from pipelines.config import Config, ConfigError, from_dict, nested
-from pipelines.data.decode import DecodeConfig, ImageTooLarge, decode_image, open_image, resize_center_crop
+from pipelines.data.decode import (
+    DecodeConfig,
+    ImageTooLarge,
+    decode_image,
+    decode_rgb,
+    open_image,
+    resize_center_crop,
+)
 from pipelines.errors import UserError
 
 # "base": a model on a pretrained base, whose pipeline encodes the caption text itself
@@ -111,6 +118,16 @@ class ImageDecomposer:
         """An image file -> (R, R, 3) uint8 RGB, decoded as the decomposition job decodes."""
         try:
             return decode_image(read_bytes(path), self.resolution, self.config.decode)
+        except ImageReadError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any decoder failure is a bad file here
+            raise _decode_error(path, "image", e) from e
+
+    def load_image_as_is(self, path: str | Path | bytes) -> np.ndarray:
+        """An image file -> (H, W, 3) uint8 RGB at its own size (``load_image`` without the
+        resize and crop): what outpainting places on its canvas."""
+        try:
+            return np.asarray(decode_rgb(read_bytes(path), self.config.decode))
         except ImageReadError:
             raise
         except Exception as e:  # noqa: BLE001 - any decoder failure is a bad file here

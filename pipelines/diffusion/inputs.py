@@ -49,6 +49,15 @@ def downsample_image(images: np.ndarray, factor: int) -> np.ndarray:
     return tensor_to_image(downsample(image_to_tensor(images), factor))
 
 
+def upsample_bicubic(images: np.ndarray, side: int) -> np.ndarray:
+    """(B, r, r, 3) uint8 -> (B, side, side, 3) uint8, bicubic as an upsampler sees its input
+    (``ComposerModel``'s ``low_res`` path): the baseline an upsampler must beat."""
+    import torch.nn.functional as F
+
+    x = F.interpolate(image_to_tensor(images), size=(side, side), mode="bicubic", align_corners=False)
+    return tensor_to_image(x.clamp(-1, 1))
+
+
 def join_tokens(parts: list[np.ndarray]) -> np.ndarray:
     """Token sequences (B, L_i, W_i) of several encoders -> (B, ΣL_i, ΣW_i), one after the other,
     each in its own feature columns (zeros elsewhere): one linear projection of the joined

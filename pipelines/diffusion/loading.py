@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Literal
 from pipelines.errors import UserError
 
 if TYPE_CHECKING:
+    from pipelines.diffusion.cascade import Cascade
     from pipelines.diffusion.pipeline import ComposerPipeline
 
 MODEL_URIS = ("models:/", "runs:/")  # --model values resolved through MLflow, not paths
@@ -40,16 +41,11 @@ def reference_dir() -> Path | None:
     return REFERENCE_DIR if (REFERENCE_DIR / "model_index.json").is_file() else None
 
 
-def pipeline_dir(model_dir: str) -> Path:
-    """The directory of the saved ``ComposerPipeline`` that ``model_dir`` names, checked without
-    loading any weights; ``ModelError`` saying what is wrong otherwise.
-
-    ``model_dir`` is a directory, or an MLflow ``models:/<name>/<version>``, ``models:/<name>@<alias>``
-    or ``runs:/<run id>/<path>`` URI (``pipelines/diffusion/mlflow_model.py``; downloaded once, then cached),
-    or ``REFERENCE_MODEL``: the reference model shipped with recompose.
-    """
-    from pipelines.diffusion.pipeline import ComposerPipeline
-
+def model_path(model_dir: str) -> Path:
+    """The local directory that ``model_dir`` names — a directory, an MLflow ``models:/<name>/<version>``,
+    ``models:/<name>@<alias>`` or ``runs:/<run id>/<path>`` URI (``pipelines/diffusion/mlflow_model.py``;
+    downloaded once, then cached), or ``REFERENCE_MODEL``: the reference model shipped with
+    recompose — checked to exist; ``ModelError`` otherwise."""
     if model_dir == REFERENCE_MODEL:
         p = reference_dir()
         if p is None:
@@ -68,8 +64,20 @@ def pipeline_dir(model_dir: str) -> Path:
         p = Path(model_dir)
     if not p.is_dir():
         raise ModelError(f"--model {model_dir}: no such directory")
+    return p
+
+
+def pipeline_dir(model_dir: str) -> Path:
+    """The directory of the saved ``ComposerPipeline`` that ``model_dir`` names (``model_path``),
+    checked without loading any weights; ``ModelError`` saying what is wrong otherwise."""
+    from pipelines.diffusion.cascade import CASCADE_FILE
+    from pipelines.diffusion.pipeline import ComposerPipeline
+
+    p = model_path(model_dir)
     index = p / "model_index.json"
     if not index.is_file():
+        if (p / CASCADE_FILE).is_file():
+            raise ModelError(f"--model {model_dir}: is a cascade directory; this needs one saved pipeline")
         raise ModelError(
             f"--model {model_dir}: not a saved pipeline (no model_index.json); give the directory "
             "ComposerPipeline.save_pretrained wrote"
@@ -81,6 +89,27 @@ def pipeline_dir(model_dir: str) -> Path:
     if name != ComposerPipeline.__name__:
         raise ModelError(f"--model {model_dir}: holds a {name}, not a ComposerPipeline")
     return p
+
+
+def load_cascade(model_dir: str, device: str) -> Cascade:
+    """``model_dir`` as a ``Cascade``: a cascade directory's stages, or a saved pipeline as a
+    one-stage cascade; ``ModelError`` for an upsampler alone (it needs its low-resolution input:
+    ``recompose upscale``, or a cascade with a base)."""
+    from pipelines.diffusion.cascade import Cascade, CascadeError, is_cascade
+
+    p = model_path(model_dir)
+    try:
+        if is_cascade(p):
+            return Cascade.load(p, device)
+        pipe = load_pipeline(model_dir, device)
+        if pipe.unet.config.upsample_factor > 1:
+            raise ModelError(
+                f"--model {model_dir}: is an upsampler (×{pipe.unet.config.upsample_factor}); it upsamples "
+                "a given image (recompose upscale) or runs after a base in a cascade (recompose cascade)"
+            )
+        return Cascade([pipe])
+    except CascadeError as e:
+        raise ModelError(f"--model {model_dir}: {e}") from None
 
 
 def load_pipeline(model_dir: str, device: str) -> ComposerPipeline:
@@ -100,7 +129,7 @@ def load_pipeline(model_dir: str, device: str) -> ComposerPipeline:
 
 
 def model_label(model_dir: str) -> tuple[str, str]:
-    """(name, version) of the model ``model_dir`` names, to show to API callers instead of a
+    """(name, version) of the model (or cascade) ``model_dir`` names, to show to API callers instead of a
     filesystem path: the registered name and version of a ``models:/`` URI, the reference model's
     name, or a directory's last two parts (``train/export``); the version is the first 12 hex
     digits of the SHA-256 of the UNet's weight files (a ``models:/`` version keeps its number).
@@ -123,7 +152,15 @@ def model_label(model_dir: str) -> tuple[str, str]:
     else:
         parts = Path(model_dir).resolve().parts
         name = "/".join(parts[-2:]) if len(parts) >= 2 else (parts[-1] if parts else model_dir)
-    weights = sorted((pipeline_dir(model_dir) / "unet").glob("*.safetensors"))
+    from pipelines.diffusion.cascade import is_cascade, read_index
+
+    root = model_path(model_dir)
+    if is_cascade(root):  # every stage's UNet weights, in stage order
+        weights = [
+            w for s in read_index(root)["stages"] for w in sorted((root / s / "unet").glob("*.safetensors"))
+        ]
+    else:
+        weights = sorted((pipeline_dir(model_dir) / "unet").glob("*.safetensors"))
     if not weights:
         return name, "unknown"
     if len(weights) == 1:

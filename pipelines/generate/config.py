@@ -76,14 +76,31 @@ class GenerateConfig(Config):
     depth_map: str | None = Field(None, description="a ready depth map (e.g. an edited conditions/depth.png)")
     intensity_map: str | None = Field(None, description="a ready intensity map")
     mask: str | None = Field(None, description="edit mask, white = regenerate (needs --source)")
-    source: str | None = Field(None, description="the image to edit (--mask) or invert (--bidirectional)")
+    source: str | None = Field(
+        None, description="the image to edit (--mask), extend (--outpaint) or invert (--bidirectional)"
+    )
+    outpaint: str | None = Field(
+        None,
+        description="extend --source's canvas by output pixels, 'left=L,right=R,top=T,bottom=B' "
+        "(sides left out are 0); the source's pixels are kept exactly",
+    )
     source_text: str | None = Field(
         None, description="the source's caption for --bidirectional (unset: --text)"
     )
     bidirectional: bool = Field(False, description="invert --source under its own conditions first")
     guidance: str = Field("3", description="a scale, or per condition: 'text=5,sketch=2' (Composer Eq. 2)")
     invert_guidance: str = Field("1", description="guidance of the --bidirectional inversion; 1 = plain")
-    steps: int = Field(50, ge=1, description="denoising steps")
+    steps: int = Field(50, ge=1, description="denoising steps (of a cascade's base)")
+    resolution: int | None = Field(
+        None, ge=1, description="output side: how far a cascade runs (unset: its last stage)"
+    )
+    upsampler_steps: str = Field("20", description="a cascade's upsampler steps: N, or N1,N2,… per upsampler")
+    upsampler_guidance: str = Field(
+        "3", description="a cascade's upsampler guidance: as --guidance, or one per upsampler joined by ';'"
+    )
+    low_res_level: int = Field(
+        0, ge=0, le=999, description="a cascade's upsamplers: noise-augmentation level of their input"
+    )
     seed: int = Field(0, ge=0, description="same seed, same images")
     num_images: int = Field(1, ge=1, description="samples to draw")
     scheduler: SchedulerName = Field("ddim", description="the sampler")
@@ -106,10 +123,25 @@ class GenerateConfig(Config):
             parse_palette(self.palette)
         self._check_source()
         self._check_guidance()
+        self.stage_settings(0)  # the per-upsampler values parse (their count is checked on the cascade)
         return self
 
     def _check_source(self) -> None:
-        """--source goes with --mask (an edit) or --bidirectional (an inversion)."""
+        """--source goes with --mask (an edit), --outpaint or --bidirectional (an inversion)."""
+        if self.outpaint is not None:
+            from pipelines.diffusion.outpaint import parse_outpaint
+
+            try:
+                parse_outpaint(self.outpaint)
+            except ValueError as e:
+                raise GenerateError(f"--outpaint: {e}") from None
+            if not self.source:
+                raise GenerateError("--outpaint needs --source: the image to extend")
+            if self.mask or self.bidirectional:
+                raise GenerateError(
+                    "--outpaint makes its own mask: give it without --mask and --bidirectional"
+                )
+            return
         if self.mask and not self.source:
             raise GenerateError("--mask needs --source: the image whose masked region is regenerated")
         if self.bidirectional and not self.source:
@@ -117,7 +149,9 @@ class GenerateConfig(Config):
         if self.bidirectional and self.scheduler != "ddim":
             raise GenerateError("--bidirectional inverts with DDIM; use --scheduler ddim")
         if self.source and not (self.mask or self.bidirectional):
-            raise GenerateError("--source is used by --mask and --bidirectional; give one of them")
+            raise GenerateError(
+                "--source is used by --mask, --outpaint and --bidirectional; give one of them"
+            )
         if self.source_text is not None and not (self.bidirectional and self.text is not None):
             raise GenerateError("--source-text is the source's caption for --bidirectional with --text")
 
@@ -126,6 +160,7 @@ class GenerateConfig(Config):
         from pipelines.diffusion.guidance import Guidance
 
         checks = [("--guidance", self.guidance, self.given())]
+        checks += [("--upsampler-guidance", g, self.given()) for g in self.upsampler_guidance.split(";")]
         if self.bidirectional:  # the inversion runs under the same names, less the mask
             checks.append(("--invert-guidance", self.invert_guidance, self.given() - {"mask"}))
         for flag, spec, names in checks:
@@ -142,9 +177,30 @@ class GenerateConfig(Config):
             names.add("caption")
         if self.palette is not None:
             names.add("palette")
-        if self.mask:
+        if self.mask or self.outpaint is not None:
             names.add("mask")
         return frozenset(names)
+
+    def stage_settings(self, upsamplers: int) -> tuple[list[int], list[str]]:
+        """(steps, guidance) of every stage of a cascade with ``upsamplers`` upsamplers, base first."""
+        steps = [s.strip() for s in self.upsampler_steps.split(",")]
+        guidance = [g.strip() for g in self.upsampler_guidance.split(";")]
+        for flag_, values in (("--upsampler-steps", steps), ("--upsampler-guidance", guidance)):
+            if len(values) not in (1, upsamplers) and upsamplers:
+                raise GenerateError(
+                    f"{flag_}: {len(values)} values for a cascade with {upsamplers} upsampler(s); give one or {upsamplers}"
+                )
+        try:
+            numbers = [int(s) for s in steps]
+        except ValueError:
+            raise GenerateError(f"--upsampler-steps {self.upsampler_steps!r}: not whole numbers") from None
+        if min(numbers) < 1:
+            raise GenerateError(f"--upsampler-steps {self.upsampler_steps!r}: steps must be >= 1")
+        per = lambda v, i: v[0] if len(v) == 1 else v[i]  # noqa: E731
+        return (
+            [self.steps, *(per(numbers, i) for i in range(upsamplers))],
+            [self.guidance, *(per(guidance, i) for i in range(upsamplers))],
+        )
 
     def input_files(self) -> dict[str, str]:
         """flag -> path of every file the flags name."""

@@ -1,8 +1,9 @@
 """``recompose generate``: conditions from command-line flags -> samples, pictures and a record.
 
     GenerateConfig (checked before anything is loaded; pipelines/generate/config.py)
-          -> ComposerPipeline.from_pretrained -> conditions (ImageDecomposer: the training
-             shards' extractors and settings) -> ComposerPipeline.__call__ -> outputs
+          -> the pipeline, or a cascade's stages (load_cascade) -> conditions per stage
+             (ImageDecomposer: the training shards' extractors and settings, at the stage's
+             resolution) -> Cascade.__call__ (the base, then each upsampler) -> outputs
 
 Outputs, each written to a temporary name and renamed (``pipelines/diffusion/pictures.py`` draws
 them):
@@ -11,8 +12,10 @@ them):
     conditions/<name>.png  a picture of each condition used; maps at R×R exactly as the model got
                            them, so an edited copy goes back in with ``--<name>-map``
     grid.png               condition tiles above, samples below
+    stages/<name>/sample-0000.png …   a cascade's earlier stages' samples (the base's, …)
     generate.json          arguments, seed, guidance, resolved scheduler and threshold, every file
-                           with its sha256, wall time; written last, it marks a finished run
+                           with its sha256, wall time (a cascade: per stage, ``cascade``); written
+                           last, it marks a finished run
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ import numpy as np
 from pipelines.conditions import MAPS, ExtractorUnavailable
 from pipelines.config import to_dict
 from pipelines.data.decomposer import ImageDecomposer
-from pipelines.diffusion.loading import MODEL_URIS, REFERENCE_MODEL, load_pipeline, resolve_device
-from pipelines.diffusion.pipeline import ComposerOutput, ComposerPipeline
+from pipelines.diffusion.cascade import Cascade, StageInputs, StageOutput
+from pipelines.diffusion.loading import MODEL_URIS, REFERENCE_MODEL, load_cascade, resolve_device
 from pipelines.files import claim_output, encode_png, write_bytes, write_json
 from pipelines.generate.config import FROM_IMAGE, GenerateConfig, GenerateError, parse_palette
 
@@ -41,7 +44,7 @@ log = logging.getLogger(__name__)
 FORMAT = "recompose.generate/1"
 RECORD = "generate.json"
 # What a run writes before its record: an interrupted run's directory may be generated into again.
-_OUTPUTS = re.compile(r"sample-\d{4}\.png|grid\.png|conditions|\..+\.tmp")
+_OUTPUTS = re.compile(r"sample-\d{4}\.png|grid\.png|conditions|stages|\..+\.tmp")
 # Why a condition's picture looks as it does (generate.json's conditions.<name>.note).
 _NOTES = {
     "caption": "text has no picture: it is in arguments.text and on grid.png",
@@ -50,7 +53,12 @@ _NOTES = {
     "instances": "colourised ids; --instances-map reads colours back as instances",
     "mask": "255 = regenerated; goes back in with --mask",
 }
-_OPTIONAL = ("invert_guidance", "inverted_from_source", "source")  # in generate.json only when they apply
+_OPTIONAL = (
+    "invert_guidance",
+    "inverted_from_source",
+    "source",
+    "cascade",
+)  # in generate.json only when they apply
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,7 @@ class GenerateResult:
     invert_guidance: dict[str, Any] | None = None  # --bidirectional: as guidance, of the inversion
     inverted_from_source: dict[str, str] | None = None  # --bidirectional: name -> where c1 came from
     source: dict[str, str] | None = None  # --source: {"from": path, "picture": path}
+    cascade: list[dict[str, Any]] | None = None  # a cascade: per stage, its side, settings, time, images
 
     def to_dict(self) -> dict[str, Any]:
         """The generate.json mapping: the optional keys only where they apply."""
@@ -110,24 +119,29 @@ def run_generate(cfg: GenerateConfig) -> GenerateResult:
     phases: dict[str, float] = {}
 
     log.info("loading the pipeline from %s on %s", cfg.model, device)
-    pipe = load_pipeline(cfg.model, device)
+    cascade = load_cascade(cfg.model, device)
+    stages = cascade.upto(cfg.resolution)
+    steps, guidance = cfg.stage_settings(len(stages) - 1)
     phases["load_s"] = time.perf_counter() - t0
 
     t = time.perf_counter()
     given = sorted(cfg.given())
-    log.info("decomposing the inputs at %spx: %s", pipe.image_size, ", ".join(given) or "no conditions")
-    try:
-        inputs = build_inputs(cfg, ImageDecomposer.for_pipeline(pipe, device))
-    except (ExtractorUnavailable, ValueError) as e:  # an image, map or extractor the flags named
-        raise GenerateError(str(e)) from e
+    side = stages[-1].image_size
+    staged: list[Inputs] = []
+    for pipe in stages:  # each stage's conditions at its own resolution, decomposed as it was trained
+        log.info("decomposing the inputs at %spx: %s", pipe.image_size, ", ".join(given) or "no conditions")
+        try:
+            staged.append(build_inputs(cfg, ImageDecomposer.for_pipeline(pipe, device), side))
+        except (ExtractorUnavailable, ValueError) as e:  # an image, map or extractor the flags named
+            raise GenerateError(str(e)) from e
     phases["decompose_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    sampled = sample(cfg, pipe, inputs)
+    sampled = sample(cfg, cascade, staged, steps, guidance)
     phases["sample_s"] = time.perf_counter() - t
 
     log.info("writing %s", out)
-    result = write_outputs(cfg, pipe, device, inputs, sampled, phases, t0)
+    result = write_outputs(cfg, cascade, device, staged[-1], sampled, phases, t0)
     _remove_stale(out, previous, result.files)
     log.info("wrote %d image(s) and grid.png to %s in %.1f s", len(result.images), out, result.wall_time_s)
     return result
@@ -144,8 +158,10 @@ def claim(out: Path, overwrite: bool) -> dict[str, Any] | None:
     return previous
 
 
-def build_inputs(cfg: GenerateConfig, dec: ImageDecomposer) -> Inputs:
-    """The flags -> condition inputs: decomposed "from" images, maps as given, hex palettes."""
+def build_inputs(cfg: GenerateConfig, dec: ImageDecomposer, output_side: int | None = None) -> Inputs:
+    """The flags -> condition inputs at ``dec``'s resolution: decomposed "from" images, maps as
+    given, hex palettes; ``output_side``: the side of the whole generation (a cascade's last
+    stage), on which an ``--outpaint`` canvas is laid out."""
     from pipelines.conditions.palette import palette_from_hex
 
     cache: dict[str, np.ndarray] = {}
@@ -174,7 +190,9 @@ def build_inputs(cfg: GenerateConfig, dec: ImageDecomposer) -> Inputs:
         if path:
             inputs.conditions[name] = dec.load_map(name, path)
             inputs.origins[name] = f"--{name}-map {path}"
-    if cfg.source:
+    if cfg.outpaint is not None:
+        _outpaint_inputs(cfg, dec, inputs, output_side or dec.resolution)
+    elif cfg.source:
         inputs.source = image(cfg.source)
     if cfg.mask:
         inputs.mask = dec.load_mask(cfg.mask)
@@ -182,6 +200,23 @@ def build_inputs(cfg: GenerateConfig, dec: ImageDecomposer) -> Inputs:
     if cfg.bidirectional:
         _invert_inputs(cfg, dec, inputs)
     return inputs
+
+
+def _outpaint_inputs(cfg: GenerateConfig, dec: ImageDecomposer, inputs: Inputs, side: int) -> None:
+    """--outpaint: the source on the output canvas, the new border as the mask, both brought to
+    this stage's resolution (pipelines/diffusion/outpaint.py)."""
+    from pipelines.diffusion.outpaint import inner_box, outpaint_canvas, parse_outpaint, shrink
+
+    pad = parse_outpaint(cfg.outpaint)
+    image = dec.load_image_as_is(cfg.source)
+    _, _, w, h = inner_box(pad, side)
+    if image.shape[:2] != (h, w) and dec.resolution == side:
+        log.info(
+            "--outpaint: the source is %dx%d, resized to the %dx%d box it keeps", *image.shape[1::-1], w, h
+        )
+    canvas, mask = outpaint_canvas(image, pad, side)
+    inputs.source, inputs.mask = shrink(canvas, mask, dec.resolution)
+    inputs.origins["mask"] = f"--outpaint {cfg.outpaint} --source {cfg.source}"
 
 
 def _invert_inputs(cfg: GenerateConfig, dec: ImageDecomposer, inputs: Inputs) -> None:
@@ -193,50 +228,66 @@ def _invert_inputs(cfg: GenerateConfig, dec: ImageDecomposer, inputs: Inputs) ->
     inputs.inverted = {n: caption_flag if n == "caption" else f"{n} of --source {cfg.source}" for n in names}
 
 
-def sample(cfg: GenerateConfig, pipe: ComposerPipeline, inputs: Inputs) -> ComposerOutput:
-    """``cfg.num_images`` samples of ``inputs``; the pipeline's input errors name what to change."""
+def sample(
+    cfg: GenerateConfig, cascade: Cascade, staged: list[Inputs], steps: list[int], guidance: list[str]
+) -> list[StageOutput]:
+    """``cfg.num_images`` samples through every stage; the pipeline's input errors name what to change."""
     mode = " (bidirectional: inverting the source first)" if cfg.bidirectional else ""
-    log.info(
-        "sampling %d image(s), %d %s steps, guidance %s%s",
-        cfg.num_images,
-        cfg.steps,
-        cfg.scheduler,
-        cfg.guidance,
-        mode,
-    )
-    try:
-        return pipe(
+
+    def on_stage(i: int, side: int) -> None:
+        log.info(
+            "stage %d/%d (%s, %d px): sampling %d image(s), %d %s steps, guidance %s%s",
+            i + 1,
+            len(staged),
+            cascade.names[i],
+            side,
+            cfg.num_images,
+            steps[i],
+            cfg.scheduler,
+            guidance[i],
+            mode,
+        )
+
+    stage_inputs = [
+        StageInputs(
             conditions=inputs.conditions,
-            guidance=cfg.guidance,
-            num_inference_steps=cfg.steps,
-            num_images=cfg.num_images,
-            seed=cfg.seed,
+            guidance=g,
+            steps=n,
             source=inputs.source,
             mask=inputs.mask,
             invert_conditions=inputs.invert_conditions,
             invert_guidance=cfg.invert_guidance,
-            scheduler=cfg.scheduler,
-            threshold=cfg.threshold,
+            level=cfg.low_res_level,
         )
+        for inputs, n, g in zip(staged, steps, guidance, strict=True)
+    ]
+    try:
+        return cascade(stage_inputs, cfg.num_images, cfg.seed, cfg.scheduler, cfg.threshold, on_stage)
     except ValueError as e:  # e.g. --threshold clip for a latent-space model
         raise GenerateError(str(e)) from e
 
 
 def write_outputs(
     cfg: GenerateConfig,
-    pipe: ComposerPipeline,
+    cascade: Cascade,
     device: str,
     inputs: Inputs,
-    sampled: ComposerOutput,
+    stages: list[StageOutput],
     phases: dict[str, float],
     t0: float,
 ) -> GenerateResult:
-    """Samples, condition pictures, grid, then ``generate.json``; returns its record."""
+    """Samples, condition pictures, grid, a cascade's earlier stages, then ``generate.json``;
+    returns its record."""
     t = time.perf_counter()
     out = Path(cfg.output)
-    files, pictures = _write_pictures(out, cfg, inputs, sampled.images, pipe.image_size)
+    sampled = stages[-1]
+    files, pictures = _write_pictures(out, cfg, inputs, sampled.images, sampled.resolution)
     samples = [f"sample-{i:04d}.png" for i in range(len(sampled.images))]
+    record = None
+    if len(stages) > 1:
+        record = _stage_records(out, cfg, cascade.names, stages, samples, files)
     phases["write_s"] = time.perf_counter() - t
+    pipe = cascade.stages[len(stages) - 1]
     result = GenerateResult(
         format=FORMAT,
         model=cfg.model
@@ -246,7 +297,7 @@ def write_outputs(
         seed=cfg.seed,
         steps=cfg.steps,
         num_images=cfg.num_images,
-        resolution=pipe.image_size,
+        resolution=sampled.resolution,
         scheduler=cfg.scheduler,
         threshold=sampled.threshold,
         device=device,
@@ -265,9 +316,44 @@ def write_outputs(
         source={"from": cfg.source, "picture": "conditions/source.png"}
         if inputs.source is not None
         else None,
+        cascade=record,
     )
     write_json(result.to_dict(), out / RECORD)
     return result
+
+
+def _stage_records(
+    out: Path,
+    cfg: GenerateConfig,
+    names: list[str],
+    stages: list[StageOutput],
+    samples: list[str],
+    files: dict[str, str],
+) -> list[dict[str, Any]]:
+    """A cascade's earlier stages' samples (stages/<name>/sample-*.png; the last stage's are the
+    samples) and generate.json's ``cascade``: per stage its side, settings, time and images."""
+    steps, guidance = cfg.stage_settings(len(stages) - 1)
+    record = []
+    for i, stage in enumerate(stages):
+        images = samples
+        if i < len(stages) - 1:
+            images = [f"stages/{names[i]}/sample-{j:04d}.png" for j in range(len(stage.images))]
+            for name, im in zip(images, stage.images, strict=True):
+                data = encode_png(im)
+                write_bytes(data, out / name)
+                files[name] = hashlib.sha256(data).hexdigest()
+        record.append(
+            {
+                "stage": names[i],
+                "resolution": stage.resolution,
+                "steps": steps[i],
+                "guidance": {"text": guidance[i], **stage.guidance},
+                "low_res_level": cfg.low_res_level if i else None,
+                "sample_s": round(stage.seconds, 3),
+                "images": images,
+            }
+        )
+    return record
 
 
 def _write_pictures(
