@@ -219,6 +219,26 @@ def upsample(
     return outputs
 
 
+def resize_for_stage(name: str, value: np.ndarray, side: int) -> np.ndarray:
+    """An input given at the output side, brought to a lower stage's ``side``: images and
+    depth/intensity area-averaged, instance ids by nearest neighbour, a sketch's edges and a mask's
+    regenerated region kept wherever any pixel they cover has them. Unchanged at its own side."""
+    from PIL import Image
+
+    a = np.asarray(value)
+    if a.shape[0] == side:
+        return a
+    if name == "instances":
+        return np.asarray(Image.fromarray(a).resize((side, side), Image.Resampling.NEAREST))
+    if name in ("sketch", "mask"):
+        top = 255 if name == "sketch" else 1
+        box = np.asarray(
+            Image.fromarray((a > 0).astype(np.uint8) * 255).resize((side, side), Image.Resampling.BOX)
+        )
+        return np.where(box > 0, top, 0).astype(np.uint8)
+    return np.asarray(Image.fromarray(a.astype(np.uint8)).resize((side, side), Image.Resampling.BOX))
+
+
 def stage_seed(seed: int, stage: int, index: int) -> int:
     """The seed of an upsampler's sample ``index``: distinct per (seed, stage, index)."""
     return int(np.random.SeedSequence([seed, stage, index]).generate_state(1)[0])

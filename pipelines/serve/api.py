@@ -108,16 +108,51 @@ GUIDANCE_DOC = (
 
 class Sampling(_Strict):
     guidance: Guidance | None = Field(None, description=GUIDANCE_DOC + "; default the server's")
-    steps: int | None = Field(None, description="denoising steps; default the server's")
+    steps: int | None = Field(None, description="denoising steps (a cascade's base); default the server's")
+    upsampler_steps: int | None = Field(
+        None, description="a cascade's upsamplers: denoising steps of each; default the server's"
+    )
+    upsampler_guidance: Guidance | None = Field(
+        None, description="a cascade's upsamplers: their guidance; default `guidance`"
+    )
     seed: int = Field(0, description="same seed, same images")
     num_images: int = Field(1, description="samples to return")
     scheduler: Literal["ddim", "dpm++"] = "ddim"
     threshold: Literal["clip", "dynamic", "none"] | None = None
 
 
+class Outpaint(_Strict):
+    """Outpainting (DALL-E 2): the image on a larger canvas, the new border generated; sides in
+    output pixels. The image fills the rest of the canvas, its pixels kept exactly."""
+
+    image: str = Field(description="name of the reference image in `images` to extend")
+    left: int = Field(0, ge=0)
+    right: int = Field(0, ge=0)
+    top: int = Field(0, ge=0)
+    bottom: int = Field(0, ge=0)
+
+
 class GenerateBody(Sampling):
     images: dict[str, str] = Field(default_factory=dict, description="reference images: name -> base64")
     conditions: Conditions = Field(default_factory=Conditions)
+    outpaint: Outpaint | None = Field(
+        None, description="extend an image's canvas (no conditions.mask with it)"
+    )
+
+
+class UpscaleBody(_Strict):
+    """Super-resolution of an image alone (SR3) by the served cascade's upsamplers."""
+
+    image: str = Field(description="base64 of the image (brought to the first upsampler's input side)")
+    text: str | None = Field(None, description="a caption to guide the upsamplers")
+    factor: int | None = Field(
+        None, description="how much larger (a product of the upsamplers' factors); default all"
+    )
+    steps: int | None = Field(None, description="denoising steps of each upsampler; default the server's")
+    guidance: Guidance | None = Field(None, description="guidance with `text`; default the server's")
+    level: int = Field(0, ge=0, le=999, description="noise-augmentation level of each upsampler's input")
+    seed: int = Field(0, description="same seed, same images")
+    num_images: int = Field(1, description="samples to return")
 
 
 class EditBody(Sampling):
@@ -140,7 +175,7 @@ class DecomposeBody(_Strict):
 class Job:
     """A checked request with decoded arrays; the model deployment only extracts and samples."""
 
-    kind: Literal["generate", "edit"]
+    kind: Literal["generate", "edit", "upscale"]
     text: str | None = None
     palette: np.ndarray | None = None  # (156,) float, from hex colours
     from_image: dict[str, np.ndarray] = field(default_factory=dict)  # condition -> (R, R, 3) uint8
@@ -156,6 +191,11 @@ class Job:
     num_images: int = 1
     scheduler: str = "ddim"
     threshold: str | None = None
+    upsampler_steps: int = 20  # a cascade's upsamplers (upscale: ``steps`` is theirs)
+    upsampler_guidance: str = "3"
+    factor: int | None = None  # upscale: how much larger (None: every upsampler)
+    level: int = 0  # upscale: the upsamplers' noise-augmentation level
+    outpaint: dict[str, int] | None = None  # the sides an outpainting extends (records)
 
     def given(self) -> frozenset[str]:
         names = set(self.from_image) | set(self.maps)
@@ -175,7 +215,7 @@ class ModelInfo:
 
     model: str  # its name (never a filesystem path: ``pipelines.diffusion.loading.model_label``)
     version: str
-    resolution: int  # R: maps and samples are R×R
+    resolution: int  # R: maps and samples are R×R (a cascade: its last stage's)
     conditions: list[str]
     inputs: dict[str, str]  # condition -> what the model takes for it
     decomposable: dict[str, bool | str]  # True, or why it cannot be taken from an image
@@ -184,6 +224,8 @@ class ModelInfo:
     decompose_settings: dict[str, Any]
     device: str
     stats: dict[str, int]  # jobs, batches, decompositions, largest_batch
+    stages: list[int] = field(default_factory=list)  # a cascade: each stage's side, base first
+    upscale_factors: list[int] = field(default_factory=list)  # what /v1/upscale can do (×2, ×4, …)
 
 
 @dataclass
@@ -197,6 +239,8 @@ class Sampled:
     pictures: dict[str, np.ndarray]  # condition -> its picture (pipelines/diffusion/pictures.py)
     batch: dict[str, int]  # requests, samples, groups of the sampling run it was part of
     timings_s: dict[str, float]
+    stages: list[dict[str, Any]] | None = None  # a cascade (or upscale): per stage side, steps, time
+    bicubic: np.ndarray | None = None  # upscale: the input upsampled bicubically (the baseline)
 
 
 @dataclass

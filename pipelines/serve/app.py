@@ -45,6 +45,7 @@ from pipelines.serve.api import (
     Job,
     ModelInfo,
     Refused,
+    UpscaleBody,
     new_error_id,
     validation_error,
 )
@@ -223,7 +224,30 @@ def _sample_answer(job: Job, res: Any, t0: float) -> dict[str, Any]:
     if job.kind == "edit":
         out["invert_guidance"] = {"text": job.invert_guidance, **res.invert_guidance}
         out["source_png"] = png_b64(job.source)
+    if job.outpaint is not None:
+        out["outpaint"] = job.outpaint
+        out["source_png"] = png_b64(job.source)  # the canvas: the image, its edges repeated
+    if res.stages:  # a cascade: each stage's side, steps, guidance and time
+        out["stages"] = res.stages
     return out
+
+
+def _upscale_answer(job: Job, res: Any, t0: float) -> dict[str, Any]:
+    """The /v1/upscale answer: PNGs of the samples, the input as the model got it, and bicubic."""
+    side = int(res.images.shape[1])
+    return {
+        "images": [png_b64(im) for im in res.images],
+        "input_png": png_b64(job.source),
+        "bicubic_png": png_b64(res.bicubic),
+        "seed": job.seed,
+        "steps": job.steps,
+        "num_images": job.num_images,
+        "factor": side // int(job.source.shape[0]),
+        "resolution": side,
+        "guidance": {"text": job.guidance, **res.guidance},
+        "stages": res.stages,
+        "timings_s": {**res.timings_s, "total": round(time.perf_counter() - t0, 4)},
+    }
 
 
 @serve.deployment(name="Ingress")
@@ -284,7 +308,11 @@ class Ingress:
             dec = ImageDecomposer(
                 info.decompose_settings, info.resolution, info.caption_encoder, info.semantics_encoder
             )
-            defaults = {"steps": self.config.default_steps, "guidance": self.config.default_guidance}
+            defaults = {
+                "steps": self.config.default_steps,
+                "guidance": self.config.default_guidance,
+                "upsampler_steps": self.config.default_upsampler_steps,
+            }
             self._decoder = Decoder(dec, info, self.config.limits, defaults)
         return self._decoder
 
@@ -413,6 +441,20 @@ class Ingress:
         body = await self._body(request, EditBody)
         d = await self.decoder()
         return await self._sample(await self._decode(_decode_request, d, "edit", body))
+
+    @app.post(
+        "/v1/upscale",
+        summary="super-resolution of an image by the served cascade's upsamplers",
+        openapi_extra=_body_doc(UpscaleBody),
+    )
+    async def upscale(self, request: Request) -> dict[str, Any]:
+        self._auth(request)
+        body = await self._body(request, UpscaleBody)
+        d = await self.decoder()
+        job = await self._decode(_decode_request, d, "upscale", body)
+        t0 = time.perf_counter()
+        res = await self._call(self.model.upscale, job)
+        return await asyncio.to_thread(_upscale_answer, job, res, t0)
 
     async def _sample(self, job: Job) -> dict[str, Any]:
         """The /v1/generate and /v1/edit answer: PNGs, what was used, how it was batched."""

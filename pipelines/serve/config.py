@@ -115,6 +115,7 @@ class ServeConfig(Config):
     route_prefix: str = Field("/", pattern=r"^/")
     default_steps: int = Field(50, ge=1)
     default_guidance: str = "3"
+    default_upsampler_steps: int = added(20, ge=1)  # a cascade's upsamplers, and /v1/upscale
     model_deployment: ModelDeployment = nested(ModelDeployment)
     ingress: IngressDeployment = nested(IngressDeployment)
     batching: Batching = nested(Batching)

@@ -25,8 +25,10 @@ from pipelines.serve.api import (
     Job,
     MapSource,
     ModelInfo,
+    Outpaint,
     PaletteSource,
     Sampling,
+    UpscaleBody,
 )
 from pipelines.serve.config import Limits
 
@@ -196,6 +198,17 @@ class Decoder:
         job.scheduler, job.threshold = body.scheduler, body.threshold
         g = self.defaults["guidance"] if body.guidance is None else body.guidance
         job.guidance = guidance_text(g, "guidance")
+        n = self.defaults.get("upsampler_steps", 20) if body.upsampler_steps is None else body.upsampler_steps
+        if not 1 <= n <= lim.max_steps:
+            raise ApiError(
+                422,
+                "out_of_range",
+                f"upsampler_steps must be in 1..{lim.max_steps}, got {n}",
+                "upsampler_steps",
+            )
+        job.upsampler_steps = n
+        ug = body.upsampler_guidance
+        job.upsampler_guidance = job.guidance if ug is None else guidance_text(ug, "upsampler_guidance")
 
     def _images(self, images: dict[str, str]) -> dict[str, str]:
         if len(images) > self.limits.max_images:
@@ -272,8 +285,93 @@ class Decoder:
     def generate(self, body: GenerateBody) -> Job:
         job = Job(kind="generate")
         self._sampling(body, job)
-        self._conditions(body.conditions, self._images(body.images), job, "conditions")
+        images = self._images(body.images)
+        self._conditions(body.conditions, images, job, "conditions")
+        if body.outpaint is not None:
+            self._outpaint(body.outpaint, images, job, body.conditions.mask is not None)
         self._check_guidance(job.guidance, job.given(), "guidance")
+        self._check_guidance(job.upsampler_guidance, job.given(), "upsampler_guidance")
+        return job
+
+    def _outpaint(self, o: Outpaint, images: dict[str, str], job: Job, masked: bool) -> None:
+        """The image on the output canvas, the border to generate as the mask (exact elsewhere)."""
+        from pipelines.data.decode import decode_rgb
+        from pipelines.diffusion.outpaint import SIDES, outpaint_canvas
+
+        if masked:
+            raise ApiError(
+                422, "invalid_request", "outpaint makes its own mask: no conditions.mask with it", "outpaint"
+            )
+        if o.image not in images:
+            known = ", ".join(sorted(images)) or "none"
+            raise ApiError(
+                422,
+                "unknown_image",
+                f"no image named {o.image!r} in images (given: {known})",
+                "outpaint.image",
+            )
+        pad = {side: getattr(o, side) for side in SIDES}
+        if not any(pad.values()):
+            raise ApiError(422, "invalid_request", "outpaint extends no side; give e.g. left: 16", "outpaint")
+        data = b64_bytes(images[o.image], f"images.{o.image}", self.limits)
+        check_pixels(data, f"images.{o.image}", self.limits)
+        try:
+            image = np.asarray(decode_rgb(data, self.decode))
+        except Exception as e:  # noqa: BLE001 - any decoder failure is a bad upload
+            raise ApiError(
+                422, "undecodable_image", f"cannot decode the image ({e})", f"images.{o.image}"
+            ) from e
+        try:
+            job.source, job.mask = outpaint_canvas(image, pad, self.dec.resolution)
+        except ValueError as e:
+            raise ApiError(422, "out_of_range", str(e), "outpaint") from None
+        job.references["mask"] = o.image
+        job.outpaint = pad
+
+    def upscale(self, body: UpscaleBody) -> Job:
+        """Super-resolution by the cascade's upsamplers: the image at the first one's input side."""
+        from pipelines.data.decode import decode_image
+
+        factors = self.info.upscale_factors
+        if not factors:
+            raise ApiError(
+                422,
+                "no_upsampler",
+                "the served model is not a cascade: it has no upsampler to upscale with",
+                None,
+            )
+        if body.factor is not None and body.factor not in factors:
+            raise ApiError(
+                422,
+                "out_of_range",
+                f"factor must be one of {factors} for this cascade, got {body.factor}",
+                "factor",
+            )
+        job = Job(kind="upscale", factor=body.factor, level=body.level)
+        sampling = Sampling(
+            guidance=body.guidance, steps=body.steps, seed=body.seed, num_images=body.num_images
+        )
+        self._sampling(sampling, job)
+        if body.steps is None:
+            job.steps = job.upsampler_steps
+        if body.text is not None:
+            if len(body.text) > self.limits.max_text_chars:
+                raise ApiError(
+                    422,
+                    "out_of_range",
+                    f"text is over limits.max_text_chars={self.limits.max_text_chars}",
+                    "text",
+                )
+            job.text = body.text
+        self._check_guidance(job.guidance, job.given(), "guidance")
+        data = b64_bytes(body.image, "image", self.limits)
+        check_pixels(data, "image", self.limits)
+        try:
+            job.source = decode_image(data, self.info.stages[0], self.decode)
+        except Exception as e:  # noqa: BLE001 - any decoder failure is a bad upload
+            raise ApiError(
+                422, "undecodable_image", f"cannot decode the image ({type(e).__name__}: {e})", "image"
+            ) from e
         return job
 
     def edit(self, body: EditBody) -> Job:

@@ -23,6 +23,7 @@ from pipelines.serve.api import Job, ModelInfo, Refused, Sampled, new_error_id
 from pipelines.serve.config import ServeConfig
 
 if TYPE_CHECKING:  # the ingress imports this module too; it never loads torch
+    from pipelines.diffusion.cascade import StageInputs
     from pipelines.diffusion.pipeline import ComposerOutput
     from pipelines.diffusion.requests import PreparedRequest
 
@@ -79,12 +80,14 @@ def _palette_representation(hist: np.ndarray) -> dict[str, Any]:
 
 def _sampled(
     job: Job,
-    prepared: "PreparedRequest",
+    conditions: dict[str, Any],
     out: "ComposerOutput",
     batch: dict[str, int],
     timings: dict[str, float],
+    stages: list[dict[str, Any]] | None = None,
 ) -> Sampled:
-    """One job's share of a sampling run, with the pictures of the conditions it was given."""
+    """One job's share of a sampling run, with the pictures of the conditions it was given (at
+    the output side: a cascade's last stage's)."""
     from pipelines.diffusion.pictures import condition_pictures
 
     refs = {"semantics": job.from_image["semantics"]} if "semantics" in job.from_image else {}
@@ -93,9 +96,10 @@ def _sampled(
         guidance=out.guidance,
         invert_guidance=out.invert_guidance,
         threshold=out.threshold,
-        pictures=condition_pictures(prepared.conditions, job.source, job.mask, refs),
+        pictures=condition_pictures(conditions, job.source, job.mask, refs),
         batch=batch,
         timings_s=timings,
+        stages=stages,
     )
 
 
@@ -112,14 +116,19 @@ class ComposerServer:
 
     def __init__(self, config: dict[str, Any]):
         from pipelines.data.decomposer import ImageDecomposer
-        from pipelines.diffusion.loading import load_pipeline, model_label, resolve_device
+        from pipelines.diffusion.loading import load_cascade, model_label, resolve_device
 
         self.config = from_dict(ServeConfig, config)
         device = resolve_device(self.config.model_deployment.device)
-        self.pipe = load_pipeline(self.config.model, device)
-        self.pipe.set_progress_bar_config(disable=True)
+        # A pipeline is a one-stage cascade; requests are decoded at the last stage's side and
+        # brought to each stage's (``_stage_inputs``).
+        self.cascade = load_cascade(self.config.model, device)
+        for stage in self.cascade.stages:
+            stage.set_progress_bar_config(disable=True)
+        self.base, self.pipe = self.cascade.base, self.cascade.stages[-1]
         self.device = device
-        self.dec = ImageDecomposer.for_pipeline(self.pipe, device)
+        self.decs = [ImageDecomposer.for_pipeline(p, device) for p in self.cascade.stages]
+        self.dec = self.decs[-1]
         self.decomposable = self._decomposable()
         self.name, self.version = model_label(self.config.model)
         self.stats = {"jobs": 0, "batches": 0, "decompositions": 0, "largest_batch": 0}
@@ -138,7 +147,7 @@ class ComposerServer:
         """Which representations can be taken from an image with this pipeline's settings."""
         from pipelines.conditions import EXTRACTED_NAMES, ExtractorUnavailable
 
-        cfg = self.pipe.unet.config
+        cfg = self.base.unet.config
         out: dict[str, bool | str] = {}
         for name in EXTRACTED_NAMES:
             if (name == "caption" and cfg.caption_encoder in ("trainable", "base")) or (
@@ -154,8 +163,11 @@ class ComposerServer:
         return out
 
     def info(self) -> ModelInfo:
-        cfg = self.pipe.unet.config
+        import math
+
+        cfg = self.base.unet.config
         r = self.pipe.image_size
+        factors = [p.unet.config.upsample_factor for p in self.cascade.stages[1:]]
         sizes = {
             "caption": "text"
             if cfg.caption_encoder in ("trainable", "base")
@@ -177,6 +189,8 @@ class ComposerServer:
             decompose_settings=dict(self.pipe.config.decompose),
             device=self.device,
             stats=dict(self.stats),
+            stages=self.cascade.resolutions if factors else [],
+            upscale_factors=[math.prod(factors[: k + 1]) for k in range(len(factors))],
         )
 
     async def _exclusive(self, fn: Any, *args: Any) -> Any:
@@ -227,6 +241,49 @@ class ComposerServer:
         if b.enabled and job.num_images <= b.max_batch_size:
             return await self._batched(job)
         return (await self._submit([job]))[0]
+
+    async def upscale(self, job: Job) -> Sampled | Refused:
+        try:
+            return await self._exclusive(self._upscale, job)
+        except Exception as e:  # noqa: BLE001 - this request's failure is its own answer
+            return _failed(e, "upscale")
+
+    def _upscale(self, job: Job) -> Sampled:
+        """/v1/upscale: ``job.source`` (at the base's side) through the upsamplers that make
+        ``job.factor`` (all of them when None), guided by ``job.text`` when given."""
+        import math
+
+        from pipelines.diffusion.cascade import StageInputs, upsample
+        from pipelines.diffusion.inputs import upsample_bicubic
+
+        t0 = time.perf_counter()
+        pipes = self.cascade.stages[1:]
+        if job.factor is not None:
+            factors = [p.unet.config.upsample_factor for p in pipes]
+            pipes = pipes[: [math.prod(factors[: k + 1]) for k in range(len(factors))].index(job.factor) + 1]
+        stages = [
+            StageInputs(
+                self.decs[i + 1].caption(job.text) if job.text is not None else {},
+                job.guidance,
+                job.steps,
+                level=job.level,
+            )
+            for i in range(len(pipes))
+        ]
+        images = np.repeat(np.asarray(job.source, np.uint8)[None], job.num_images, axis=0)
+        ups = upsample(pipes, stages, images, job.seed)
+        self.stats["jobs"] += 1
+        return Sampled(
+            images=ups[-1].images,
+            guidance=ups[-1].guidance,
+            invert_guidance=None,
+            threshold=ups[-1].threshold,
+            pictures={},
+            batch={"requests": 1, "samples": job.num_images, "groups": 1},
+            timings_s={"sample": round(time.perf_counter() - t0, 4)},
+            stages=[{"resolution": u.resolution, "sample_s": round(u.seconds, 4)} for u in ups],
+            bicubic=upsample_bicubic(job.source[None], ups[-1].resolution)[0],
+        )
 
     @serve.batch(
         max_batch_size=8,
@@ -299,41 +356,74 @@ class ComposerServer:
                     if not f.done():
                         f.set_result(r)
 
-    def _inputs(self, job: Job) -> "PreparedRequest":
-        """The job's conditions extracted and checked (``ComposerPipeline.prepare``)."""
-        from pipelines.diffusion.requests import SampleRequest
+    def _stage_inputs(self, job: Job, i: int) -> "StageInputs":
+        """The job's conditions at stage ``i``'s side, extracted as that stage was trained (its
+        decomposer); what the request gave at the output side is resized (``resize_for_stage``)."""
+        from pipelines.diffusion.cascade import StageInputs, resize_for_stage
 
-        if self._fault_text is not None and job.text == self._fault_text:
-            raise RuntimeError("injected extraction fault (test seam)")
-        dec, conditions = self.dec, {}
+        dec, side = self.decs[i], self.cascade.stages[i].image_size
+        conditions: dict[str, Any] = {}
         if job.text is not None:
             conditions.update(dec.caption(job.text))
         if job.palette is not None:
             conditions["palette"] = job.palette
         for name, image in job.from_image.items():
-            conditions.update(dec.decompose(image, [name]))
-        conditions.update(job.maps)
+            conditions.update(dec.decompose(resize_for_stage("image", image, side), [name]))
+        conditions.update({name: resize_for_stage(name, m, side) for name, m in job.maps.items()})
+        source = None if job.source is None else resize_for_stage("image", job.source, side)
+        mask = None if job.mask is None else resize_for_stage("mask", job.mask, side)
         invert = None
         if job.kind == "edit":  # Composer §3.2: c1 = the same names, valued as the source decomposes
-            names = sorted(job.given() - {"mask"})
-            invert = dec.decompose(job.source, names, job.source_text)
+            invert = dec.decompose(source, sorted(job.given() - {"mask"}), job.source_text)
+        guidance, steps = (
+            (job.guidance, job.steps) if i == 0 else (job.upsampler_guidance, job.upsampler_steps)
+        )
+        return StageInputs(conditions, guidance, steps, source, mask, invert, job.invert_guidance)
+
+    def _inputs(self, job: Job) -> "PreparedRequest":
+        """The job's base-stage conditions extracted and checked (``ComposerPipeline.prepare``)."""
+        from pipelines.diffusion.requests import SampleRequest
+
+        if self._fault_text is not None and job.text == self._fault_text:
+            raise RuntimeError("injected extraction fault (test seam)")
+        stage = self._stage_inputs(job, 0)
         request = SampleRequest(
-            conditions=conditions,
+            conditions=stage.conditions,
             guidance=job.guidance,
             num_images=job.num_images,
             seed=job.seed,
-            source=job.source,
-            mask=job.mask,
-            invert_conditions=invert,
+            source=stage.source,
+            mask=stage.mask,
+            invert_conditions=stage.invert_conditions,
             invert_guidance=job.invert_guidance,
         )
-        return self.pipe.prepare(request)
+        return self.base.prepare(request)
+
+    def _upsample(self, job: Job, out: "ComposerOutput", seconds: float) -> tuple[dict, list[dict]]:
+        """A cascade: the base's samples of ``job`` through every upsampler (``out.images`` is
+        replaced by the last stage's); returns the last stage's conditions and the stages' record."""
+        from pipelines.diffusion.cascade import upsample
+
+        stages = [self._stage_inputs(job, i) for i in range(1, len(self.cascade.stages))]
+        ups = upsample(self.cascade.stages[1:], stages, out.images, job.seed)
+        out.images = ups[-1].images
+        record = [{"resolution": self.base.image_size, "steps": job.steps, "sample_s": round(seconds, 4)}]
+        record += [
+            {
+                "resolution": u.resolution,
+                "steps": job.upsampler_steps,
+                "guidance": u.guidance,
+                "sample_s": round(u.seconds, 4),
+            }
+            for u in ups
+        ]
+        return stages[-1].conditions, record
 
     def _sample(self, prepared: list["PreparedRequest"], key: tuple) -> list["ComposerOutput"]:
         """One batched sampling run; a failure that lost the device marks the replica unhealthy."""
         _, steps, scheduler, threshold = key
         try:
-            return self.pipe.sample_batch(prepared, steps, scheduler, threshold)
+            return self.base.sample_batch(prepared, steps, scheduler, threshold)
         except Exception as e:
             if _device_lost(e):
                 self.lost = f"{type(e).__name__} while sampling"
@@ -377,9 +467,12 @@ class ComposerServer:
                 timings = {"inputs": round(t_inputs, 4), "sample": round(time.perf_counter() - t, 4)}
                 for i, out in zip(run, outs, strict=True):
                     try:
-                        results[i] = _sampled(jobs[i], prepared[i], out, batch, timings)
-                    except Exception as e:  # noqa: BLE001 - its pictures failed: its own failure
-                        results[i] = _failed(e, "drawing a request's condition pictures")
+                        conditions, stages = prepared[i].conditions, None
+                        if len(self.cascade.stages) > 1:  # each job through the upsamplers
+                            conditions, stages = self._upsample(jobs[i], out, timings["sample"])
+                        results[i] = _sampled(jobs[i], conditions, out, batch, timings, stages)
+                    except Exception as e:  # noqa: BLE001 - its upsampling or pictures failed: its own failure
+                        results[i] = _failed(e, "upsampling or drawing a request's pictures")
         return results  # type: ignore[return-value] - every job is refused or sampled
 
     def check_health(self) -> None:

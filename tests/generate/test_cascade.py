@@ -15,22 +15,9 @@ from PIL import Image
 from jobs.cli import main
 from pipelines.data.decode import DecodeConfig, decode_image
 from pipelines.data.scene import render_sample
+from tests.helpers.cascade import save_stage as _save
 
 BASE, R = 16, 32
-DECOMPOSE = {"sketch": {"method": "canny"}, "instances": {"method": "cluster"}}
-
-
-def _save(directory: Path, preset: str, side: int, factor: int = 1) -> Path:
-    import torch
-
-    from models import build_model
-    from pipelines.diffusion.pipeline import ComposerPipeline
-    from pipelines.diffusion.schedulers import default_scheduler
-
-    torch.manual_seed(0)
-    model = build_model(preset, sample_size=side, upsample_factor=factor).eval()
-    ComposerPipeline(model, default_scheduler(), decompose=DECOMPOSE).save_pretrained(str(directory))
-    return directory
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,12 @@
-"""The Serve app over real HTTP: a local Ray Serve with two apps of a tiny 32 px pipeline and
-one of a pipeline on a pretrained Stable Diffusion base, one Ray + Serve start for all three.
+"""The Serve app over real HTTP: a local Ray Serve with two apps of a tiny 32 px pipeline, one
+of a pipeline on a pretrained Stable Diffusion base and one of a cascade, one Ray + Serve start
+for all four.
 
 ``main`` at ``/`` (no auth, batching on, small body/image limits to test 413s), ``strict``
 at ``/strict`` (bearer auth, one request at a time and a queue of one, to test backpressure) and
 ``base`` at ``/base`` (tests/helpers/tiny_sd.py: captions as text through the export's own text
-encoder, latents decoded and composited in a masked edit).
+encoder, latents decoded and composited in a masked edit) and ``cascade`` at ``/cascade`` (a 16 px
+base and a 16→32 upsampler: generation, edits and outpainting at 32 px, ``/v1/upscale``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from PIL import Image
 
 from models import CONDITIONS
 from pipelines.data.scene import render_sample
+from tests.helpers.cascade import make_cascade
 from tests.helpers.serve import run_app, serve_cluster
 
 pytestmark = pytest.mark.slow
@@ -78,7 +81,17 @@ def apps(tiny_model_dir, tmp_path_factory):
                 backpressure={"status_code": 503, "retry_after_s": 2},
             )
             base = run_app(port, str(root / "export"), "base", "/base", default_steps=2)
-            yield {"main": main, "strict": strict, "base": base}
+            cascade = run_app(
+                port,
+                str(make_cascade(root)),
+                "cascade",
+                "/cascade",
+                default_steps=2,
+                default_upsampler_steps=2,
+                model_deployment={"num_cpus": 0.1},
+                ingress={"num_cpus": 0.05},
+            )
+            yield {"main": main, "strict": strict, "base": base, "cascade": cascade}
     finally:
         os.environ.pop(TOKEN_ENV, None)
 
@@ -399,3 +412,51 @@ def test_a_base_model_generates_from_text_and_maps_and_edits_exactly(apps):
     for im in out["images"]:
         im = decode(im)
         assert np.array_equal(im[~m], src[~m]) and not np.array_equal(im[m], src[m])
+
+
+def test_a_cascade_generates_edits_outpaints_and_upscales_at_its_output_side(apps):
+    url = apps["cascade"]
+    info = requests.get(url + "v1/model", timeout=30).json()
+    assert info["resolution"] == R and info["stages"] == [16, R] and info["upscale_factors"] == [2]
+    sketch = png((np.eye(R) * 255).astype(np.uint8))
+    r = post(
+        url,
+        "v1/generate",
+        {"conditions": {"text": "a red circle", "sketch": {"map": sketch}}, "num_images": 2},
+    )
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert [decode(im).shape for im in out["images"]] == [(R, R, 3)] * 2
+    assert [s["resolution"] for s in out["stages"]] == [16, R]
+    assert decode(out["conditions"]["sketch"]["png"]).shape == (R, R)
+
+    # a masked edit and an outpainting keep the outside pixels exactly at 32 px
+    source, mask = scene(3, R), np.zeros((R, R), np.uint8)
+    mask[4:20, 6:26] = 255
+    edit = post(
+        url, "v1/edit", {"source": png(source), "conditions": {"text": "a star"}, "mask": png(mask)}
+    ).json()
+    m = decode(edit["conditions"]["mask"]["png"]) > 0
+    assert np.array_equal(decode(edit["images"][0])[~m], source[~m])
+    small = scene(4, R)[:20, :24]
+    for app in ("cascade", "main"):
+        side, outpaint = R, {"image": "s", "left": 4, "right": 4, "top": 6, "bottom": 6}
+        body = {"images": {"s": png(small)}, "outpaint": outpaint}
+        out = post(apps[app], "v1/generate", body).json()
+        im = decode(out["images"][0])
+        assert im.shape == (side, side, 3) and np.array_equal(im[6:26, 4:28], small), app
+        m = decode(out["conditions"]["mask"]["png"]) > 0
+        assert m.sum() == side * side - 20 * 24 and (im[m] != decode(out["source_png"])[m]).any()
+    bad = post(url, "v1/generate", {"images": {"s": png(small)}, "outpaint": {"image": "s", "left": 40}})
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "outpaint"
+
+    # /v1/upscale: the image at the base's side, ×2 by the upsampler
+    r = post(url, "v1/upscale", {"image": png(scene(5, 48)), "text": "a red circle", "num_images": 2})
+    assert r.status_code == 200, r.text
+    up = r.json()
+    assert up["factor"] == 2 and decode(up["input_png"]).shape == (16, 16, 3)
+    assert decode(up["bicubic_png"]).shape == (R, R, 3)
+    assert [decode(im).shape for im in up["images"]] == [(R, R, 3)] * 2
+    assert post(url, "v1/upscale", {"image": png(scene(5)), "factor": 4}).json()["error"]["field"] == "factor"
+    plain = post(apps["main"], "v1/upscale", {"image": png(scene(5))})
+    assert plain.status_code == 422 and plain.json()["error"]["code"] == "no_upsampler"

@@ -1,0 +1,36 @@
+"""Tiny random cascades for tests: a 16 px base and a 16→32 upsampler, saved and assembled."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DECOMPOSE = {"sketch": {"method": "canny"}, "instances": {"method": "cluster"}}
+
+
+def save_stage(
+    directory: Path, preset: str, side: int, factor: int = 1, decompose: dict | None = None
+) -> Path:
+    """A random-init ``ComposerPipeline`` of ``preset`` at ``side`` px (an upsampler when factor > 1)."""
+    import torch
+
+    from models import build_model
+    from pipelines.diffusion.pipeline import ComposerPipeline
+    from pipelines.diffusion.schedulers import default_scheduler
+
+    torch.manual_seed(0)
+    model = build_model(preset, sample_size=side, upsample_factor=factor).eval()
+    pipe = ComposerPipeline(
+        model, default_scheduler(), decompose=DECOMPOSE if decompose is None else decompose
+    )
+    pipe.save_pretrained(str(directory))
+    return directory
+
+
+def make_cascade(root: Path, base: int = 16, side: int = 32) -> Path:
+    """``root``/cascade: a ``base`` px tiny base and a ×(side/base) upsampler-tiny."""
+    from pipelines.diffusion.cascade import assemble
+
+    b = save_stage(root / "base", "tiny", base)
+    u = save_stage(root / "upsampler", "upsampler-tiny", side, side // base)
+    assemble(str(b), [str(u)], root / "cascade", Path)
+    return root / "cascade"
