@@ -422,3 +422,42 @@ def test_page_composes_from_an_example(base_url, driver):
         out.mkdir(parents=True, exist_ok=True)
         driver.execute_script("window.scrollTo(0, 0)")
         driver.save_screenshot(str(out / "serve_web_examples.png"))
+
+
+def test_page_outpaints_an_image(base_url, driver, tmp_path):
+    """Pick an uploaded image to outpaint, give two sides, generate: the request carries the
+    outpaint, the result comes back with the border's mask among the conditions used."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    path = tmp_path / "scene.png"
+    Image.fromarray(render_sample(0, "train", 2, 64).image).save(path)
+    driver.get(base_url)
+    wait = WebDriverWait(driver, 60)
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "body[data-ready=true]")))
+    driver.find_element(By.ID, "files").send_keys(str(path))
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#image-a[data-state=done]")))
+    assert not driver.find_element(By.ID, "outpaint-sides").is_displayed()
+    Select(driver.find_element(By.ID, "outpaint-image")).select_by_value("a")
+    wait.until(lambda d: d.find_element(By.ID, "outpaint-sides").is_displayed())
+    _type(driver, "outpaint-left", "8")
+    _type(driver, "outpaint-right", "8")
+    _type(driver, "steps", "2")
+    driver.find_element(By.ID, "text").send_keys("a red circle")
+    driver.find_element(By.ID, "generate").click()
+    WebDriverWait(driver, 120).until(
+        lambda d: (
+            d.find_elements(By.CSS_SELECTOR, "#results img") or d.find_element(By.ID, "error").is_displayed()
+        )
+    )
+    error = driver.find_element(By.ID, "error")
+    assert not error.is_displayed(), error.text
+    img = driver.find_element(By.CSS_SELECTOR, "#results img")
+    wait.until(lambda d: d.execute_script("return arguments[0].complete", img))
+    assert driver.execute_script("return arguments[0].naturalWidth", img) == 32
+    used = {
+        e.get_attribute("data-rep") for e in driver.find_elements(By.CSS_SELECTOR, "#result-conditions .rep")
+    }
+    assert {"caption", "mask"} <= used, used
+    assert _severe(driver) == []
