@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from models import CONDITIONS
-from pipelines.config import Config, nested, resource
+from pipelines.config import Config, added, nested, resource
 from pipelines.diffusion.loading import REFERENCE_MODEL
 from pipelines.evaluate.quality import QualityConfig
 
@@ -76,7 +76,8 @@ class EvalConfig(Config):
     output: str = resource("")
     num_samples: int = Field(64, ge=2)  # evaluation rows (the first of the data in manifest order)
     seed: int = 0  # row i is sampled with seed + i under every subset, so subsets differ only in conditions
-    steps: int = Field(25, ge=1)  # DDIM steps
+    steps: int = Field(25, ge=1)  # DDIM steps (a cascade's base)
+    upsampler_steps: int = added(20, ge=1)  # a cascade's upsamplers: DDIM steps of each
     guidance: float = Field(3.0, ge=0)  # one scale for every condition set (Composer's CFG over sets)
     subsets: dict[str, tuple[str, ...]] = Field(default_factory=lambda: dict(DEFAULT_SUBSETS), min_length=1)
     mask_seed: int = 0  # the masks of the mask subsets (boxes/strokes/instances, as in training)

@@ -56,12 +56,15 @@ class EvalResult:
     metrics: dict[str, float] = field(default_factory=dict)  # "<subset>/<metric>" -> value
     plots: list[str] = field(default_factory=list)  # file names in the output directory
     mlflow: dict[str, Any] | None = None  # the MLflow run (mlflow_run.log_run); None: not logged
+    resolution: int | None = None  # the side of the images measured (a cascade's output side)
+    cascade: list[int] | None = None  # a cascade: each stage's side, base first
 
     def to_dict(self) -> dict[str, Any]:
-        """The evaluate.json mapping; no "mlflow" key when nothing was logged."""
+        """The evaluate.json mapping; no "mlflow" / "cascade" key when nothing was logged / no cascade."""
         d = dataclasses.asdict(self)
-        if d["mlflow"] is None:
-            del d["mlflow"]
+        for key in ("mlflow", "cascade"):
+            if d[key] is None:
+                del d[key]
         return d
 
 

@@ -77,6 +77,7 @@ def run_evaluate(cfg: EvalConfig) -> EvalResult:
     t0 = time.time()
     pdir, spec, out, prev = _check(cfg)
     model_config, settings, training = _model_info(pdir)
+    cascade = _cascade_sides(cfg.model)
     plan = _plan(cfg, spec, model_config, settings)
     _log_plan(cfg, plan)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,6 +100,8 @@ def run_evaluate(cfg: EvalConfig) -> EvalResult:
         skipped=plan.skipped,
         training=training,
         quality_unavailable=quality_missing,
+        resolution=int(model_config.sample_size) * int(model_config.local_downsample),
+        cascade=cascade,
     )
     result = report.write_report(out, result, rows, results, images, quality, cfg)
     result = dataclasses.replace(result, seconds=round(time.time() - t0, 1))
@@ -114,18 +117,35 @@ def _check(cfg: EvalConfig) -> tuple[Path, Any, Path, dict[str, Any] | None]:
     """The model's pipeline directory, the data, the output directory and its earlier evaluation;
     a ``UserError`` on anything missing, unreadable or someone else's."""
     from pipelines.data.batches import open_data
-    from pipelines.diffusion.loading import pipeline_dir
+    from pipelines.diffusion.cascade import is_cascade, read_index
+    from pipelines.diffusion.loading import model_path, pipeline_dir
     from pipelines.files import claim_output
 
     if not cfg.model or not cfg.data or not cfg.output:
         raise EvalError("--data and --output are required (and --model, when given, must not be empty)")
-    pdir = pipeline_dir(cfg.model)
+    root = model_path(cfg.model)
+    if is_cascade(root):  # measured at the output side: the last stage's config decides the rows
+        pdir = root / read_index(root)["stages"][-1]
+    else:
+        pdir = pipeline_dir(cfg.model)
+        if json.loads((pdir / "unet" / "config.json").read_text()).get("upsample_factor", 1) > 1:
+            raise EvalError(
+                f"--model {cfg.model}: is an upsampler; evaluate the cascade it belongs to (recompose cascade)"
+            )
     spec = open_data(cfg.data)
     out = Path(cfg.output)
     identity = {"format": FORMAT, "model": cfg.model, "data": spec.root, "config_hash": config_hash(cfg)}
     # An earlier run killed before its evaluate.json leaves only files of ours behind.
     prev = claim_output(out, "evaluate.json", "recompose evaluation", identity, ours=_ours)
     return pdir, spec, out, prev
+
+
+def _cascade_sides(model: str) -> list[int] | None:
+    from pipelines.diffusion.cascade import is_cascade, read_index
+    from pipelines.diffusion.loading import model_path
+
+    root = model_path(model)
+    return list(read_index(root)["resolutions"]) if is_cascade(root) else None
 
 
 def _ours(path: Path) -> bool:

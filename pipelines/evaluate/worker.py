@@ -15,6 +15,9 @@ import numpy as np
 from pipelines.evaluate.config import EvalConfig
 from pipelines.evaluate.units import FIDELITY, Row, RowSets, Unit
 
+# Inputs given at the output side that a lower stage takes at its own (``resize_for_stage``).
+_MAPS = ("sketch", "instances", "depth", "intensity", "semantics.image", "mask.image")
+
 
 def reextract_settings(settings: dict[str, Any], cfg: EvalConfig) -> dict[str, Any]:
     """The pipeline's decomposition settings, with ``reextract.depth_weights`` as the depth model."""
@@ -35,15 +38,17 @@ class EvalWorker:
         import torch
 
         from pipelines.data.decomposer import ImageDecomposer
-        from pipelines.diffusion.loading import load_pipeline, resolve_device
+        from pipelines.diffusion.loading import load_cascade, resolve_device
 
         if device == "auto" and cfg.gpus_per_worker == 0:
             device = "cpu"
         device = resolve_device(device)
         if device == "cpu" and torch.get_num_threads() > max(1, int(cfg.cpus_per_worker)):
             torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))  # Ray's CPU share, not the host's
-        self.pipe = load_pipeline(model, device)
-        self.pipe.set_progress_bar_config(disable=True)
+        self.cascade = load_cascade(model, device)  # a pipeline is a one-stage cascade
+        for stage in self.cascade.stages:
+            stage.set_progress_bar_config(disable=True)
+        self.pipe = self.cascade.stages[-1]  # rows, maps and measurements are at its side
         self.cfg, self.methods = cfg, methods
         self.rows: RowSets = ray.get(rows) if isinstance(rows, ray.ObjectRef) else rows
         unet = self.pipe.unet.config
@@ -95,8 +100,53 @@ class EvalWorker:
             )
             for i, r in zip(unit.rows, rows, strict=True)
         ]
-        outs = self.pipe.sample_batch(requests, num_inference_steps=self.cfg.steps)
-        return [np.asarray(o.images[0]) for o in outs]
+        if len(self.cascade.stages) == 1:
+            outs = self.pipe.sample_batch(requests, num_inference_steps=self.cfg.steps)
+            return [np.asarray(o.images[0]) for o in outs]
+        return self._cascade(requests, guidance if conds else 1.0)
+
+    def _cascade(self, requests: list[Any], guidance: Any) -> list[np.ndarray]:
+        """The rows' requests (at the output side) through the cascade: the base's batched run on
+        the inputs brought to its side, then each row's samples through the upsamplers."""
+        from dataclasses import replace
+
+        from pipelines.diffusion.cascade import StageInputs, resize_for_stage, upsample
+
+        stages = self.cascade.stages
+
+        def at(side: int, d: Any) -> Any:
+            if d is None:
+                return None
+            return {
+                k: resize_for_stage("image" if k.endswith("image") else k, v, side) if k in _MAPS else v
+                for k, v in d.items()
+            }
+
+        def image(a: Any, side: int, kind: str = "image") -> Any:
+            return None if a is None else resize_for_stage(kind, a, side)
+
+        bs = stages[0].image_size
+        base = [
+            replace(
+                r, conditions=at(bs, r.conditions), source=image(r.source, bs), mask=image(r.mask, bs, "mask")
+            )
+            for r in requests
+        ]
+        outs = stages[0].sample_batch(base, num_inference_steps=self.cfg.steps)
+        images = []
+        for r, o in zip(requests, outs, strict=True):
+            per_stage = [
+                StageInputs(
+                    at(p.image_size, r.conditions),
+                    guidance,
+                    self.cfg.upsampler_steps,
+                    image(r.source, p.image_size),
+                    image(r.mask, p.image_size, "mask"),
+                )
+                for p in stages[1:]
+            ]
+            images.append(upsample(stages[1:], per_stage, o.images, r.seed)[-1].images[0])
+        return images
 
     def measure(self, image: np.ndarray, row: Row, unit: Unit) -> dict[str, Any]:
         """Metric name -> value of one image: the benchmark's scene-parser score, or the fidelity

@@ -24,6 +24,7 @@ from pipelines.evaluate.config import EvalConfig
 from pipelines.evaluate.fidelity import depth_rmse_ssi, instances_miou
 from pipelines.evaluate.report import fidelity_table, quality_bar
 from pipelines.evaluate.scene_parser import scene_maps
+from tests.helpers.cascade import make_cascade, save_stage
 from tests.helpers.tiny_clip import make_tiny_open_clip
 from tests.helpers.tiny_inception import make_random_fid_inception
 
@@ -165,6 +166,39 @@ def test_writes_table_plots_and_summary(evaluated):
     for subset in ("caption", "none", "real"):
         assert 0 <= _value(table, "quality", subset, "clip_score")["value"] <= 100
     assert "299x299" in md and "pt_inception-2015-12-05-6726825d.pth sha256:" in md and "clip_variant" in md
+
+
+@pytest.mark.slow  # the whole evaluation on a local Ray, through two stages
+def test_a_cascade_is_evaluated_at_its_output_side(data, weights, tmp_path, capsys):
+    cascade = make_cascade(tmp_path, base=16, side=R)
+    out = tmp_path / "eval"
+    args = [
+        "evaluate",
+        "--model",
+        str(cascade),
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        "--num-samples",
+        "4",
+    ]
+    subsets = "subsets={caption: [caption], sketch: [sketch], mask+caption: [mask, caption]}"
+    sets = [*FAST, "upsampler_steps=2", subsets, *weights]
+    assert main([*args, *(a for item in sets for a in ("--set", item))]) == 0
+    summary = json.loads((out / "evaluate.json").read_text())
+    assert summary["resolution"] == R and summary["cascade"] == [16, R]
+    table = pq.read_table(out / "metrics.parquet").to_pylist()
+    assert _value(table, "fidelity", "sketch", "sketch.f1")["n"] == 4
+    assert _value(table, "fidelity", "mask+caption", "mask.max_abs_diff")["value"] == 0  # exact at 32 px
+    assert _value(table, "quality", "caption", "fid")["n"] == 4
+    from PIL import Image
+
+    assert Image.open(out / "examples.png").size[0] > 200
+    # an upsampler alone is not evaluated: it needs its low-resolution input
+    up = save_stage(tmp_path / "up", "upsampler-tiny", R, 2)
+    bad = ["evaluate", "--model", str(up), "--data", str(data), "--output", str(tmp_path / "bad")]
+    assert main(bad) == 2 and "is an upsampler" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # a tiny model trained, then the whole evaluation on a local Ray
