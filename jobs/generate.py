@@ -4,7 +4,8 @@
         [--semantics-from IMG] [--sketch-from IMG] [--depth-from IMG] [--instances-from IMG]
         [--intensity-from IMG] [--mask IMG --source IMG] [--outpaint left=L,… --source IMG]
         [--guidance …] [--steps N] [--seed S] [--num-images N] [--resolution R]
-        [--upsampler-steps N] [--upsampler-guidance G] [--config FILE] [--set key=value …] [--json]
+        [--upsampler-steps N] [--upsampler-guidance G] [--prior] [--config FILE] [--set key=value …]
+        [--json]
 
 A condition "from IMG" is decomposed with the extractors and settings of the training shards
 (the pipeline's model_index.json ``decompose``); see docs/generation.md. Given a cascade directory
@@ -24,7 +25,14 @@ from pipelines.generate.run import GenerateResult, run_generate
 
 IMAGES = {k for k in GenerateConfig.model_fields if k.endswith(("_from", "_map"))} | {"mask", "source"}
 SAMPLING = ("guidance", "invert_guidance", "steps", "seed", "num_images", "scheduler", "threshold", "device")
-SAMPLING += ("resolution", "upsampler_steps", "upsampler_guidance", "low_res_level")
+SAMPLING += (
+    "resolution",
+    "upsampler_steps",
+    "upsampler_guidance",
+    "low_res_level",
+    "prior_guidance",
+    "prior_steps",
+)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -42,7 +50,7 @@ def parser() -> argparse.ArgumentParser:
             kw = {"choices": typing.get_args(kind)}
         else:
             kw = {
-                "type": int if kind is int else str,
+                "type": int if kind is int else float if kind is float else str,
                 "metavar": "IMG" if key in IMAGES else None,
             }
         group = sampling if key in SAMPLING else p if key in ("model", "output", "overwrite") else conditions

@@ -2,7 +2,8 @@
 
     recompose train --data DIR --output RUN_DIR [--preset tiny|small|medium|base] [--max-steps N]
         [--workers N] [--gpus-per-worker N] [--base BASE_DIR [--mode full|adapter]]
-        [--stage base|upsampler [--upsample-factor 2|3|4]] [--config FILE] [--set key=value …]
+        [--stage base|upsampler|prior [--upsample-factor 2|3|4] [--prior-of MODEL]]
+        [--config FILE] [--set key=value …]
 
 With ``--base`` the Composer UNet starts as a pretrained Stable Diffusion 1.x/2.x UNet (a diffusers
 pipeline directory, or a repo id in the local Hugging Face cache), exactly that model at step 0,
@@ -10,6 +11,9 @@ trained on the latents and caption embeddings that ``recompose decompose --base`
 
 With ``--stage upsampler`` it trains a super-resolution model of Composer's cascade on the same
 data: each image's low-resolution input (side / factor) is derived on the fly and noise-augmented.
+With ``--stage prior`` it trains the cascade's prior, caption -> semantics embedding, on the data's
+(caption, semantics) pairs; ``--prior-of`` names the base model whose semantics embedding it learns
+(on data without CLIP semantics).
 
 Runs on the Ray cluster in ``RAY_ADDRESS`` (as under ``ray job submit``) or a local Ray. Running
 the same command again resumes RUN_DIR from its latest checkpoint, in the same MLflow run.
@@ -47,9 +51,15 @@ def parser() -> argparse.ArgumentParser:
     )
     add(
         "--stage",
-        choices=["base", "upsampler"],
+        choices=["base", "upsampler", "prior"],
         default=None,
-        help="the cascade's base model, or an upsampler from side / factor (config: stage)",
+        help="the cascade's base model, an upsampler from side / factor, or the caption -> semantics "
+        "prior (config: stage)",
+    )
+    add(
+        "--prior-of",
+        default=None,
+        help="with --stage prior: the base model whose semantics embedding it learns (config: prior_of)",
     )
     add(
         "--upsample-factor",
@@ -75,6 +85,7 @@ def train(args: argparse.Namespace) -> TrainResult:
         "mode": args.mode,
         "stage": args.stage,
         "upsample_factor": args.upsample_factor,
+        "prior_of": args.prior_of,
     }
     return run_train(load_config(TrainConfig, args.config, values, args.overrides))
 

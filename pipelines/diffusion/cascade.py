@@ -4,7 +4,8 @@ other; each upsampler takes the previous stage's samples as its ``low_res`` inpu
 A **cascade directory** holds each stage as a saved ``ComposerPipeline`` and ``cascade.json``::
 
     cascade.json        {"format": "recompose.cascade/1", "stages": ["base", "upsampler-1", …],
-                         "resolutions": [32, 64, …]}
+                         "resolutions": [32, 64, …], "prior": "prior" or null}
+    prior/              optional: a PriorPipeline, caption -> semantics embedding
     base/               the base model (model_index.json, unet/, scheduler/[, vae/ …])
     upsampler-1/        an upsampler whose input side is the base's output side
     …
@@ -72,10 +73,11 @@ class StageOutput:
 class Cascade:
     """The loaded stages of a cascade directory, base first."""
 
-    def __init__(self, stages: Sequence[Any], names: Sequence[str] | None = None):
+    def __init__(self, stages: Sequence[Any], names: Sequence[str] | None = None, prior: Any = None):
         if not stages:
             raise CascadeError("a cascade needs at least its base stage")
         self.stages = list(stages)
+        self.prior = prior  # a PriorPipeline (caption -> semantics embedding), or None
         self.names = list(names or ["base", *(f"upsampler-{i}" for i in range(1, len(stages)))])
         check_chain([_shape(p) for p in self.stages], self.names)
 
@@ -115,7 +117,30 @@ class Cascade:
                     f"{root}: stage {name} could not be loaded ({type(e).__name__}: {e})"
                 ) from e
             stages.append(pipe.to(device))
-        return cls(stages, index["stages"])
+        prior = None
+        if index.get("prior"):
+            from pipelines.diffusion.prior import PriorPipeline
+
+            try:
+                prior = PriorPipeline.from_pretrained(str(root / index["prior"]), dtype=torch.float32)
+            except Exception as e:  # noqa: BLE001
+                raise CascadeError(f"{root}: the prior could not be loaded ({type(e).__name__}: {e})") from e
+            prior = prior.to(device)
+            prior.set_progress_bar_config(disable=True)
+        return cls(stages, index["stages"], prior)
+
+    def sample_semantics(self, dec: Any, text: str, guidance: float, steps: int, seed: int) -> np.ndarray:
+        """The prior's semantics embedding (D,) for ``text``, its caption inputs made by ``dec``
+        (the base's ``ImageDecomposer``: text, or the CLIP/T5 embeddings the prior takes)."""
+        if self.prior is None:
+            raise CascadeError("this model has no prior: build the cascade with recompose cascade --prior")
+        if self.prior.prior.config.caption_encoder == "trainable":
+            captions: Any = [text]
+        else:
+            captions = {
+                k: np.asarray(v)[None] for k, v in dec.caption(text).items() if k.startswith("caption.")
+            }
+        return self.prior(captions, guidance=guidance, num_inference_steps=steps, seed=seed)[0]
 
     def __call__(
         self,
@@ -259,7 +284,7 @@ def read_index(root: Path) -> dict[str, Any]:
     stages = index.get("stages")
     if not isinstance(stages, list) or not stages or not all(isinstance(s, str) for s in stages):
         raise CascadeError(f"{path}: 'stages' must be a non-empty list of stage directories")
-    for name in stages:
+    for name in [*stages, *([index["prior"]] if index.get("prior") else [])]:
         if Path(name).name != name or not (root / name / "model_index.json").is_file():
             raise CascadeError(f"{path}: stage {name!r} is not a saved pipeline directory in {root}")
     return index
@@ -292,12 +317,36 @@ def stage_shape(model_index: Path) -> tuple[int, int]:
     return int(unet["sample_size"]) * local, int(unet.get("upsample_factor", 1))
 
 
+def check_prior(prior_dir: Path, base_dir: Path, prior: str) -> None:
+    """The prior makes the semantics embedding the base takes: same width, same kind (CLIP, or
+    the base's trainable encoder)."""
+    index = json.loads((prior_dir / "model_index.json").read_text())
+    if index.get("_class_name") != "PriorPipeline":
+        raise CascadeError(f"--prior {prior}: holds a {index.get('_class_name')}, not a PriorPipeline")
+    p = json.loads((prior_dir / "prior" / "config.json").read_text())
+    b = json.loads((base_dir / "unet" / "config.json").read_text())
+    if p["embedding_dim"] != b.get("semantics_dim"):
+        raise CascadeError(
+            f"--prior {prior}: samples {p['embedding_dim']}-d semantics, the base takes {b.get('semantics_dim')}-d"
+        )
+    if bool(p.get("image_encoder_bottleneck")) != (b.get("semantics_encoder", "trainable") == "trainable"):
+        raise CascadeError(
+            f"--prior {prior}: learned another kind of semantics embedding than the base takes"
+        )
+
+
 def assemble(
-    base: str, upsamplers: Sequence[str], output: str | Path, resolve: Callable[[str], Path]
+    base: str,
+    upsamplers: Sequence[str],
+    output: str | Path,
+    resolve: Callable[[str], Path],
+    prior: str | None = None,
+    resolve_prior: Callable[[str], Path] | None = None,
 ) -> dict[str, Any]:
     """Copies the pipelines ``base`` and ``upsamplers`` (directories or MLflow URIs, turned into
-    directories by ``resolve``) into the cascade directory ``output``; returns its ``cascade.json``.
-    The chain of resolutions is checked before anything is copied; ``output`` must not exist."""
+    directories by ``resolve``) and the ``prior`` into the cascade directory ``output``; returns
+    its ``cascade.json``. The chain of resolutions (and the prior's embedding) is checked before
+    anything is copied; ``output`` must not exist."""
     out = Path(output)
     if out.exists():
         raise CascadeError(f"--output {out} already exists; give a new directory")
@@ -305,16 +354,25 @@ def assemble(
     names = ["base", *(f"upsampler-{i}" for i in range(1, len(dirs)))]
     shapes = [stage_shape(d / "model_index.json") for d in dirs]
     check_chain(shapes, [f"{n} ({m})" for n, m in zip(names, (base, *upsamplers), strict=True)])
+    prior_dir = None
+    if prior is not None:
+        prior_dir = (resolve_prior or Path)(prior)
+        if not (prior_dir / "model_index.json").is_file():
+            raise CascadeError(f"--prior {prior}: not a saved prior (no model_index.json)")
+        check_prior(prior_dir, dirs[0], prior)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for d, name in zip(dirs, names, strict=True):
         shutil.copytree(d, tmp / name)
+    if prior_dir is not None:
+        shutil.copytree(prior_dir, tmp / "prior")
     index = {
         "format": FORMAT,
         "stages": names,
         "resolutions": [r for r, _ in shapes],
-        "from": dict(zip(names, (base, *upsamplers), strict=True)),
+        "prior": "prior" if prior_dir is not None else None,
+        "from": dict(zip(names, (base, *upsamplers), strict=True)) | ({"prior": prior} if prior else {}),
     }
     (tmp / CASCADE_FILE).write_text(json.dumps(index, indent=2) + "\n")
     tmp.rename(out)
@@ -322,4 +380,5 @@ def assemble(
 
 
 def describe(index: Mapping[str, Any]) -> str:
-    return " → ".join(f"{n} {r}px" for n, r in zip(index["stages"], index["resolutions"], strict=True))
+    chain = " → ".join(f"{n} {r}px" for n, r in zip(index["stages"], index["resolutions"], strict=True))
+    return ("prior → " if index.get("prior") else "") + chain

@@ -88,6 +88,11 @@ class GenerateConfig(Config):
         None, description="the source's caption for --bidirectional (unset: --text)"
     )
     bidirectional: bool = Field(False, description="invert --source under its own conditions first")
+    prior: bool = Field(
+        False, description="sample the semantics from --text with the cascade's prior (no --semantics-from)"
+    )
+    prior_guidance: float = Field(4.0, ge=0, description="the prior's guidance scale")
+    prior_steps: int = Field(50, ge=1, description="the prior's denoising steps")
     guidance: str = Field("3", description="a scale, or per condition: 'text=5,sketch=2' (Composer Eq. 2)")
     invert_guidance: str = Field("1", description="guidance of the --bidirectional inversion; 1 = plain")
     steps: int = Field(50, ge=1, description="denoising steps (of a cascade's base)")
@@ -121,6 +126,10 @@ class GenerateConfig(Config):
             if self.palette_from:
                 raise GenerateError("give --palette or --palette-from, not both")
             parse_palette(self.palette)
+        if self.prior and (self.text is None or self.semantics_from):
+            raise GenerateError(
+                "--prior samples the semantics from --text: give --text and no --semantics-from"
+            )
         self._check_source()
         self._check_guidance()
         self.stage_settings(0)  # the per-upsampler values parse (their count is checked on the cascade)
@@ -172,6 +181,8 @@ class GenerateConfig(Config):
     def given(self) -> frozenset[str]:
         """The condition names the flags give."""
         names = {n for n in FROM_IMAGE if getattr(self, f"{n}_from")}
+        if self.prior:
+            names.add("semantics")
         names |= {n for n in MAPS if getattr(self, f"{n}_map")}
         if self.text is not None:
             names.add("caption")

@@ -48,7 +48,7 @@ _OUTPUTS = re.compile(r"sample-\d{4}\.png|grid\.png|conditions|stages|\..+\.tmp"
 # Why a condition's picture looks as it does (generate.json's conditions.<name>.note).
 _NOTES = {
     "caption": "text has no picture: it is in arguments.text and on grid.png",
-    "semantics": "the image the semantics condition was taken from",
+    "semantics": "the image the semantics condition was taken from (none when the prior sampled it)",
     "palette": "bars of the palette's strongest bins (render_palette)",
     "instances": "colourised ids; --instances-map reads colours back as instances",
     "mask": "255 = regenerated; goes back in with --mask",
@@ -87,6 +87,7 @@ class GenerateResult:
     inverted_from_source: dict[str, str] | None = None  # --bidirectional: name -> where c1 came from
     source: dict[str, str] | None = None  # --source: {"from": path, "picture": path}
     cascade: list[dict[str, Any]] | None = None  # a cascade: per stage, its side, settings, time, images
+    prior: dict[str, Any] | None = None  # --prior: its guidance, steps and the sampled embedding
 
     def to_dict(self) -> dict[str, Any]:
         """The generate.json mapping: the optional keys only where they apply."""
@@ -128,12 +129,21 @@ def run_generate(cfg: GenerateConfig) -> GenerateResult:
     given = sorted(cfg.given())
     side = stages[-1].image_size
     staged: list[Inputs] = []
+    semantics = None
+    if cfg.prior:
+        log.info("sampling the semantics from the caption with the prior (%d steps)", cfg.prior_steps)
+        dec = ImageDecomposer.for_pipeline(stages[0], device)
+        semantics = cascade.sample_semantics(dec, cfg.text, cfg.prior_guidance, cfg.prior_steps, cfg.seed)
     for pipe in stages:  # each stage's conditions at its own resolution, decomposed as it was trained
         log.info("decomposing the inputs at %spx: %s", pipe.image_size, ", ".join(given) or "no conditions")
         try:
-            staged.append(build_inputs(cfg, ImageDecomposer.for_pipeline(pipe, device), side))
+            inputs = build_inputs(cfg, ImageDecomposer.for_pipeline(pipe, device), side)
         except (ExtractorUnavailable, ValueError) as e:  # an image, map or extractor the flags named
             raise GenerateError(str(e)) from e
+        if semantics is not None:
+            inputs.conditions["semantics"] = semantics
+            inputs.origins["semantics"] = "--prior (sampled from --text)"
+        staged.append(inputs)
     phases["decompose_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -141,7 +151,10 @@ def run_generate(cfg: GenerateConfig) -> GenerateResult:
     phases["sample_s"] = time.perf_counter() - t
 
     log.info("writing %s", out)
-    result = write_outputs(cfg, cascade, device, staged[-1], sampled, phases, t0)
+    prior = None
+    if semantics is not None:  # the embedding the prior sampled, in the record
+        prior = {"guidance": cfg.prior_guidance, "steps": cfg.prior_steps, "semantics": semantics.tolist()}
+    result = write_outputs(cfg, cascade, device, staged[-1], sampled, phases, t0, prior)
     _remove_stale(out, previous, result.files)
     log.info("wrote %d image(s) and grid.png to %s in %.1f s", len(result.images), out, result.wall_time_s)
     return result
@@ -275,6 +288,7 @@ def write_outputs(
     stages: list[StageOutput],
     phases: dict[str, float],
     t0: float,
+    prior: dict[str, Any] | None = None,
 ) -> GenerateResult:
     """Samples, condition pictures, grid, a cascade's earlier stages, then ``generate.json``;
     returns its record."""
@@ -317,6 +331,7 @@ def write_outputs(
         if inputs.source is not None
         else None,
         cascade=record,
+        prior=prior,
     )
     write_json(result.to_dict(), out / RECORD)
     return result

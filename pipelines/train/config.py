@@ -113,9 +113,14 @@ class TrainConfig(Config):
     # model of the same data, its low-resolution input derived from each image on the fly
     # (downsampled by upsample_factor, then noised to a level in 0..low_res_max_level: Imagen's
     # noise-conditioning augmentation, models/objective.py)
-    stage: Literal["base", "upsampler"] = added("base")
+    # "prior": the caption -> semantics-embedding prior of the cascade (pipelines/train/prior.py)
+    stage: Literal["base", "upsampler", "prior"] = added("base")
     upsample_factor: int = added(4, ge=2, le=4)
     low_res_max_level: int = added(250, ge=0, le=999)  # timesteps of the noise schedule
+    # stage prior: the base model (pipeline directory or models:/ URI) whose trainable semantics
+    # embedding the prior learns to sample (not needed on data with CLIP semantics)
+    prior_of: str | None = added(None)
+    prior_caption_dropout: float = added(0.1, ge=0, le=1)  # for the prior's guidance
     gradient_checkpointing: bool = resource(
         False
     )  # recompute activations in backward: less memory, ~30% slower
@@ -144,6 +149,12 @@ class TrainConfig(Config):
             raise ValueError("base and init_from both choose the starting weights; give one")
         if self.stage == "upsampler" and self.base is not None:
             raise ValueError("an upsampler is a pixel-space model of the cascade: it takes no base")
+        if self.stage == "prior" and (self.base is not None or self.init_from is not None):
+            raise ValueError("a prior starts from scratch: no base or init_from with stage prior")
+        if self.stage == "prior" and self.strategy == "fsdp":
+            raise ValueError("a prior is small: train it with strategy ddp")
+        if self.prior_of is not None and self.stage != "prior":
+            raise ValueError("prior_of is for stage prior")
         if "upsample_factor" in self.model.overrides:
             raise ValueError(
                 "set upsample_factor (with stage: upsampler), not model.overrides.upsample_factor"

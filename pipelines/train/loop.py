@@ -149,8 +149,15 @@ def restore(args: TrainerArgs, rank: int, device: torch.device) -> Training:
     import ray.train
 
     torch.manual_seed(args.cfg.seed)  # identical initial weights on every rank
-    model = ComposerModel(**args.model_kwargs)
+    prior = args.cfg.stage == "prior"
     checkpoint = ray.train.get_checkpoint()
+    if prior:
+        from models.prior import SemanticsPrior
+        from pipelines.train.prior import fresh_prior
+
+        model = fresh_prior(args) if checkpoint is None else SemanticsPrior(**args.model_kwargs)
+    else:
+        model = ComposerModel(**args.model_kwargs)
     if checkpoint is None:
         if args.base is not None:  # step 0 is exactly the base (models/backbone.py)
             _load_base(model, args.base)
@@ -190,7 +197,7 @@ def _prepare(model: ComposerModel, cfg: TrainConfig) -> None:
 
         for name, p in model.named_parameters():
             p.requires_grad_(is_new_parameter(name))
-    if cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing and hasattr(model, "unet"):
         model.unet.enable_gradient_checkpointing()
 
 
@@ -228,7 +235,7 @@ def _build(
             )
         weights = train_state.read_weights(ckpt)
         model.load_state_dict(weights)
-    elif args.init_weights is not None:  # fine-tuning: the first step starts from these weights
+    elif args.init_weights is not None and cfg.stage != "prior":  # fine-tuning: start from these weights
         from safetensors.torch import load_file
 
         model.load_state_dict({k: v.float() for k, v in load_file(args.init_weights).items()})
@@ -298,6 +305,7 @@ class Step:
     dropout: ConditionDropout
     amp_dtype: torch.dtype | None  # autocast dtype; None: float32
     latent_scale: tuple[float, float] | None = None  # base models: x0 from the stored latents
+    prior_scheduler: Any = None  # stage prior: its x_0-predicting schedule
 
     @classmethod
     def of(cls, args: TrainerArgs, device: torch.device, world: int) -> Step:
@@ -306,7 +314,13 @@ class Step:
         dropout = ConditionDropout(cfg.dropout)
         amp = _resolve_precision(cfg, device)
         latent_scale = args.base.latent_scale if args.base is not None else None
-        return cls(cfg, args.recipe, device, global_batch, train_scheduler(args), dropout, amp, latent_scale)
+        prior = None
+        if cfg.stage == "prior":
+            from pipelines.diffusion.prior import prior_scheduler
+
+            prior = prior_scheduler()
+        scheduler = train_scheduler(args)
+        return cls(cfg, args.recipe, device, global_batch, scheduler, dropout, amp, latent_scale, prior)
 
     def low_res(self, model: ComposerModel, x0: torch.Tensor, cond: Any, generator: torch.Generator) -> None:
         """An upsampler's input, drawn into ``cond`` from x0: downsampled, then noise-augmented."""
@@ -324,6 +338,9 @@ def train_step(t: Training, s: Step, stream: Iterator[dict], window: Window) -> 
         tw = time.perf_counter()
         batch = next(stream)
         window.wait += time.perf_counter() - tw
+        if cfg.stage == "prior":
+            _prior_micro(t, s, batch, window, micro == cfg.optim.grad_accum - 1)
+            continue
         x0, cond, available = batch_inputs(t.model, batch, s.recipe, s.latent_scale)
         s.low_res(t.model, x0, cond, t.generator)
         presence = s.dropout(available, t.generator)
@@ -356,6 +373,21 @@ def train_step(t: Training, s: Step, stream: Iterator[dict], window: Window) -> 
     t.progress.images += s.global_batch
     window.steps += 1
     window.time += time.perf_counter() - t0
+
+
+def _prior_micro(t: Training, s: Step, batch: dict, window: Window, last: bool) -> None:
+    """One micro-batch of a prior (pipelines/train/prior.py): its loss, backward, the window."""
+    from pipelines.train.prior import prior_rows
+
+    cfg = s.cfg
+    sync = contextlib.nullcontext() if last else parallel.no_sync(t.wrapped, cfg.strategy)
+    with sync:
+        with torch.autocast(s.device.type, dtype=s.amp_dtype, enabled=s.amp_dtype is not None):
+            per_row, presence, available = prior_rows(
+                t.wrapped, t.model, s.prior_scheduler, batch, cfg.prior_caption_dropout, s.device, t.generator
+            )
+        (per_row.mean() / cfg.optim.grad_accum).backward()
+    window.add(per_row.detach().float(), presence, available)
 
 
 def log_window(t: Training, s: Step, window: Window, world: int, tracker: Any) -> None:
@@ -446,6 +478,11 @@ def _tracker(args: TrainerArgs, rank: int, device: torch.device, step: int) -> A
         return None
     from pipelines.train.tracking import RankZeroTracker
 
-    tracker = RankZeroTracker(args, device)
+    if args.cfg.stage == "prior":
+        from pipelines.train.prior import PriorTracker
+
+        tracker: Any = PriorTracker(args, device)
+    else:
+        tracker = RankZeroTracker(args, device)
     tracker.start(step)
     return tracker

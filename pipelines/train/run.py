@@ -317,11 +317,22 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     spec = open_data(cfg.data)
     conditions = _conditions(cfg, spec)
     base = None
+    layout = None  # the config the batches are laid out for, when it is not the trained model's
     if cfg.base is not None:
         model_kwargs, base = base_start(cfg, spec)
+        init_weights = init_weights_file(cfg, model_kwargs)
+    elif cfg.stage == "prior":
+        from pipelines.train.prior import prior_arguments
+
+        model_kwargs, layout, init_weights = prior_arguments(cfg, spec)  # init_weights: the image encoder's
+        conditions = tuple(c for c in conditions if c in ("caption", "semantics"))
+        if conditions != ("caption", "semantics"):
+            raise DataError(
+                "stage prior learns from (caption, semantics) pairs: the data (loader.conditions) needs both"
+            )
     else:
         model_kwargs = model_arguments(cfg, spec)
-    init_weights = init_weights_file(cfg, model_kwargs)
+        init_weights = init_weights_file(cfg, model_kwargs)
     chash = config_hash(cfg)
     identity = {"config_hash": chash, "data": spec.root, "manifest_hash": spec.manifest_hash}
     record = claim_output(run_dir, RECORD, "training run", identity=identity)
@@ -345,7 +356,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     cfg = _fit_cpus(cfg)
     args = TrainerArgs(
         cfg=cfg,
-        recipe=make_recipe(spec, FrozenDict(model_kwargs), conditions, cfg.augment),
+        recipe=make_recipe(spec, FrozenDict(layout or model_kwargs), conditions, cfg.augment),
         run_dir=str(run_dir),
         model_kwargs=model_kwargs,
         config_hash=chash,

@@ -112,6 +112,18 @@ def _params(cfg: TrainConfig, spec: DataSpec, model_kwargs: dict[str, Any]) -> d
     return params
 
 
+def sample_batch(args: TrainerArgs, n: int) -> dict[str, Any]:
+    """The first ``n`` rows of the first shard's first row group, prepared without random crops,
+    with their captions as ``text``."""
+    pf = pq.ParquetFile(args.files[0])
+    cols = list(dict.fromkeys([*args.recipe.columns, "text"]))
+    table = pf.read_row_group(0, columns=cols).slice(0, n)
+    plain = AugmentConfig(crop_scale=(1.0, 1.0), flip=False, random_intensity=False)
+    batch = prepare_batch(table, dataclasses.replace(args.recipe, augment=plain))
+    batch["text"] = np.array(table.column("text").to_pylist(), object)
+    return batch
+
+
 class RankZeroTracker:
     """Everything rank 0 logs; see the module docstring."""
 
@@ -140,13 +152,7 @@ class RankZeroTracker:
     def _sample_rows(self) -> dict[str, Any]:
         """The held-aside rows (first rows of the first shard), prepared without random crops."""
         if self._rows is None:
-            n = self.cfg.mlflow.sample_rows
-            pf = pq.ParquetFile(self.args.files[0])
-            cols = list(dict.fromkeys([*self.recipe.columns, "text"]))
-            table = pf.read_row_group(0, columns=cols).slice(0, n)
-            plain = AugmentConfig(crop_scale=(1.0, 1.0), flip=False, random_intensity=False)
-            batch = prepare_batch(table, dataclasses.replace(self.recipe, augment=plain))
-            batch["text"] = np.array(table.column("text").to_pylist(), object)
+            batch = sample_batch(self.args, self.cfg.mlflow.sample_rows)
             f = self.args.model_kwargs.get("upsample_factor", 1)
             if f > 1:  # an upsampler's input: each row's image at 1/f, clean
                 batch["low_res"] = downsample_image(batch["image"], f)

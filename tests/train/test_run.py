@@ -390,3 +390,63 @@ def test_an_upsampler_trains_resumes_and_its_export_upsamples(data, tmp_path):
     assert _train(data, tmp_path / "bad", uri, 2, "stage=upsampler", "upsample_factor=3") == 2
     assert _train(data, tmp_path / "bad", uri, 2, "model.overrides={upsample_factor: 2}") == 2
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_prior_trains_resumes_and_samples_semantics_for_the_cascade(data, tmp_path, capsys):
+    """``stage: prior`` on the embedded default: the base's trainable semantics embedding is the
+    target (``prior_of``); a rerun resumes; its export joins a cascade and ``generate --prior``
+    conditions the base on the semantics it samples from the caption."""
+    from pipelines.diffusion.prior import PriorPipeline
+    from tests.helpers.cascade import save_stage
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    base = save_stage(tmp_path / "base", "tiny", R)
+    run_dir = tmp_path / "prior"
+    extra = ("stage=prior", f"prior_of={base}", "mlflow.registered_model=null", "optim.lr=1e-3")
+    assert _train(data, run_dir, uri, 16, *extra) == 0
+    assert _train(data, run_dir, uri, 18, *extra) == 0  # resumes at 16
+    client = _client(uri)
+    run_id = _run_id(run_dir)
+    history = sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)
+    losses = np.array([m.value for m in history])
+    assert [m.step for m in history] == list(range(1, 19))
+    assert losses[-4:].mean() < losses[:4].mean(), losses.round(3)
+    cosine = client.get_metric_history(run_id, "prior/cosine")
+    assert cosine and -1 <= cosine[-1].value <= 1
+    assert (run_dir / "samples" / "step-0000018.png").is_file()  # the similarity picture
+    pipe = PriorPipeline.from_pretrained(str(run_dir / "export"))
+    emb = pipe(["a red circle", "a blue star"], num_inference_steps=3)
+    assert emb.shape == (2, 8) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-4)
+
+    cascade = tmp_path / "cascade"
+    assert (
+        main(["cascade", "--base", str(base), "--prior", str(run_dir / "export"), "--output", str(cascade)])
+        == 0
+    )
+    out = tmp_path / "gen"
+    args = ["generate", "--model", str(cascade), "--output", str(out), "--steps", "2", "--prior-steps", "3"]
+    assert main([*args, "--text", "a red circle", "--prior", "--guidance", "text=3,semantics=2"]) == 0
+    record = json.loads((out / "generate.json").read_text())
+    assert len(record["prior"]["semantics"]) == 8 and record["conditions"]["semantics"]["from"].startswith(
+        "--prior"
+    )
+    assert (
+        main(
+            [
+                *args[:4],
+                str(tmp_path / "gen2"),
+                "--steps",
+                "2",
+                "--text",
+                "x",
+                "--prior",
+                "--model",
+                str(base),
+            ]
+        )
+        == 2
+    )
+    assert "has no prior" in capsys.readouterr().err
+    # the embedded default's data has no CLIP semantics: the prior needs the base it learns for
+    assert _train(data, tmp_path / "bad", uri, 2, "stage=prior") == 2
+    assert "set prior_of" in capsys.readouterr().err
