@@ -138,6 +138,12 @@ class GenerateBody(Sampling):
     outpaint: Outpaint | None = Field(
         None, description="extend an image's canvas (no conditions.mask with it)"
     )
+    prior: bool = Field(
+        False,
+        description="sample the semantics from conditions.text with the cascade's prior (GET /v1/model: prior)",
+    )
+    prior_guidance: float = Field(4.0, ge=0, le=50, description="the prior's guidance scale")
+    prior_steps: int | None = Field(None, description="the prior's denoising steps; default 50")
 
 
 class UpscaleBody(_Strict):
@@ -196,6 +202,10 @@ class Job:
     factor: int | None = None  # upscale: how much larger (None: every upsampler)
     level: int = 0  # upscale: the upsamplers' noise-augmentation level
     outpaint: dict[str, int] | None = None  # the sides an outpainting extends (records)
+    prior: bool = False  # sample the semantics from the caption with the cascade's prior
+    prior_guidance: float = 4.0
+    prior_steps: int = 50
+    semantics: np.ndarray | None = None  # (D,) what the prior sampled (set by the model deployment)
 
     def given(self) -> frozenset[str]:
         names = set(self.from_image) | set(self.maps)
@@ -205,6 +215,8 @@ class Job:
             names.add("palette")
         if self.mask is not None:
             names.add("mask")
+        if self.prior:
+            names.add("semantics")
         return frozenset(names)
 
 
@@ -226,6 +238,7 @@ class ModelInfo:
     stats: dict[str, int]  # jobs, batches, decompositions, largest_batch
     stages: list[int] = field(default_factory=list)  # a cascade: each stage's side, base first
     upscale_factors: list[int] = field(default_factory=list)  # what /v1/upscale can do (×2, ×4, …)
+    prior: bool = False  # a cascade with a prior: generate can sample the semantics from the caption
 
 
 @dataclass
@@ -241,6 +254,7 @@ class Sampled:
     timings_s: dict[str, float]
     stages: list[dict[str, Any]] | None = None  # a cascade (or upscale): per stage side, steps, time
     bicubic: np.ndarray | None = None  # upscale: the input upsampled bicubically (the baseline)
+    semantics: list[float] | None = None  # generate with the prior: the embedding it sampled
 
 
 @dataclass

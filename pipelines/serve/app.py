@@ -162,6 +162,8 @@ def _origins(job: Job) -> dict[str, str]:
         origins["palette"] = "colors"
     if job.kind == "edit" and job.mask is not None:
         origins["mask"] = "mask"
+    if job.prior:
+        origins["semantics"] = "prior"
     return origins
 
 
@@ -229,6 +231,8 @@ def _sample_answer(job: Job, res: Any, t0: float) -> dict[str, Any]:
         out["source_png"] = png_b64(job.source)  # the canvas: the image, its edges repeated
     if res.stages:  # a cascade: each stage's side, steps, guidance and time
         out["stages"] = res.stages
+    if res.semantics is not None:  # what the prior sampled from the caption
+        out["prior"] = {"guidance": job.prior_guidance, "steps": job.prior_steps, "semantics": res.semantics}
     return out
 
 

@@ -289,9 +289,30 @@ class Decoder:
         self._conditions(body.conditions, images, job, "conditions")
         if body.outpaint is not None:
             self._outpaint(body.outpaint, images, job, body.conditions.mask is not None)
+        if body.prior:
+            self._prior(body, job)
         self._check_guidance(job.guidance, job.given(), "guidance")
         self._check_guidance(job.upsampler_guidance, job.given(), "upsampler_guidance")
         return job
+
+    def _prior(self, body: GenerateBody, job: Job) -> None:
+        if not self.info.prior:
+            raise ApiError(
+                422, "no_prior", "the served model has no prior (recompose cascade --prior)", "prior"
+            )
+        if job.text is None or "semantics" in job.from_image:
+            raise ApiError(
+                422,
+                "invalid_request",
+                "prior samples the semantics from conditions.text: give text, no semantics",
+                "prior",
+            )
+        steps = 50 if body.prior_steps is None else body.prior_steps
+        if not 1 <= steps <= self.limits.max_steps:
+            raise ApiError(
+                422, "out_of_range", f"prior_steps must be in 1..{self.limits.max_steps}", "prior_steps"
+            )
+        job.prior, job.prior_guidance, job.prior_steps = True, body.prior_guidance, steps
 
     def _outpaint(self, o: Outpaint, images: dict[str, str], job: Job, masked: bool) -> None:
         """The image on the output canvas, the border to generate as the mask (exact elsewhere)."""

@@ -100,6 +100,7 @@ def _sampled(
         batch=batch,
         timings_s=timings,
         stages=stages,
+        semantics=None if job.semantics is None else [float(v) for v in job.semantics],
     )
 
 
@@ -191,6 +192,7 @@ class ComposerServer:
             stats=dict(self.stats),
             stages=self.cascade.resolutions if factors else [],
             upscale_factors=[math.prod(factors[: k + 1]) for k in range(len(factors))],
+            prior=self.cascade.prior is not None,
         )
 
     async def _exclusive(self, fn: Any, *args: Any) -> Any:
@@ -370,6 +372,12 @@ class ComposerServer:
         for name, image in job.from_image.items():
             conditions.update(dec.decompose(resize_for_stage("image", image, side), [name]))
         conditions.update({name: resize_for_stage(name, m, side) for name, m in job.maps.items()})
+        if job.prior:  # sampled once per job, the same for every stage
+            if job.semantics is None:
+                job.semantics = self.cascade.sample_semantics(
+                    self.decs[0], job.text, job.prior_guidance, job.prior_steps, job.seed
+                )
+            conditions["semantics"] = job.semantics
         source = None if job.source is None else resize_for_stage("image", job.source, side)
         mask = None if job.mask is None else resize_for_stage("mask", job.mask, side)
         invert = None

@@ -26,11 +26,27 @@ def save_stage(
     return directory
 
 
-def make_cascade(root: Path, base: int = 16, side: int = 32) -> Path:
-    """``root``/cascade: a ``base`` px tiny base and a ×(side/base) upsampler-tiny."""
+def save_prior(directory: Path, embedding_dim: int = 8) -> Path:
+    """A random-init ``PriorPipeline`` for the tiny preset's trainable semantics (8-d)."""
+    import torch
+
+    from models.prior import SemanticsPrior
+    from pipelines.diffusion.prior import PriorPipeline, prior_scheduler
+
+    torch.manual_seed(0)
+    prior = SemanticsPrior(
+        embedding_dim=embedding_dim, image_encoder_bottleneck=embedding_dim, width=32, layers=1
+    )
+    PriorPipeline(prior.eval(), prior_scheduler()).save_pretrained(str(directory))
+    return directory
+
+
+def make_cascade(root: Path, base: int = 16, side: int = 32, prior: bool = False) -> Path:
+    """``root``/cascade: a ``base`` px tiny base and a ×(side/base) upsampler-tiny (and a prior)."""
     from pipelines.diffusion.cascade import assemble
 
     b = save_stage(root / "base", "tiny", base)
     u = save_stage(root / "upsampler", "upsampler-tiny", side, side // base)
-    assemble(str(b), [str(u)], root / "cascade", Path)
+    p = str(save_prior(root / "prior")) if prior else None
+    assemble(str(b), [str(u)], root / "cascade", Path, p)
     return root / "cascade"

@@ -83,7 +83,7 @@ def apps(tiny_model_dir, tmp_path_factory):
             base = run_app(port, str(root / "export"), "base", "/base", default_steps=2)
             cascade = run_app(
                 port,
-                str(make_cascade(root)),
+                str(make_cascade(root, prior=True)),
                 "cascade",
                 "/cascade",
                 default_steps=2,
@@ -460,3 +460,20 @@ def test_a_cascade_generates_edits_outpaints_and_upscales_at_its_output_side(app
     assert post(url, "v1/upscale", {"image": png(scene(5)), "factor": 4}).json()["error"]["field"] == "factor"
     plain = post(apps["main"], "v1/upscale", {"image": png(scene(5))})
     assert plain.status_code == 422 and plain.json()["error"]["code"] == "no_upsampler"
+
+    # the prior samples the semantics from the caption
+    assert info["prior"] is True
+    body = {
+        "conditions": {"text": "a red circle"},
+        "prior": True,
+        "prior_steps": 3,
+        "guidance": {"semantics": 2},
+    }
+    r = post(url, "v1/generate", body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["conditions"]["semantics"]["from"] == "prior" and len(out["prior"]["semantics"]) == 8
+    again = post(url, "v1/generate", body).json()
+    assert again["prior"]["semantics"] == out["prior"]["semantics"] and again["images"] == out["images"]
+    no = post(apps["main"], "v1/generate", body)
+    assert no.status_code == 422 and no.json()["error"]["code"] == "no_prior"

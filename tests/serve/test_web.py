@@ -24,12 +24,23 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def base_url(tiny_model_dir):
-    """The page's URL on a real local Serve app (under a route prefix) holding the tiny model."""
-    from tests.helpers.serve import serve_app
+def urls(tiny_model_dir, tmp_path_factory):
+    """Two apps on one real local Serve: the tiny model under /web and a cascade (16→32 px, with
+    a prior) under /cascade."""
+    from tests.helpers.cascade import make_cascade
+    from tests.helpers.serve import run_app, serve_cluster
 
-    with serve_app(tiny_model_dir, name="web", route_prefix="/web") as url:
-        yield url
+    cascade = make_cascade(tmp_path_factory.mktemp("web-cascade"), prior=True)
+    with serve_cluster() as port:
+        web = run_app(port, tiny_model_dir, "web", "/web")
+        small = {"model_deployment": {"num_cpus": 0.5}, "ingress": {"num_cpus": 0.1}}
+        yield {"web": web, "cascade": run_app(port, str(cascade), "cascade", "/cascade", **small)}
+
+
+@pytest.fixture(scope="module")
+def base_url(urls):
+    """The page's URL on a real local Serve app (under a route prefix) holding the tiny model."""
+    return urls["web"]
 
 
 @pytest.fixture
@@ -424,16 +435,17 @@ def test_page_composes_from_an_example(base_url, driver):
         driver.save_screenshot(str(out / "serve_web_examples.png"))
 
 
-def test_page_outpaints_an_image(base_url, driver, tmp_path):
-    """Pick an uploaded image to outpaint, give two sides, generate: the request carries the
-    outpaint, the result comes back with the border's mask among the conditions used."""
+def test_page_outpaints_with_the_prior_on_a_cascade(urls, driver, tmp_path):
+    """On a cascade with a prior: pick an uploaded image to outpaint, give two sides, tick the
+    prior, generate: the result is at the cascade's output side and comes back with the border's
+    mask and the prior's semantics among the conditions used."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     path = tmp_path / "scene.png"
     Image.fromarray(render_sample(0, "train", 2, 64).image).save(path)
-    driver.get(base_url)
+    driver.get(urls["cascade"])
     wait = WebDriverWait(driver, 60)
     wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "body[data-ready=true]")))
     driver.find_element(By.ID, "files").send_keys(str(path))
@@ -445,6 +457,10 @@ def test_page_outpaints_an_image(base_url, driver, tmp_path):
     _type(driver, "outpaint-right", "8")
     _type(driver, "steps", "2")
     driver.find_element(By.ID, "text").send_keys("a red circle")
+    assert "cascade 16→32" in driver.find_element(By.ID, "model-info").text
+    prior = driver.find_element(By.ID, "prior")
+    assert prior.is_displayed()
+    prior.click()
     driver.find_element(By.ID, "generate").click()
     WebDriverWait(driver, 120).until(
         lambda d: (
@@ -459,5 +475,5 @@ def test_page_outpaints_an_image(base_url, driver, tmp_path):
     used = {
         e.get_attribute("data-rep") for e in driver.find_elements(By.CSS_SELECTOR, "#result-conditions .rep")
     }
-    assert {"caption", "mask"} <= used, used
+    assert {"caption", "mask", "semantics"} <= used, used
     assert _severe(driver) == []
