@@ -58,6 +58,20 @@ class StageInputs:
     invert_guidance: Any = 1.0
     level: int = 0  # upsamplers: the noise-augmentation level of their low_res input
 
+    def request(self, num_images: int, seed: int, **changes: Any) -> Any:
+        """This stage's ``SampleRequest`` (``changes`` replace its conditions or inversion)."""
+        from pipelines.diffusion.requests import SampleRequest
+
+        fields = dict(
+            conditions=self.conditions,
+            guidance=self.guidance,
+            source=self.source,
+            mask=self.mask,
+            invert_conditions=self.invert_conditions,
+            invert_guidance=self.invert_guidance,
+        )
+        return SampleRequest(num_images=num_images, seed=seed, **(fields | changes))
+
 
 @dataclass
 class StageOutput:
@@ -155,24 +169,14 @@ class Cascade:
         the result. Stage 0 samples ``num_images`` from ``seed``; the upsamplers follow (``upsample``)."""
         import time
 
-        from pipelines.diffusion.requests import SampleRequest
-
         if not 1 <= len(inputs) <= len(self.stages):
             raise ValueError(f"give inputs for 1..{len(self.stages)} stages, got {len(inputs)}")
         if on_stage is not None:
             on_stage(0, self.base.image_size)
         t, stage = time.perf_counter(), inputs[0]
-        request = SampleRequest(
-            conditions=stage.conditions,
-            num_images=num_images,
-            seed=seed,
-            guidance=stage.guidance,
-            source=stage.source,
-            mask=stage.mask,
-            invert_conditions=stage.invert_conditions,
-            invert_guidance=stage.invert_guidance,
-        )
-        result = self.base.sample_batch([request], stage.steps, scheduler, threshold)[0]
+        result = self.base.sample_batch([stage.request(num_images, seed)], stage.steps, scheduler, threshold)[
+            0
+        ]
         first = StageOutput(
             self.base.image_size,
             result.images,
@@ -203,7 +207,6 @@ def upsample(
     import time
 
     from pipelines.diffusion.inputs import downsample_image
-    from pipelines.diffusion.requests import SampleRequest
 
     outputs: list[StageOutput] = []
     for i, (pipe, stage) in enumerate(zip(upsamplers, inputs, strict=True)):
@@ -216,15 +219,11 @@ def upsample(
             source_low = downsample_image(np.asarray(stage.source, np.uint8)[None], f)[0]
             invert = {**invert, "low_res": source_low, "low_res.level": stage.level}
         requests = [
-            SampleRequest(
+            stage.request(
+                1,
+                stage_seed(seed, i + 1, j),
                 conditions={**stage.conditions, "low_res": low, "low_res.level": stage.level},
-                num_images=1,
-                seed=stage_seed(seed, i + 1, j),
-                guidance=stage.guidance,
-                source=stage.source,
-                mask=stage.mask,
                 invert_conditions=invert,
-                invert_guidance=stage.invert_guidance,
             )
             for j, low in enumerate(images)
         ]
