@@ -86,6 +86,9 @@ class ComposerModel(ModelMixin, ConfigMixin):
         base_unet: dict | None = None,
         lora_rank: int = 0,  # base models: peft LoRA rank on the base's attention projections (0: none)
         upsample_factor: int = 1,  # 2–4: an upsampler from side / factor (module doc); 1: a base model
+        # an upsampler that denoises the residual over the bicubic upsampling of its clean input
+        # (SRDiff, Li et al. 2022): x_0 = image - upsample_bicubic(low_res); ``residual_base``
+        upsample_residual: bool = False,
     ):
         super().__init__()
         if resnet_time_scale_shift not in ("default", "scale_shift"):
@@ -120,6 +123,8 @@ class ComposerModel(ModelMixin, ConfigMixin):
             raise ValueError(
                 "an upsampler (upsample_factor > 1) is a pixel-space model: no base_unet, local_downsample 1"
             )
+        if upsample_residual and upsample_factor == 1:
+            raise ValueError("upsample_residual is for an upsampler (upsample_factor 2–4)")
         if sample_size % upsample_factor:
             raise ValueError(
                 f"sample_size {sample_size} is not a multiple of upsample_factor {upsample_factor}"
@@ -325,6 +330,14 @@ class ComposerModel(ModelMixin, ConfigMixin):
         elif c.low_res is not None or c.low_res_level is not None:
             raise ValueError("low_res is an upsampler's input; this model has upsample_factor 1")
         return EncodedConditions(embedding=embedding, context=context, local=local)
+
+    def residual_base(self, low_res: torch.Tensor) -> torch.Tensor:
+        """What a residual upsampler's x_0 is relative to: the clean low-resolution image (B, C,
+        S/f, S/f) in [-1, 1] upsampled bicubically to the sample size (B, C, S, S)."""
+        side = self.config.sample_size
+        return F.interpolate(low_res.float(), size=(side, side), mode="bicubic", align_corners=False).to(
+            low_res.dtype
+        )
 
     def _low_res(self, c: Conditions, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """An upsampler's low-resolution input, upsampled to the sample size, and its level's embedding."""

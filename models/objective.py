@@ -120,3 +120,12 @@ def noise_to_level(
     level = level.to(low.device)
     noised = scheduler.add_noise(low, noise, level)
     return torch.where((level > 0).view(b, 1, 1, 1), noised, low)
+
+
+def residual_target(model, x0: torch.Tensor) -> torch.Tensor:
+    """A residual upsampler's x_0 (``upsample_residual``): the image minus the bicubic upsampling
+    of its clean low-resolution version; x0 itself for any other model."""
+    cfg = model.config
+    if not getattr(cfg, "upsample_residual", False):
+        return x0
+    return x0 - model.residual_base(downsample(x0, cfg.upsample_factor))

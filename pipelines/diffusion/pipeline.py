@@ -320,8 +320,9 @@ class ComposerPipeline(DiffusionPipeline):
         batch = Batch(prepared)
         first = batch.first
         inverting = first.invert_guidance is not None
-        if threshold is None:
-            threshold = "none" if (self.vae is not None or inverting) else "clip"
+        residual = bool(getattr(self.unet.config, "upsample_residual", False))
+        if threshold is None:  # clipping x_0 to [-1, 1] would cut a residual's range [-2, 2]
+            threshold = "none" if (self.vae is not None or inverting or residual) else "clip"
         if inverting and scheduler != "ddim":
             raise ValueError("bidirectional guidance inverts with DDIM; use scheduler='ddim'")
         with eval_mode(self.unet):  # sampling is in eval mode whatever the caller's model mode
@@ -331,13 +332,16 @@ class ComposerPipeline(DiffusionPipeline):
                 [p.conditions for p in prepared], batch.sizes, first.guidance, batch.generators
             )
             x0 = self._encode_sources(batch) if first.request.source is not None else None
+            base = self._residual_base(batch) if residual else None
+            if x0 is not None and base is not None:  # the sources as the residual model sees them
+                x0 = x0 - base
             if inverting:
                 x = self._invert(batch, sched, x0, num_inference_steps)
             known = self._known_region(batch, x0) if first.mask is not None else None
             x = denoise(
                 self.unet, sched, x, encoded, first.guidance, num_inference_steps, known, self.progress_bar
             )
-            images = self._decode(x)
+            images = self._decode(x if base is None else x + base)
         return self._outputs(batch, images, threshold)
 
     # -- the steps of sample_batch ------------------------------------------------------------
@@ -350,6 +354,20 @@ class ComposerPipeline(DiffusionPipeline):
             for n, g in zip(batch.sizes, batch.generators, strict=True)
         ]
         return torch.cat(noise).to(self.unet.device, self.unet.dtype)
+
+    def _residual_base(self, batch: Batch) -> torch.Tensor:
+        """A residual upsampler's base (sum(sizes), C, S, S): each request's clean ``low_res``
+        upsampled bicubically (``ComposerModel.residual_base``), the same for its samples."""
+        return torch.cat(
+            [
+                self.unet.residual_base(
+                    image_to_tensor(np.asarray(p.conditions["low_res"], np.uint8)[None]).to(
+                        self.unet.device, self.unet.dtype
+                    )
+                ).repeat(n, 1, 1, 1)
+                for p, n in zip(batch.prepared, batch.sizes, strict=True)
+            ]
+        )
 
     def _encode_sources(self, batch: Batch) -> torch.Tensor:
         """x_0 of every request's source, (sum(sizes), C, S, S) in model space."""

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from models import CONDITIONS, ComposerModel, ConditionDropout
-from models.objective import diffusion_loss, noise_low_res
+from models.objective import diffusion_loss, noise_low_res, residual_target
 from pipelines.data.batches import BatchRecipe
 from pipelines.diffusion.inputs import image_to_tensor, to_conditions
 from pipelines.diffusion.schedulers import default_scheduler
@@ -322,12 +322,17 @@ class Step:
         scheduler = train_scheduler(args)
         return cls(cfg, args.recipe, device, global_batch, scheduler, dropout, amp, latent_scale, prior)
 
-    def low_res(self, model: ComposerModel, x0: torch.Tensor, cond: Any, generator: torch.Generator) -> None:
-        """An upsampler's input, drawn into ``cond`` from x0: downsampled, then noise-augmented."""
+    def low_res(
+        self, model: ComposerModel, x0: torch.Tensor, cond: Any, generator: torch.Generator
+    ) -> torch.Tensor:
+        """An upsampler's input, drawn into ``cond`` from x0: downsampled, then noise-augmented;
+        returns the x_0 the model learns (a residual upsampler's: over the bicubic upsampling)."""
         if model.config.upsample_factor > 1:
             cond.low_res, cond.low_res_level = noise_low_res(
                 self.scheduler, x0, model.config.upsample_factor, self.cfg.low_res_max_level, generator
             )
+            return residual_target(model, x0)
+        return x0
 
 
 def train_step(t: Training, s: Step, stream: Iterator[dict], window: Window) -> None:
@@ -342,7 +347,7 @@ def train_step(t: Training, s: Step, stream: Iterator[dict], window: Window) -> 
             _prior_micro(t, s, batch, window, micro == cfg.optim.grad_accum - 1)
             continue
         x0, cond, available = batch_inputs(t.model, batch, s.recipe, s.latent_scale)
-        s.low_res(t.model, x0, cond, t.generator)
+        x0 = s.low_res(t.model, x0, cond, t.generator)
         presence = s.dropout(available, t.generator)
         last = micro == cfg.optim.grad_accum - 1
         sync = contextlib.nullcontext() if last else parallel.no_sync(t.wrapped, cfg.strategy)

@@ -74,3 +74,60 @@ def test_saved_and_loaded_it_upsamples_the_same(pipe, tmp_path):
     a = pipe({"low_res": _low()}, num_inference_steps=2, seed=4).images
     b = back({"low_res": _low()}, num_inference_steps=2, seed=4).images
     assert np.array_equal(a, b)
+
+
+def test_a_residual_upsampler_adds_the_bicubic_base_and_edits_exactly():
+    """``upsample_residual``: x_0 is the image minus the bicubic upsampling of its clean input,
+    so a model that denoises to a zero residual returns exactly that upsampling; masked edits
+    stay exact; the training target is that residual."""
+    from models.objective import residual_target
+    from pipelines.diffusion.inputs import image_to_tensor, tensor_to_image, upsample_bicubic
+
+    torch.manual_seed(0)
+    model = build_model("upsampler-tiny", sample_size=R, upsample_factor=F, upsample_residual=True).eval()
+    with pytest.raises(ValueError, match="upsample_residual is for an upsampler"):
+        build_model("tiny", sample_size=R, upsample_residual=True)
+    x0 = image_to_tensor(render_sample(0, "train", 5, R).image[None])
+    target = residual_target(model, x0)
+    low_x = models_downsample(x0)
+    base = torch.nn.functional.interpolate(low_x, size=(R, R), mode="bicubic", align_corners=False)
+    assert torch.allclose(target, x0 - base, atol=1e-6)
+    # the base is the bicubic baseline (upsample_bicubic of the input rounded to uint8), up to rounding
+    diff = tensor_to_image(base).astype(int) - upsample_bicubic(tensor_to_image(low_x), R).astype(int)
+    assert np.abs(diff).max() <= 1
+    assert target.abs().mean() < 0.5 * x0.abs().mean()  # a residual is small
+    # A network whose x_0 prediction is always 0 (ε = x_t / σ_t) gives exactly the base.
+    scheduler = default_scheduler()  # ε-prediction
+    pipe = ComposerPipeline(model, scheduler)
+    pipe.set_progress_bar_config(disable=True)
+
+    class ZeroResidual(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, x, t, encoded=None, **kw):
+            a = scheduler.alphas_cumprod.to(x)[torch.as_tensor(t).long()].view(-1, 1, 1, 1)
+            return x / (1 - a).sqrt()
+
+    low = render_sample(0, "train", 5, R // F).image
+    expected = upsample_bicubic(low[None], R)[0]
+    real_forward = model.forward
+    model.forward = ZeroResidual(model).forward
+    try:
+        out = pipe({"low_res": low}, num_inference_steps=4).images[0]
+    finally:
+        model.forward = real_forward
+    assert np.abs(out.astype(int) - expected.astype(int)).max() <= 1
+    assert out.shape == (R, R, 3)
+    source = render_sample(0, "train", 6, R).image
+    mask = np.zeros((R, R), np.uint8)
+    mask[8:24, 8:24] = 1
+    edited = pipe({"low_res": low}, source=source, mask=mask, num_inference_steps=3).images[0]
+    assert np.array_equal(edited[mask == 0], source[mask == 0])
+
+
+def models_downsample(x0):
+    from models.objective import downsample
+
+    return downsample(x0, F)
