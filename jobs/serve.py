@@ -22,8 +22,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         default=None,
-        help="a saved ComposerPipeline directory (e.g. RUN_DIR/export) or models:/<name>/<version> "
-        "(MLFLOW_TRACKING_URI); default: recompose:reference, the reference model shipped with recompose",
+        help="a saved ComposerPipeline directory (e.g. RUN_DIR/export), a cascade directory "
+        "(recompose cascade) or models:/<name>/<version> (MLFLOW_TRACKING_URI); default: "
+        "recompose:reference, the reference model shipped with recompose",
+    )
+    p.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="a cascade: the output side, how far it runs (default its last stage; config: resolution)",
     )
     p.add_argument("--host", default=None, help="HTTP address (config: host)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (config: port)")
@@ -49,6 +56,7 @@ def serve(args: argparse.Namespace) -> dict[str, str]:
         "host": args.host,
         "port": args.port,
         "allow_unauthenticated": args.allow_unauthenticated,
+        "resolution": args.resolution,
     }
     cfg = load_config(ServeConfig, args.config, values, args.overrides)
     url = launch.deploy(cfg)

@@ -91,6 +91,35 @@ def pipeline_dir(model_dir: str) -> Path:
     return p
 
 
+def check_model(model_dir: str, resolution: int | None = None) -> list[int]:
+    """``model_dir`` checked without loading weights — a saved pipeline, or a cascade directory
+    whose stages are all saved pipelines — and the sides of the stages that run up to
+    ``resolution`` (None: all); ``ModelError`` saying what is wrong."""
+    from pipelines.diffusion.cascade import CascadeError, is_cascade, read_index, stage_shape
+
+    p = model_path(model_dir)
+    if is_cascade(p):
+        try:
+            sides = list(read_index(p)["resolutions"])
+        except CascadeError as e:
+            raise ModelError(f"--model {model_dir}: {e}") from None
+    else:
+        side, factor = stage_shape(pipeline_dir(model_dir) / "model_index.json")
+        if factor > 1:
+            raise ModelError(
+                f"--model {model_dir}: is an upsampler (×{factor}); it upsamples a given image "
+                "(recompose upscale) or runs after a base in a cascade (recompose cascade)"
+            )
+        sides = [side]
+    if resolution is not None:
+        if resolution not in sides:
+            raise ModelError(
+                f"--resolution {resolution}: --model {model_dir} makes {', '.join(map(str, sides))} px"
+            )
+        sides = sides[: sides.index(resolution) + 1]
+    return sides
+
+
 def load_cascade(model_dir: str, device: str) -> Cascade:
     """``model_dir`` as a ``Cascade``: a cascade directory's stages, or a saved pipeline as a
     one-stage cascade; ``ModelError`` for an upsampler alone (it needs its low-resolution input:

@@ -78,6 +78,7 @@ class EvalConfig(Config):
     seed: int = 0  # row i is sampled with seed + i under every subset, so subsets differ only in conditions
     steps: int = Field(25, ge=1)  # DDIM steps (a cascade's base)
     upsampler_steps: int = added(20, ge=1)  # a cascade's upsamplers: DDIM steps of each
+    resolution: int | None = added(None, ge=1)  # a cascade: the side measured at (None: its last stage)
     guidance: float = Field(3.0, ge=0)  # one scale for every condition set (Composer's CFG over sets)
     subsets: dict[str, tuple[str, ...]] = Field(default_factory=lambda: dict(DEFAULT_SUBSETS), min_length=1)
     mask_seed: int = 0  # the masks of the mask subsets (boxes/strokes/instances, as in training)

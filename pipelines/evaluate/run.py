@@ -77,7 +77,7 @@ def run_evaluate(cfg: EvalConfig) -> EvalResult:
     t0 = time.time()
     pdir, spec, out, prev = _check(cfg)
     model_config, settings, training = _model_info(pdir)
-    cascade = _cascade_sides(cfg.model)
+    cascade = _cascade_sides(cfg.model, cfg.resolution)
     plan = _plan(cfg, spec, model_config, settings)
     _log_plan(cfg, plan)
     out.mkdir(parents=True, exist_ok=True)
@@ -124,13 +124,25 @@ def _check(cfg: EvalConfig) -> tuple[Path, Any, Path, dict[str, Any] | None]:
     if not cfg.model or not cfg.data or not cfg.output:
         raise EvalError("--data and --output are required (and --model, when given, must not be empty)")
     root = model_path(cfg.model)
-    if is_cascade(root):  # measured at the output side: the last stage's config decides the rows
-        pdir = root / read_index(root)["stages"][-1]
+    if is_cascade(root):  # measured at the output side: that stage's config decides the rows
+        index = read_index(root)
+        sides = index["resolutions"]
+        if cfg.resolution is not None and cfg.resolution not in sides:
+            raise EvalError(
+                f"resolution {cfg.resolution}: this cascade makes {', '.join(map(str, sides))} px"
+            )
+        pdir = root / index["stages"][sides.index(cfg.resolution) if cfg.resolution else -1]
     else:
         pdir = pipeline_dir(cfg.model)
-        if json.loads((pdir / "unet" / "config.json").read_text()).get("upsample_factor", 1) > 1:
+        unet = json.loads((pdir / "unet" / "config.json").read_text())
+        if unet.get("upsample_factor", 1) > 1:
             raise EvalError(
                 f"--model {cfg.model}: is an upsampler; evaluate the cascade it belongs to (recompose cascade)"
+            )
+        side = int(unet["sample_size"]) * int(unet.get("local_downsample", 1))
+        if cfg.resolution not in (None, side):
+            raise EvalError(
+                f"resolution {cfg.resolution}: this model makes {side} px (resolution is for a cascade)"
             )
     spec = open_data(cfg.data)
     out = Path(cfg.output)
@@ -140,12 +152,16 @@ def _check(cfg: EvalConfig) -> tuple[Path, Any, Path, dict[str, Any] | None]:
     return pdir, spec, out, prev
 
 
-def _cascade_sides(model: str) -> list[int] | None:
+def _cascade_sides(model: str, resolution: int | None) -> list[int] | None:
+    """The sides of the cascade stages that run (up to ``resolution``); None for a pipeline."""
     from pipelines.diffusion.cascade import is_cascade, read_index
     from pipelines.diffusion.loading import model_path
 
     root = model_path(model)
-    return list(read_index(root)["resolutions"]) if is_cascade(root) else None
+    if not is_cascade(root):
+        return None
+    sides = list(read_index(root)["resolutions"])
+    return sides[: sides.index(resolution) + 1] if resolution else sides
 
 
 def _ours(path: Path) -> bool:

@@ -46,6 +46,7 @@ class EvalWorker:
         if device == "cpu" and torch.get_num_threads() > max(1, int(cfg.cpus_per_worker)):
             torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))  # Ray's CPU share, not the host's
         self.cascade = load_cascade(model, device)  # a pipeline is a one-stage cascade
+        self.cascade.stages = self.cascade.upto(cfg.resolution)
         for stage in self.cascade.stages:
             stage.set_progress_bar_config(disable=True)
         self.pipe = self.cascade.stages[-1]  # rows, maps and measurements are at its side

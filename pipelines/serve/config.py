@@ -116,6 +116,7 @@ class ServeConfig(Config):
     default_steps: int = Field(50, ge=1)
     default_guidance: str = "3"
     default_upsampler_steps: int = added(20, ge=1)  # a cascade's upsamplers, and /v1/upscale
+    resolution: int | None = added(None, ge=1)  # a cascade: the output side (None: its last stage)
     model_deployment: ModelDeployment = nested(ModelDeployment)
     ingress: IngressDeployment = nested(IngressDeployment)
     batching: Batching = nested(Batching)

@@ -9,7 +9,7 @@ import logging
 import os
 import time
 
-from pipelines.diffusion.loading import pipeline_dir
+from pipelines.diffusion.loading import check_model
 from pipelines.errors import UserError
 from pipelines.serve.config import ServeConfig
 
@@ -28,7 +28,7 @@ def deploy(cfg: ServeConfig) -> str:
     if exposure is not None:
         raise UserError(f"refusing to serve: {exposure}")
     log.info("checking the model %s", cfg.model)
-    pipeline_dir(cfg.model)  # the replicas load the weights; the driver only checks the directory
+    check_model(cfg.model, cfg.resolution)  # the replicas load the weights; the driver checks the files
 
     import ray
     from ray import serve

@@ -124,6 +124,8 @@ class ComposerServer:
         # A pipeline is a one-stage cascade; requests are decoded at the last stage's side and
         # brought to each stage's (``_stage_inputs``).
         self.cascade = load_cascade(self.config.model, device)
+        if self.config.resolution is not None:  # the API runs the cascade up to this side
+            self.cascade.stages = self.cascade.upto(self.config.resolution)
         for stage in self.cascade.stages:
             stage.set_progress_bar_config(disable=True)
         self.base, self.pipe = self.cascade.base, self.cascade.stages[-1]

@@ -195,6 +195,8 @@ def test_a_cascade_is_evaluated_at_its_output_side(data, weights, tmp_path, caps
     from PIL import Image
 
     assert Image.open(out / "examples.png").size[0] > 200
+    bad = [*args[:6], str(tmp_path / "bad24"), "--set", "resolution=24"]
+    assert main(bad) == 2 and "this cascade makes 16, 32 px" in capsys.readouterr().err
     # an upsampler alone is not evaluated: it needs its low-resolution input
     up = save_stage(tmp_path / "up", "upsampler-tiny", R, 2)
     bad = ["evaluate", "--model", str(up), "--data", str(data), "--output", str(tmp_path / "bad")]

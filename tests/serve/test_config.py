@@ -136,3 +136,20 @@ def test_build_app_maps_the_config_to_deployment_options(tiny_model_dir):
         from_dict(ServeConfig, {"model": tiny_model_dir, "model_deployment": {"num_replicas": 3}})
     )
     assert fixed._bound_deployment.init_args[0]._bound_deployment.num_replicas == 3
+
+
+def test_the_driver_checks_a_cascade_and_its_resolution(tmp_path, capsys):
+    """``check_model`` (what ``recompose serve`` runs before deploying): a cascade directory is a
+    model, ``--resolution`` must be one of its stages' sides, an upsampler alone is refused."""
+    from pipelines.diffusion.loading import ModelError, check_model
+    from tests.helpers.cascade import make_cascade
+
+    cascade = make_cascade(tmp_path)
+    assert check_model(str(cascade)) == [16, 32] and check_model(str(cascade), 16) == [16]
+    assert check_model(str(tmp_path / "base")) == [16]
+    with pytest.raises(ModelError, match="makes 16, 32 px"):
+        check_model(str(cascade), 24)
+    with pytest.raises(ModelError, match="is an upsampler"):
+        check_model(str(tmp_path / "upsampler"))
+    assert serve_main(["--model", str(cascade), "--resolution", "24"]) == 2
+    assert "--resolution 24" in capsys.readouterr().err
