@@ -58,6 +58,7 @@ _OPTIONAL = (
     "inverted_from_source",
     "source",
     "cascade",
+    "prior",
 )  # in generate.json only when they apply
 
 

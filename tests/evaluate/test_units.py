@@ -68,7 +68,11 @@ def test_summary_keys_are_evaluate_json_keys():
         "metrics",
         "plots",
         "mlflow",
+        "resolution",
+        "cascade",
     ]
     result = EvalResult(*["x"] * 13)
     assert "mlflow" not in result.to_dict()  # MLflow disabled: the key is absent, as before
     assert dataclasses.replace(result, mlflow={"run_id": "r"}).to_dict()["mlflow"] == {"run_id": "r"}
+    assert "cascade" not in result.to_dict()  # a single pipeline: no cascade key
+    assert dataclasses.replace(result, cascade=[16, 32]).to_dict()["cascade"] == [16, 32]

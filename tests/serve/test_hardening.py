@@ -289,6 +289,7 @@ def test_health_answers_while_big_uploads_decode(app):
     }
     body = json.dumps({"images": refs, "conditions": conditions, "steps": 1}).encode()
     latencies: list[float] = []
+    assert requests.get(app + "healthz", timeout=10).status_code == 200  # connections and handles up
     with ThreadPoolExecutor(8) as pool:
         futures = [
             pool.submit(
