@@ -263,6 +263,14 @@ def resize_for_stage(name: str, value: np.ndarray, side: int) -> np.ndarray:
     return np.asarray(Image.fromarray(a.astype(np.uint8)).resize((side, side), Image.Resampling.BOX))
 
 
+def upscale_factors(upsamplers: Sequence[Any]) -> list[int]:
+    """The overall factors the first 1, 2, … ``upsamplers`` make together (×2, ×4, …)."""
+    import itertools
+    import operator
+
+    return list(itertools.accumulate((p.unet.config.upsample_factor for p in upsamplers), operator.mul))
+
+
 def stage_seed(seed: int, stage: int, index: int) -> int:
     """The seed of an upsampler's sample ``index``: distinct per (seed, stage, index)."""
     return int(np.random.SeedSequence([seed, stage, index]).generate_state(1)[0])

@@ -58,15 +58,3 @@ def outpaint_canvas(image: np.ndarray, pad: dict[str, int], side: int) -> tuple[
     mask = np.ones((side, side), np.uint8)
     mask[top : top + h, left : left + w] = 0
     return canvas, mask
-
-
-def shrink(canvas: np.ndarray, mask: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
-    """A canvas and its mask at a lower stage's side: area-resampled, and a pixel is regenerated
-    if any of the output pixels it covers is."""
-    from PIL import Image
-
-    if canvas.shape[0] == side:
-        return canvas, mask
-    small = np.asarray(Image.fromarray(canvas).resize((side, side), Image.Resampling.BOX))
-    m = np.asarray(Image.fromarray(mask * 255).resize((side, side), Image.Resampling.BOX))
-    return small, (m > 0).astype(np.uint8)

@@ -219,7 +219,8 @@ def build_inputs(cfg: GenerateConfig, dec: ImageDecomposer, output_side: int | N
 def _outpaint_inputs(cfg: GenerateConfig, dec: ImageDecomposer, inputs: Inputs, side: int) -> None:
     """--outpaint: the source on the output canvas, the new border as the mask, both brought to
     this stage's resolution (pipelines/diffusion/outpaint.py)."""
-    from pipelines.diffusion.outpaint import inner_box, outpaint_canvas, parse_outpaint, shrink
+    from pipelines.diffusion.cascade import resize_for_stage
+    from pipelines.diffusion.outpaint import inner_box, outpaint_canvas, parse_outpaint
 
     pad = parse_outpaint(cfg.outpaint)
     image = dec.load_image_as_is(cfg.source)
@@ -229,7 +230,8 @@ def _outpaint_inputs(cfg: GenerateConfig, dec: ImageDecomposer, inputs: Inputs, 
             "--outpaint: the source is %dx%d, resized to the %dx%d box it keeps", *image.shape[1::-1], w, h
         )
     canvas, mask = outpaint_canvas(image, pad, side)
-    inputs.source, inputs.mask = shrink(canvas, mask, dec.resolution)
+    inputs.source = resize_for_stage("image", canvas, dec.resolution)
+    inputs.mask = resize_for_stage("mask", mask, dec.resolution)
     inputs.origins["mask"] = f"--outpaint {cfg.outpaint} --source {cfg.source}"
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -96,7 +95,7 @@ class UpscaleResult:
 def load_upsamplers(model: str, device: str, factor: int | None) -> tuple[list[Any], list[str]]:
     """The upsamplers ``model`` holds (an upsampler export, or a cascade's upsamplers), cut to
     the ones whose factors multiply to ``factor``."""
-    from pipelines.diffusion.cascade import Cascade, is_cascade
+    from pipelines.diffusion.cascade import Cascade, is_cascade, upscale_factors
     from pipelines.diffusion.loading import ModelError, load_pipeline, model_path
 
     root = model_path(model)
@@ -113,8 +112,7 @@ def load_upsamplers(model: str, device: str, factor: int | None) -> tuple[list[A
                 "(recompose train --stage upsampler) or a cascade directory"
             )
         pipes, names = [pipe], ["upsampler"]
-    factors = [p.unet.config.upsample_factor for p in pipes]
-    products = [math.prod(factors[: k + 1]) for k in range(len(factors))]
+    products = upscale_factors(pipes)
     if factor is None:
         return pipes, names
     if factor not in products:

@@ -166,11 +166,12 @@ class ComposerServer:
         return out
 
     def info(self) -> ModelInfo:
-        import math
 
         cfg = self.base.unet.config
         r = self.pipe.image_size
-        factors = [p.unet.config.upsample_factor for p in self.cascade.stages[1:]]
+        from pipelines.diffusion.cascade import upscale_factors
+
+        factors = upscale_factors(self.cascade.stages[1:])
         sizes = {
             "caption": "text"
             if cfg.caption_encoder in ("trainable", "base")
@@ -193,7 +194,7 @@ class ComposerServer:
             device=self.device,
             stats=dict(self.stats),
             stages=self.cascade.resolutions if factors else [],
-            upscale_factors=[math.prod(factors[: k + 1]) for k in range(len(factors))],
+            upscale_factors=factors,
             prior=self.cascade.prior is not None,
         )
 
@@ -255,16 +256,14 @@ class ComposerServer:
     def _upscale(self, job: Job) -> Sampled:
         """/v1/upscale: ``job.source`` (at the base's side) through the upsamplers that make
         ``job.factor`` (all of them when None), guided by ``job.text`` when given."""
-        import math
 
-        from pipelines.diffusion.cascade import StageInputs, upsample
+        from pipelines.diffusion.cascade import StageInputs, upsample, upscale_factors
         from pipelines.diffusion.inputs import upsample_bicubic
 
         t0 = time.perf_counter()
         pipes = self.cascade.stages[1:]
         if job.factor is not None:
-            factors = [p.unet.config.upsample_factor for p in pipes]
-            pipes = pipes[: [math.prod(factors[: k + 1]) for k in range(len(factors))].index(job.factor) + 1]
+            pipes = pipes[: upscale_factors(pipes).index(job.factor) + 1]
         stages = [
             StageInputs(
                 self.decs[i + 1].caption(job.text) if job.text is not None else {},

@@ -148,10 +148,8 @@ def prior_rows(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(per-row losses (B,), presence (B, 8), available (B, 8)) of one micro-batch; the caption is
     dropped with probability ``dropout`` (and where the row has none) for guidance."""
-    raw = batch if prior.image_encoder is None else {"image": batch["image"].numpy()}
-    target = prior.normalize(
-        targets(prior, {k: (v.numpy() if hasattr(v, "numpy") else v) for k, v in raw.items()}).to(device)
-    )
+    arrays = {k: batch[k].numpy() for k in ("image", "semantics") if k in batch}
+    target = prior.normalize(targets(prior, arrays).to(device))
     b = target.shape[0]
     has = batch["has_caption"].bool() if "has_caption" in batch else torch.ones(b, dtype=torch.bool)
     keep = has & (torch.rand(b, generator=generator) >= dropout)
