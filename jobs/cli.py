@@ -25,6 +25,7 @@ COMMANDS = {
     "train": ("jobs.train", "train the multi-conditional model on condition shards (Ray Train, MLflow)"),
     "generate": ("jobs.generate", "generate or edit images with a trained pipeline from any conditions"),
     "cascade": ("jobs.cascade", "assemble a base model and upsamplers into Composer's cascade"),
+    "ensemble": ("jobs.ensemble", "join expert denoisers of noise ranges into one pipeline (eDiffi)"),
     "upscale": ("jobs.upscale", "super-resolve an image with an upsampler or a cascade's upsamplers"),
     "evaluate": ("jobs.evaluate", "measure a trained pipeline: condition fidelity, benchmark, FID (Ray)"),
     "serve": ("jobs.serve", "serve a trained pipeline over HTTP: JSON API and web page (Ray Serve)"),

@@ -3,6 +3,7 @@
     recompose train --data DIR --output RUN_DIR [--preset tiny|small|medium|base] [--max-steps N]
         [--workers N] [--gpus-per-worker N] [--base BASE_DIR [--mode full|adapter]]
         [--stage base|upsampler|prior [--upsample-factor 2|3|4] [--prior-of MODEL]]
+        [--expert-of RUN_DIR --noise-range LO:HI]
         [--config FILE] [--set key=value …]
 
 With ``--base`` the Composer UNet starts as a pretrained Stable Diffusion 1.x/2.x UNet (a diffusers
@@ -15,6 +16,10 @@ With ``--stage prior`` it trains the cascade's prior, caption -> semantics embed
 (caption, semantics) pairs; ``--prior-of`` names the base model whose semantics embedding it learns
 (on data without CLIP semantics).
 
+With ``--expert-of RUN_DIR --noise-range LO:HI`` it fine-tunes an expert denoiser (eDiffi) of the
+timesteps [LO, HI) from that run's export, with that run's config (and data, unless ``--data`` is
+given) under any ``--config`` / ``--set``; ``recompose ensemble`` joins experts into one pipeline.
+
 Runs on the Ray cluster in ``RAY_ADDRESS`` (as under ``ray job submit``) or a local Ray. Running
 the same command again resumes RUN_DIR from its latest checkpoint, in the same MLflow run.
 """
@@ -24,15 +29,20 @@ from __future__ import annotations
 import argparse
 
 from jobs._runner import add_common_arguments, run
-from pipelines.config import add_config_arguments, load_config
+from pipelines.config import ConfigError, add_config_arguments, load_config
 from pipelines.train.config import TrainConfig
-from pipelines.train.run import TrainResult, run_train
+from pipelines.train.run import TrainResult, expert_defaults, run_train
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="recompose train", description=__doc__.split("\n\n")[0])
     add = p.add_argument
-    add("--data", required=True, help="a `recompose decompose` output directory (config: data)")
+    add(
+        "--data",
+        default=None,
+        help="a `recompose decompose` output directory (config: data); with --expert-of RUN_DIR, "
+        "default: that run's",
+    )
     add("--output", required=True, help="RUN_DIR: checkpoints, samples/, export/ (config: output)")
     add("--preset", default=None, help="model size: tiny (CPU) … base (config: model.preset)")
     add("--max-steps", type=int, default=None, help="steps in all; a rerun trains on (config: max_steps)")
@@ -68,12 +78,32 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="with --stage upsampler: the factor it upsamples by (config: upsample_factor)",
     )
+    add(
+        "--expert-of",
+        default=None,
+        help="fine-tune an expert denoiser from this training run (its export and config) or saved "
+        "pipeline (config: expert_of)",
+    )
+    add(
+        "--noise-range",
+        default=None,
+        metavar="LO:HI",
+        help="train on the timesteps [LO, HI) of the noise schedule only, e.g. 0:500 (config: noise_range)",
+    )
     add_config_arguments(p, "configs/train-*.yaml", "optim.lr=3e-4")
     add_common_arguments(p, json_help="print the summary as JSON on stdout")
     return p
 
 
 def train(args: argparse.Namespace) -> TrainResult:
+    noise_range = None
+    if args.noise_range is not None:
+        lo, sep, hi = args.noise_range.partition(":")
+        if not sep or not lo.strip().isdigit() or not hi.strip().isdigit():
+            raise ConfigError(
+                f"--noise-range {args.noise_range!r}: expected LO:HI, two whole timesteps (e.g. 0:500)"
+            )
+        noise_range = [int(lo), int(hi)]
     values = {
         "data": args.data,
         "output": args.output,
@@ -86,8 +116,13 @@ def train(args: argparse.Namespace) -> TrainResult:
         "stage": args.stage,
         "upsample_factor": args.upsample_factor,
         "prior_of": args.prior_of,
+        "expert_of": args.expert_of,
+        "noise_range": noise_range,
     }
-    return run_train(load_config(TrainConfig, args.config, values, args.overrides))
+    cfg = load_config(
+        TrainConfig, args.config, values, args.overrides, defaults=expert_defaults(args.expert_of)
+    )
+    return run_train(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,6 +32,8 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
+from models.paint import painted_attention
+
 # UNet2DConditionModel settings that add inputs this module does not build (SDXL's text_time,
 # image-conditioned UNets, class-conditioned upscalers): refused with their name.
 _UNSUPPORTED = {
@@ -89,6 +91,7 @@ class ExtraTokensAttnProcessor(nn.Module):
     def __init__(self, cross_dim: int, inner_dim: int, n_extra: int):
         super().__init__()
         self.n_extra = n_extra
+        self.painting: Any = None  # a models.paint.Painting while paint-with-words samples
         self.to_k_extra = nn.Linear(cross_dim, inner_dim, bias=False)
         self.to_v_extra = nn.Linear(cross_dim, inner_dim, bias=False)
         nn.init.zeros_(self.to_v_extra.weight)
@@ -129,7 +132,10 @@ class ExtraTokensAttnProcessor(nn.Module):
             q = attn.norm_q(q)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        out = F.scaled_dot_product_attention(q, key, value)
+        if self.painting is not None:  # the caption tokens' logits get the painted regions' bias
+            out = painted_attention(q, key, value, self.painting)
+        else:
+            out = F.scaled_dot_product_attention(q, key, value)
         if self.n_extra:
             k2 = split(self.to_k_extra(extra.to(query.dtype)))
             v2 = split(self.to_v_extra(extra.to(query.dtype)))

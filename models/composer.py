@@ -329,7 +329,7 @@ class ComposerModel(ModelMixin, ConfigMixin):
             local = torch.cat([local, up.to(local.dtype)], dim=1)
         elif c.low_res is not None or c.low_res_level is not None:
             raise ValueError("low_res is an upsampler's input; this model has upsample_factor 1")
-        return EncodedConditions(embedding=embedding, context=context, local=local)
+        return EncodedConditions(embedding=embedding, context=context, local=local, presence=presence)
 
     def residual_base(self, low_res: torch.Tensor) -> torch.Tensor:
         """What a residual upsampler's x_0 is relative to: the clean low-resolution image (B, C,

@@ -103,15 +103,24 @@ class EncodedConditions:
     embedding: torch.Tensor  # (B, T) added to the timestep embedding
     context: torch.Tensor  # (B, N, C) cross-attention tokens
     local: torch.Tensor  # (B, Cl, h, w) concatenated to x_t
+    presence: torch.Tensor | None = None  # (B, 8) bool: which conditions each row holds
+
+    _FIELDS = ("embedding", "context", "local", "presence")
 
     def __len__(self) -> int:
         return self.embedding.shape[0]
 
+    def select(self, rows: torch.Tensor) -> EncodedConditions:
+        """The rows ``rows`` (an index tensor) of every field."""
+        return EncodedConditions(*(None if (v := getattr(self, f)) is None else v[rows] for f in self._FIELDS))
+
     @staticmethod
     def cat(items: list[EncodedConditions]) -> EncodedConditions:
-        return EncodedConditions(
-            *(torch.cat([getattr(e, f) for e in items]) for f in ("embedding", "context", "local"))
-        )
+        fields = []
+        for f in EncodedConditions._FIELDS:
+            values = [getattr(e, f) for e in items]
+            fields.append(None if any(v is None for v in values) else torch.cat(values))
+        return EncodedConditions(*fields)
 
 
 def check_presence(presence: torch.Tensor, batch: int) -> torch.Tensor:

@@ -48,8 +48,10 @@ def diffusion_loss(
     weighting: Literal["eps", "v", "min_snr"] = "eps",
     max_weight: float = 20.0,
     min_snr_gamma: float = 5.0,
+    timesteps: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """Mean squared error of the model's prediction for x0 (B, C, S, S) at uniformly drawn timesteps.
+    """Mean squared error of the model's prediction for x0 (B, C, S, S) at uniformly drawn timesteps
+    (from ``timesteps`` = [lo, hi) only when given: an expert denoiser of that noise range, eDiffi).
 
     ``scheduler`` supplies the noise schedule (``add_noise``) and the target (its
     ``prediction_type``, module doc); the pipeline saves the same scheduler. Randomness is drawn on
@@ -62,7 +64,10 @@ def diffusion_loss(
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     b = x0.shape[0]
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator)
+    lo, hi = timesteps if timesteps is not None else (0, scheduler.config.num_train_timesteps)
+    if not 0 <= lo < hi <= scheduler.config.num_train_timesteps:
+        raise ValueError(f"timesteps [{lo}, {hi}) are not inside [0, {scheduler.config.num_train_timesteps})")
+    t = torch.randint(lo, hi, (b,), generator=generator)
     noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
     t = t.to(x0.device)
     x_t = scheduler.add_noise(x0, noise, t)

@@ -168,9 +168,11 @@ def load_config(
     path: str | Path | None = None,
     values: Mapping[str, Any] | None = None,
     overrides: Iterable[str] = (),
+    defaults: Mapping[str, Any] | None = None,
 ) -> T:
-    """Defaults < YAML file < explicit ``values`` (dotted keys allowed) < ``--set`` overrides."""
-    data: dict[str, Any] = {}
+    """Defaults < ``defaults`` (e.g. a parent run's config) < YAML file < explicit ``values``
+    (dotted keys allowed) < ``--set`` overrides."""
+    data: dict[str, Any] = _merge({}, dict(defaults)) if defaults else {}
     if path is not None:
         p = Path(path)
         if not p.is_file():

@@ -118,6 +118,7 @@ class Cascade:
         """Every stage of the cascade directory ``path``, on ``device`` (float32)."""
         import torch
 
+        from pipelines.diffusion.ensemble import EnsembleError, attach_experts
         from pipelines.diffusion.pipeline import ComposerPipeline
 
         root = Path(path)
@@ -130,7 +131,10 @@ class Cascade:
                 raise CascadeError(
                     f"{root}: stage {name} could not be loaded ({type(e).__name__}: {e})"
                 ) from e
-            stages.append(pipe.to(device))
+            try:
+                stages.append(attach_experts(pipe.to(device), root / name))
+            except EnsembleError as e:
+                raise CascadeError(f"{root}: stage {name}: {e}") from None
         prior = None
         if index.get("prior"):
             from pipelines.diffusion.prior import PriorPipeline

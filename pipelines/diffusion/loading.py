@@ -145,6 +145,7 @@ def load_pipeline(model_dir: str, device: str) -> ComposerPipeline:
     """The saved ``ComposerPipeline`` that ``model_dir`` names (``pipeline_dir``), on ``device``."""
     import torch
 
+    from pipelines.diffusion.ensemble import EnsembleError, attach_experts
     from pipelines.diffusion.pipeline import ComposerPipeline
 
     p = pipeline_dir(model_dir)
@@ -154,7 +155,10 @@ def load_pipeline(model_dir: str, device: str) -> ComposerPipeline:
         pipe = ComposerPipeline.from_pretrained(str(p), dtype=torch.float32)
     except Exception as e:  # noqa: BLE001 - diffusers raises many types for a broken save
         raise ModelError(f"--model {model_dir}: could not load the pipeline ({type(e).__name__}: {e})") from e
-    return pipe.to(device)
+    try:  # an ensemble directory: the experts beside the pipeline's own UNet
+        return attach_experts(pipe.to(device), p)
+    except EnsembleError as e:
+        raise ModelError(f"--model {model_dir}: {e}") from None
 
 
 def model_label(model_dir: str) -> tuple[str, str]:
@@ -189,7 +193,12 @@ def model_label(model_dir: str) -> tuple[str, str]:
             w for s in read_index(root)["stages"] for w in sorted((root / s / "unet").glob("*.safetensors"))
         ]
     else:
-        weights = sorted((pipeline_dir(model_dir) / "unet").glob("*.safetensors"))
+        from pipelines.diffusion.ensemble import is_ensemble
+        from pipelines.diffusion.ensemble import read_index as read_experts
+
+        p = pipeline_dir(model_dir)
+        unets = [e["unet"] for e in read_experts(p)["experts"]] if is_ensemble(p) else ["unet"]
+        weights = [w for u in unets for w in sorted((p / u).glob("*.safetensors"))]
     if not weights:
         return name, "unknown"
     if len(weights) == 1:

@@ -74,7 +74,10 @@ class ComposerPyfunc(mlflow.pyfunc.PythonModel):
         from pipelines.diffusion.pipeline import ComposerPipeline
 
         self.device = resolve_device("auto")
-        self.pipe = ComposerPipeline.from_pretrained(context.artifacts["pipeline"]).to(self.device)
+        from pipelines.diffusion.ensemble import attach_experts
+
+        path = context.artifacts["pipeline"]
+        self.pipe = attach_experts(ComposerPipeline.from_pretrained(path).to(self.device), path)
         self.pipe.set_progress_bar_config(disable=True)
 
     def predict(

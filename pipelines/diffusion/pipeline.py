@@ -91,6 +91,9 @@ class ComposerPipeline(DiffusionPipeline):
             unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer
         )
         self.register_to_config(decompose=dict(decompose or {}))
+        # eDiffi's experts (pipelines/diffusion/ensemble.py): set by load_pipeline for an ensemble
+        # directory, None for one model (an ensemble of one)
+        self.ensemble: Any = None
         if vae is not None and unet.config.image_channels != vae.config.latent_channels:
             raise ValueError(
                 f"the model takes {unet.config.image_channels} channels, the VAE makes {vae.config.latent_channels}"
@@ -113,9 +116,19 @@ class ComposerPipeline(DiffusionPipeline):
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        if self.ensemble is not None:
+            raise ValueError(
+                "this pipeline is an ensemble of experts; copy its directory, or assemble one "
+                "with `recompose ensemble`"
+            )
         if kwargs.setdefault("safe_serialization", True) is not True:
             raise ValueError("ComposerPipeline saves safetensors weights only")
         super().save_pretrained(save_directory, **kwargs)
+
+    @property
+    def denoiser(self) -> Any:
+        """What each sampling step calls: the expert ensemble, or the one UNet."""
+        return self.unet if self.ensemble is None else self.ensemble
 
     # -- pixels <-> model space ---------------------------------------------------------------
     @property
@@ -325,7 +338,7 @@ class ComposerPipeline(DiffusionPipeline):
             threshold = "none" if (self.vae is not None or inverting or residual) else "clip"
         if inverting and scheduler != "ddim":
             raise ValueError("bidirectional guidance inverts with DDIM; use scheduler='ddim'")
-        with eval_mode(self.unet):  # sampling is in eval mode whatever the caller's model mode
+        with eval_mode(self.denoiser):  # sampling is in eval mode whatever the caller's model mode
             sched = self._scheduler(scheduler, threshold)
             x = self._noise(batch)
             encoded = self._encode_rows(
@@ -339,7 +352,14 @@ class ComposerPipeline(DiffusionPipeline):
                 x = self._invert(batch, sched, x0, num_inference_steps)
             known = self._known_region(batch, x0) if first.mask is not None else None
             x = denoise(
-                self.unet, sched, x, encoded, first.guidance, num_inference_steps, known, self.progress_bar
+                self.denoiser,
+                sched,
+                x,
+                encoded,
+                first.guidance,
+                num_inference_steps,
+                known,
+                self.progress_bar,
             )
             images = self._decode(x if base is None else x + base)
         return self._outputs(batch, images, threshold)
@@ -385,7 +405,7 @@ class ComposerPipeline(DiffusionPipeline):
         """Composer §3.2, first half: the sources' x_0 -> x_T under c1 (``invert_conditions``)."""
         guide = batch.first.invert_guidance
         encoded = self._encode_rows([p.request.invert_conditions for p in batch.prepared], batch.sizes, guide)
-        return invert(self.unet, sched, x0, encoded, guide, num_inference_steps, self.progress_bar)
+        return invert(self.denoiser, sched, x0, encoded, guide, num_inference_steps, self.progress_bar)
 
     def _known_region(
         self, batch: Batch, x0: torch.Tensor
@@ -454,11 +474,11 @@ class ComposerPipeline(DiffusionPipeline):
             rows[key] = sum(parts, []) if key == "text" else np.concatenate(parts)
         if "text" in rows and self.unet.config.caption_encoder == "base":
             rows.update(self._encode_text(rows.pop("text")))
-        k = len(guidance.sets())
+        k = len(guidance.branch_sets())
         conds = to_conditions(self.unet, rows)
         if conds.low_res is not None:  # before the branches are repeated: one augmentation per sample
             conds.low_res = self._augment_low_res(conds.low_res, conds.low_res_level, sizes, generators)
-        return self.unet.encode(conds.repeat(k), guidance.presence(sum(sizes), self.unet.device))
+        return self.denoiser.encode(conds.repeat(k), guidance.presence(sum(sizes), self.unet.device))
 
     def _augment_low_res(
         self,

@@ -3,8 +3,10 @@
     denoise(model, scheduler, x_T, encoded, guidance, steps, ...) -> x_0
     invert(model, scheduler, x_0, encoded, guidance, steps, ...)  -> x_T
 
-``encoded`` holds every guidance branch's conditions (``len(guidance.sets())`` × B rows), so each
-step is one batched UNet forward whatever the number of condition sets (Composer Eq. 2).
+``encoded`` holds every guidance branch's conditions (``len(guidance.branch_sets())`` × B rows),
+so each step is one batched UNet forward whatever the number of condition sets (Composer Eq. 2);
+with a guidance schedule a step takes only the branches its targets need then (``Guidance.at``).
+``model`` is a ``ComposerModel`` or an ``ExpertEnsemble`` (the expert of each step's timestep).
 """
 
 from __future__ import annotations
@@ -22,12 +24,23 @@ Progress = Callable[[Iterable], Iterable]
 
 
 def guided_noise(
-    model: ComposerModel, x: torch.Tensor, t: torch.Tensor, encoded: EncodedConditions, guidance: Guidance
+    model: ComposerModel,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    encoded: EncodedConditions,
+    guidance: Guidance,
+    step: tuple[int, int] = (0, 1),
 ) -> torch.Tensor:
-    """ε̂(x_t) of Composer Eq. 2 for x (B, C, S, S): all branches in one forward pass."""
-    k = len(guidance.sets())
+    """ε̂(x_t) of Composer Eq. 2 for x (B, C, S, S) at ``step`` = (i, n) of the sampling order:
+    the branches that step needs in one forward pass."""
+    now, branches = guidance.at(*step)
+    if branches is not None:
+        b = x.shape[0]
+        rows = torch.cat([torch.arange(j * b, (j + 1) * b) for j in branches]).to(x.device)
+        encoded = encoded.select(rows)
+    k = len(now.sets())
     eps = model(x.repeat(k, 1, 1, 1), t, encoded=encoded)
-    return guidance.combine(eps)
+    return now.combine(eps)
 
 
 def denoise(
@@ -49,8 +62,9 @@ def denoise(
     """
     scheduler.set_timesteps(num_inference_steps, device=x.device)
     timesteps = scheduler.timesteps
+    n = len(timesteps)
     for i, t in enumerate(progress(timesteps)):
-        eps = guided_noise(model, scheduler.scale_model_input(x, t), t, encoded, guidance)
+        eps = guided_noise(model, scheduler.scale_model_input(x, t), t, encoded, guidance, (i, n))
         x = scheduler.step(eps, t, x, return_dict=False)[0]
         if known is not None:
             source, mask, noise = known
@@ -82,7 +96,8 @@ def invert(
     }  # DDIM's thresholding etc. do not apply
     inverse = DDIMInverseScheduler.from_config({**config, "clip_sample": False})
     inverse.set_timesteps(num_inference_steps, device=x.device)
-    for t in progress(inverse.timesteps):
-        eps = guided_noise(model, x, t, encoded, guidance)
+    n = len(inverse.timesteps)
+    for j, t in enumerate(progress(inverse.timesteps)):  # a schedule's windows in sampling order
+        eps = guided_noise(model, x, t, encoded, guidance, (n - 1 - j, n))
         x = inverse.step(eps, t, x, return_dict=False)[0]
     return x

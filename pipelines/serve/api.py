@@ -18,7 +18,17 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-Guidance = float | str | dict[str, float]
+
+class Schedule(BaseModel):
+    """A condition's guidance weight acting in a window of the sampling steps (0 = first, 1 = end)."""
+
+    model_config = ConfigDict(extra="forbid")
+    weight: float
+    window: tuple[float, float] = (0.0, 1.0)
+    shape: Literal["constant", "linear", "decay", "cosine"] = "constant"
+
+
+Guidance = float | str | dict[str, float | Schedule]
 
 
 class ApiError(Exception):
@@ -102,7 +112,9 @@ class Conditions(_Strict):
 
 GUIDANCE_DOC = (
     "classifier-free guidance over condition sets (Composer Eq. 2): a number (all given "
-    "conditions, e.g. 3), the text form 'text=5,sketch=2', or per-condition weights {'text': 5}"
+    "conditions, e.g. 3), the text form 'text=5,sketch=2@0:0.6', or per-condition weights "
+    "{'text': 5, 'sketch': {'weight': 2, 'window': [0, 0.6], 'shape': 'constant'}}: a schedule acts "
+    "in its window of the steps (0 = first, 1 = end), with shape constant, linear, decay or cosine"
 )
 
 

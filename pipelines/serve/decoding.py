@@ -28,6 +28,7 @@ from pipelines.serve.api import (
     Outpaint,
     PaletteSource,
     Sampling,
+    Schedule,
     UpscaleBody,
 )
 from pipelines.serve.config import Limits
@@ -100,9 +101,18 @@ def guidance_text(value: Guidance, where: str) -> str:
             raise ApiError(422, "invalid_guidance", "per-condition guidance needs at least one weight", where)
         parts = []
         for k, w in value.items():
+            schedule = w if isinstance(w, Schedule) else None
+            if schedule is not None:
+                w = schedule.weight
             if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w):
                 raise ApiError(422, "invalid_guidance", f"the weight of {k!r} must be a finite number", where)
-            parts.append(f"{k}={float(w)!r}")
+            item = f"{k}={float(w)!r}"
+            if schedule is not None:
+                a, b = schedule.window
+                if not (math.isfinite(a) and math.isfinite(b)):
+                    raise ApiError(422, "invalid_guidance", f"the window of {k!r} must be finite", where)
+                item += f"@{float(a)!r}:{float(b)!r},{schedule.shape}"
+            parts.append(item)
         text = ",".join(parts)
     elif isinstance(value, bool):
         raise ApiError(422, "invalid_guidance", "guidance must be a number, text or mapping", where)

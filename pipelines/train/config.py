@@ -121,6 +121,12 @@ class TrainConfig(Config):
     # embedding the prior learns to sample (not needed on data with CLIP semantics)
     prior_of: str | None = added(None)
     prior_caption_dropout: float = added(0.1, ge=0, le=1)  # for the prior's guidance
+    # eDiffi's ensemble of expert denoisers (docs/training.md "Experts"): train on the timesteps
+    # [lo, hi) of the noise schedule only; None: every timestep
+    noise_range: tuple[int, int] | None = added(None)
+    # the trained run (RUN_DIR, whose export and config it starts from) or saved pipeline an expert
+    # is fine-tuned from, as init_from; its range must lie in that model's own noise_range
+    expert_of: str | None = added(None)
     gradient_checkpointing: bool = resource(
         False
     )  # recompute activations in backward: less memory, ~30% slower
@@ -155,6 +161,19 @@ class TrainConfig(Config):
             raise ValueError("a prior is small: train it with strategy ddp")
         if self.prior_of is not None and self.stage != "prior":
             raise ValueError("prior_of is for stage prior")
+        if self.noise_range is not None:
+            lo, hi = self.noise_range
+            if not 0 <= lo < hi:
+                raise ValueError(
+                    f"noise_range {lo}:{hi}: need 0 <= LO < HI (timesteps of the noise schedule)"
+                )
+            if self.stage == "prior":
+                raise ValueError("noise_range trains an expert denoiser; a prior takes none")
+        if self.expert_of is not None:
+            if self.noise_range is None:
+                raise ValueError("expert_of fine-tunes an expert: give its noise_range (--noise-range LO:HI)")
+            if self.init_from is not None:
+                raise ValueError("expert_of and init_from both choose the starting weights; give one")
         if "upsample_factor" in self.model.overrides:
             raise ValueError(
                 "set upsample_factor (with stage: upsampler), not model.overrides.upsample_factor"

@@ -365,6 +365,7 @@ def train_step(t: Training, s: Step, stream: Iterator[dict], window: Window) -> 
                     weighting=cfg.optim.loss_weighting,
                     max_weight=cfg.optim.max_loss_weight,
                     min_snr_gamma=cfg.optim.min_snr_gamma,
+                    timesteps=cfg.noise_range,
                 )
             (per_row.mean() / cfg.optim.grad_accum).backward()
         window.add(per_row.detach().float(), presence, available)

@@ -13,6 +13,8 @@ continues. On a multi-node cluster RUN_DIR must be on storage every node sees.
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -192,26 +194,97 @@ def model_arguments(cfg: TrainConfig, spec: DataSpec) -> dict[str, Any]:
     return dict(model.config)
 
 
-def init_weights_file(cfg: TrainConfig, model_kwargs: dict[str, Any]) -> str | None:
-    """The UNet weights file of ``cfg.init_from`` (None when unset), checked to be the model that
-    ``model_kwargs`` builds; ``ConfigError`` saying what differs otherwise."""
-    import json
+def expert_source(expert_of: str) -> str:
+    """The saved pipeline an expert starts from: a training run directory's ``export/``, or
+    ``expert_of`` itself (a pipeline directory or MLflow URI)."""
+    from pipelines.diffusion.ensemble import run_export
+    from pipelines.train.tracking import RECORD
 
+    run = Path(expert_of)
+    if (run / RECORD).is_file() and not (run / "export" / "model_index.json").is_file():
+        raise ConfigError(f"expert_of {expert_of}: this run has no export yet; let it finish first")
+    return run_export(expert_of)
+
+
+def expert_defaults(expert_of: str | None) -> dict[str, Any] | None:
+    """What an expert of the training run ``expert_of`` inherits from it: the run's recorded config
+    without its resources (steps, workers, output…) and starting point; None for a pipeline."""
+    from pipelines.config import from_dict, to_dict
+    from pipelines.train.tracking import RECORD
+
+    if expert_of is None or not (Path(expert_of) / RECORD).is_file():
+        return None
+    record = json.loads((Path(expert_of) / RECORD).read_text())
+    try:
+        parent = from_dict(TrainConfig, record["config"])
+    except (KeyError, ConfigError) as e:
+        raise ConfigError(f"expert_of {expert_of}: its {RECORD} holds no usable config ({e})") from None
+    out = to_dict(parent, outputs_only=True)
+    for key in ("init_from", "expert_of", "noise_range"):
+        out.pop(key, None)
+    return out
+
+
+def _start(cfg: TrainConfig) -> tuple[str | None, str]:
+    """(the saved pipeline whose weights start this run, the config key that named it)."""
+    if cfg.expert_of is not None:
+        return expert_source(cfg.expert_of), "expert_of"
+    return cfg.init_from, "init_from"
+
+
+def check_noise_range(cfg: TrainConfig, total: int) -> None:
+    """An expert's range inside the schedule's ``total`` timesteps and inside its parent's range."""
+    from pipelines.diffusion.ensemble import EnsembleError, read_expert
+    from pipelines.diffusion.loading import ModelError, pipeline_dir
+
+    if cfg.noise_range is None:
+        return
+    lo, hi = cfg.noise_range
+    if hi > total:
+        raise ConfigError(f"noise_range {lo}:{hi}: the noise schedule has {total} timesteps (0:{total})")
+    start, key = _start(cfg)
+    if cfg.expert_of is None or start is None:
+        return
+    try:
+        parent = read_expert(pipeline_dir(start))
+    except (ModelError, EnsembleError) as e:
+        raise ConfigError(f"{key}: {str(e).removeprefix('--model ')}") from None
+    if parent is not None and not (parent[0] <= lo and hi <= parent[1]):
+        raise ConfigError(
+            f"noise_range {lo}:{hi} is not inside {cfg.expert_of}'s own {parent[0]}:{parent[1]}: "
+            "an expert was trained on its interval only, so split that interval"
+        )
+
+
+def init_weights_file(cfg: TrainConfig, model_kwargs: dict[str, Any]) -> str | None:
+    """The UNet weights file of ``cfg.init_from`` or ``cfg.expert_of`` (None when neither is set),
+    checked to be the model that ``model_kwargs`` builds; ``ConfigError`` saying what differs otherwise."""
     from safetensors import safe_open
 
+    from pipelines.diffusion.ensemble import is_ensemble
     from pipelines.diffusion.loading import ModelError, pipeline_dir
     from pipelines.train.state import WEIGHTS
 
-    if cfg.init_from is None:
+    start, key = _start(cfg)
+    if start is None:
         return None
     try:
-        unet = pipeline_dir(cfg.init_from) / "unet"
+        root = pipeline_dir(start)
     except ModelError as e:
-        raise ConfigError(f"init_from: {str(e).removeprefix('--model ')}") from None
+        raise ConfigError(f"{key}: {str(e).removeprefix('--model ')}") from None
+    if is_ensemble(root):
+        raise ConfigError(f"{key} {start}: is an ensemble of experts; give one of the runs it was made from")
+    unet = root / "unet"
     weights = unet / WEIGHTS
     if not (unet / "config.json").is_file() or not weights.is_file():
-        raise ConfigError(f"init_from {cfg.init_from}: {unet} lacks config.json or {WEIGHTS}")
-    saved = json.loads((unet / "config.json").read_text())
+        raise ConfigError(f"{key} {start}: {unet} lacks config.json or {WEIGHTS}")
+    # a model saved before a ComposerModel argument existed was built with that argument's default
+    defaults = {
+        k: p.default
+        for k, p in inspect.signature(ComposerModel.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    saved = json.loads(json.dumps(defaults)) | json.loads((unet / "config.json").read_text())
     wanted = json.loads(json.dumps(model_kwargs))  # tuples -> lists, as config.json has them
     differ = [
         f"{k} {saved.get(k)!r} there, {v!r} here"
@@ -220,7 +293,7 @@ def init_weights_file(cfg: TrainConfig, model_kwargs: dict[str, Any]) -> str | N
     ]
     if differ:
         raise ConfigError(
-            f"init_from {cfg.init_from}: its UNet is not the model this config builds ({'; '.join(differ)}); "
+            f"{key} {start}: its UNet is not the model this config builds ({'; '.join(differ)}); "
             "use the model section (and data encoders) it was trained with"
         )
     with safe_open(str(weights), "pt") as f:  # the header only: catches a truncated or foreign file early
@@ -229,7 +302,7 @@ def init_weights_file(cfg: TrainConfig, model_kwargs: dict[str, Any]) -> str | N
         missing = set(ComposerModel(**model_kwargs).state_dict()) ^ keys
     if missing:
         raise ConfigError(
-            f"init_from {cfg.init_from}: {weights} does not hold this model's weights "
+            f"{key} {start}: {weights} does not hold this model's weights "
             f"({len(missing)} names differ, e.g. {sorted(missing)[0]})"
         )
     return str(weights.resolve())  # workers run in their own directories
@@ -333,6 +406,11 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     else:
         model_kwargs = model_arguments(cfg, spec)
         init_weights = init_weights_file(cfg, model_kwargs)
+    if cfg.noise_range is not None:
+        from pipelines.diffusion.schedulers import default_scheduler
+
+        total = base.scheduler["num_train_timesteps"] if base is not None else None
+        check_noise_range(cfg, int(total or default_scheduler().config.num_train_timesteps))
     chash = config_hash(cfg)
     identity = {"config_hash": chash, "data": spec.root, "manifest_hash": spec.manifest_hash}
     record = claim_output(run_dir, RECORD, "training run", identity=identity)

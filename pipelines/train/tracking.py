@@ -133,6 +133,7 @@ class RankZeroTracker:
         self.run_id = args.mlflow_run_id
         self._rows: dict[str, Any] | None = None
         self._base: dict[str, Any] | None = None
+        self._parent_model: ComposerModel | None = None
 
     def start(self, step: int) -> None:
         import mlflow
@@ -197,6 +198,16 @@ class RankZeroTracker:
         m.load_state_dict(weights)
         return m.to(self.device).eval()
 
+    def _parent(self) -> ComposerModel:
+        """The model an expert was fine-tuned from (``init_weights``), loaded once."""
+        if self._parent_model is None:
+            from safetensors.torch import load_file
+
+            m = ComposerModel.from_config(self.args.model_kwargs)
+            m.load_state_dict({k: v.float() for k, v in load_file(str(self.args.init_weights)).items()})
+            self._parent_model = m.to(self.device).eval()
+        return self._parent_model
+
     def sample_grid(self, weights: dict[str, Any], step: int) -> np.ndarray:
         from pipelines.conditions.palette import render_palette
         from pipelines.diffusion.pictures import layout, text_tile
@@ -211,6 +222,12 @@ class RankZeroTracker:
             if all(c in trained for c in (names or ()))
         ]
         pipe = ComposerPipeline(self._export_model(weights), train_scheduler(self.args), **self._base_parts())
+        if self.cfg.noise_range is not None and self.args.init_weights is not None:
+            # an expert denoises its own noise range only: the grids run its parent for the rest
+            from pipelines.diffusion.ensemble import ExpertEnsemble
+
+            total = pipe.scheduler.config.num_train_timesteps
+            pipe.ensemble = ExpertEnsemble([pipe.unet, self._parent()], [self.cfg.noise_range, (0, total)])
         pipe.set_progress_bar_config(disable=True)
         size = max(self.recipe.size, 96)
         rows = []
@@ -286,6 +303,10 @@ class RankZeroTracker:
         )
         tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=self.run_dir))
         pipe.save_pretrained(str(tmp))
+        if self.cfg.noise_range is not None:
+            from pipelines.diffusion.ensemble import write_expert
+
+            write_expert(tmp, self.cfg.noise_range, self.cfg.expert_of)
         self._point("export-written")
         replace_dir(tmp, export, between=lambda: self._point("export-swapped"))
 

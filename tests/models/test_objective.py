@@ -101,3 +101,26 @@ def test_scale_shift_resnets_train_and_bad_values_are_refused():
         OptimSection(loss_weighting="snr")
     with pytest.raises(ValueError, match="max_loss_weight"):
         OptimSection(max_loss_weight=0.5)
+
+
+def test_an_expert_draws_its_timesteps_from_its_noise_range_only():
+    """``timesteps=(lo, hi)`` (an expert's noise_range): every row's t in [lo, hi); the full range
+    draws exactly what the default does, so runs without experts are unchanged."""
+    seen: list[torch.Tensor] = []
+
+    class Spy(_Constant):
+        def forward(self, x_t, t, conditions=None, presence=None):
+            seen.append(t.clone())
+            return super().forward(x_t, t)
+
+    x0 = torch.zeros(256, 3, 4, 4)
+    presence = torch.zeros(256, len(CONDITIONS), dtype=torch.bool)
+    for r in [(0, 250), (600, 1000), (0, 1000), None]:
+        g = torch.Generator().manual_seed(1)
+        diffusion_loss(Spy(), default_scheduler(), x0, Conditions(), presence, g, timesteps=r)
+    low, high, full, default = seen
+    assert low.min() >= 0 and low.max() < 250 and high.min() >= 600 and high.max() < 1000
+    assert high.max() > 900 and low.max() > 200  # the whole interval, not a corner of it
+    assert torch.equal(full, default)
+    with pytest.raises(ValueError, match=r"not inside \[0, 1000\)"):
+        diffusion_loss(Spy(), default_scheduler(), x0, Conditions(), presence, timesteps=(500, 1001))

@@ -149,6 +149,11 @@ def test_page_generates_with_mixed_conditions(base_url, driver, tmp_path):
     _type(driver, "seed", "7")
     _type(driver, "num-images", "2")
     _type(driver, "weight-sketch", "2")  # per-condition guidance; the others together at the global 3
+    # a guidance window: the palette acts from 20% of the steps on, its weight (the global 3) rising
+    start = driver.find_element(By.ID, "window-start-palette")
+    driver.execute_script("arguments[0].value = '0.2'; arguments[0].dispatchEvent(new Event('input'))", start)
+    Select(driver.find_element(By.ID, "window-shape-palette")).select_by_value("linear")
+    assert driver.find_element(By.ID, "window-label-palette").text == "steps 0.2–1"
 
     button = driver.find_element(By.ID, "generate")
     button.click()
@@ -176,7 +181,8 @@ def test_page_generates_with_mixed_conditions(base_url, driver, tmp_path):
         Image.open(io.BytesIO(base64.b64decode(href.split(",", 1)[1]))).verify()
     info = driver.find_element(By.ID, "result-info").text
     assert "seed 7" in info and "4 steps" in info, info
-    assert "sketch=2" in info and "text+semantics+palette+mask=3" in info, info
+    assert "sketch=2" in info and "text+semantics+mask=3" in info, info
+    assert "palette=3.0@0.2:1.0,linear" in info, info
     used = {
         e.get_attribute("data-rep") for e in driver.find_elements(By.CSS_SELECTOR, "#result-conditions .rep")
     }

@@ -266,6 +266,58 @@ def test_a_run_fine_tunes_another_runs_export_and_packs_as_two_stages(chain, dat
     assert f"recompose reference --run {tuned} " in readme
 
 
+def test_an_expert_fine_tunes_a_runs_noise_range_and_joins_it_in_an_ensemble(chain, tmp_path):
+    """``--expert-of RUN --noise-range LO:HI`` (eDiffi): the run's config and data are inherited, the
+    export records its range, MLflow has the run and its grids; ``recompose ensemble`` joins it
+    with the run it came from (which takes the other timesteps) and generate loads that."""
+    run_dir = chain["run_dir"]
+
+    def expert(out: Path, noise_range: str | None, of: Path = run_dir) -> int:
+        args = ["train", "--expert-of", str(of), "--output", str(out), "--max-steps", "4"]
+        args += ["--noise-range", noise_range] if noise_range else []
+        for item in (
+            "mlflow.sample_every=4",
+            "mlflow.sample_rows=1",
+            "mlflow.sample_steps=3",
+            "mlflow.system_metrics=false",
+            "mlflow.registered_model=recompose-expert",
+            "checkpoint_every=4",
+            "progress=false",
+        ):
+            args += ["--set", item]
+        return main(args)
+
+    # refused before any Ray work: no range, a range past the schedule, not a range
+    for bad in (None, "0:1200", "5:x", "7:3"):
+        assert expert(tmp_path / "bad", bad) == 2, bad
+    assert not (tmp_path / "bad").exists()
+    low = tmp_path / "low"
+    assert expert(low, "0:500") == 0
+    record = json.loads((low / "export" / "expert.json").read_text())
+    assert record == {"format": "recompose.expert/1", "noise_range": [0, 500], "expert_of": str(run_dir)}
+    parent = json.loads((run_dir / "train.json").read_text())["config"]
+    mine = json.loads((low / "train.json").read_text())["config"]
+    assert mine["model"] == parent["model"] and mine["data"] == parent["data"]
+    assert mine["optim"]["batch_size"] == 8
+    assert mine["noise_range"] == [0, 500] and mine["expert_of"] == str(run_dir)
+    client = _client(chain["uri"])
+    run = client.get_run(_run_id(low))
+    assert run.info.status == "FINISHED" and "loss" in run.data.metrics
+    assert "samples/step-0000004.png" in [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
+    # an expert of an expert splits its interval; a range outside it is refused
+    assert expert(tmp_path / "bad", "400:700", of=low) == 2
+    ens = tmp_path / "ensemble"
+    assert main(["ensemble", "--expert", str(low), "--expert", str(run_dir), "--output", str(ens)]) == 0
+    index = json.loads((ens / "ensemble.json").read_text())
+    assert [(e["noise_range"], index["from"][e["name"]]) for e in index["experts"]] == [
+        ([500, 1000], str(run_dir)),
+        ([0, 500], str(low)),
+    ]
+    out = tmp_path / "generated"
+    assert main(["generate", "--model", str(ens), "--steps", "4", "--output", str(out)]) == 0
+    assert (out / "sample-0000.png").is_file()
+
+
 def test_rerun_with_another_config_is_refused(chain, data):
     rc = _train(data, chain["run_dir"], chain["uri"], 30, "optim.lr=5e-4")
     assert rc == 2
