@@ -112,7 +112,9 @@ class EncodedConditions:
 
     def select(self, rows: torch.Tensor) -> EncodedConditions:
         """The rows ``rows`` (an index tensor) of every field."""
-        return EncodedConditions(*(None if (v := getattr(self, f)) is None else v[rows] for f in self._FIELDS))
+        return EncodedConditions(
+            *(None if (v := getattr(self, f)) is None else v[rows] for f in self._FIELDS)
+        )
 
     @staticmethod
     def cat(items: list[EncodedConditions]) -> EncodedConditions:
