@@ -4,7 +4,8 @@
         [--semantics-from IMG] [--sketch-from IMG] [--depth-from IMG] [--instances-from IMG]
         [--intensity-from IMG] [--mask IMG --source IMG] [--outpaint left=L,… --source IMG]
         [--guidance …] [--steps N] [--seed S] [--num-images N] [--resolution R]
-        [--upsampler-steps N] [--upsampler-guidance G] [--prior] [--config FILE] [--set key=value …]
+        [--upsampler-steps N] [--upsampler-guidance G] [--prior]
+        [--paint 'PHRASE=IMG' … [--paint-weight W]] [--config FILE] [--set key=value …]
         [--json]
 
 A condition "from IMG" is decomposed with the extractors and settings of the training shards
@@ -32,6 +33,7 @@ SAMPLING += (
     "low_res_level",
     "prior_guidance",
     "prior_steps",
+    "paint_weight",
 )
 
 
@@ -46,6 +48,8 @@ def parser() -> argparse.ArgumentParser:
             kind = typing.get_args(kind)[0]
         if kind is bool:
             kw: dict[str, Any] = {"action": "store_true", "default": None}
+        elif typing.get_origin(kind) is list:  # repeatable
+            kw = {"action": "append", "default": None, "metavar": "PHRASE=IMG"}
         elif typing.get_origin(kind) is typing.Literal:
             kw = {"choices": typing.get_args(kind)}
         else:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 class Painting:
     regions: torch.Tensor  # (B, P, H, W) float in [0, 1]: phrase p's region in sample b
     tokens: torch.Tensor  # (B, P, L) bool: phrase p's positions among the context tokens
-    weight: float = 1.0  # w
+    weight: torch.Tensor | float = 1.0  # w, or (B,) one per sample
     sigma: float = 0.0  # the current step's noise level, set before each forward pass
     rows: torch.Tensor | None = None  # (N,) int64: each row's sample, -1 = not painted
 
@@ -56,7 +56,11 @@ class Painting:
     def bias(self, logits: torch.Tensor) -> torch.Tensor:
         """The additive bias for ``logits`` (N, heads, Q, K), the layer's scaled QKᵀ."""
         top = logits.detach().amax(dim=(-2, -1), keepdim=True).clamp(min=0)
-        scale = self.weight * math.log1p(self.sigma)
+        weight = torch.as_tensor(self.weight, dtype=logits.dtype)
+        if weight.ndim:  # one per sample: each row's own
+            assert self.rows is not None
+            weight = weight[self.rows.clamp(min=0)].to(logits.device).view(-1, 1, 1, 1)
+        scale = weight * math.log1p(self.sigma)
         return scale * top * self.mask(logits.shape[-2], logits.shape[-1], logits.device, logits.dtype)
 
 

@@ -57,6 +57,9 @@ class StageInputs:
     invert_conditions: dict[str, Any] | None = None
     invert_guidance: Any = 1.0
     level: int = 0  # upsamplers: the noise-augmentation level of their low_res input
+    paint: dict[str, np.ndarray] | None = None  # paint-with-words: {phrase: (R, R) region}
+    paint_weight: float = 1.0
+    paint_caption: str | None = None  # the caption the phrases are in (frozen-embedding models)
 
     def request(self, num_images: int, seed: int, **changes: Any) -> Any:
         """This stage's ``SampleRequest`` (``changes`` replace its conditions or inversion)."""
@@ -69,6 +72,9 @@ class StageInputs:
             mask=self.mask,
             invert_conditions=self.invert_conditions,
             invert_guidance=self.invert_guidance,
+            paint=self.paint,
+            paint_weight=self.paint_weight,
+            paint_caption=self.paint_caption,
         )
         return SampleRequest(num_images=num_images, seed=seed, **(fields | changes))
 

@@ -28,6 +28,7 @@ from models import ComposerModel
 from pipelines.conditions.backbone import encode_text
 from pipelines.diffusion.guidance import Guidance
 from pipelines.diffusion.inputs import image_to_tensor, tensor_to_image, to_conditions
+from pipelines.diffusion.paint import PaintedDenoiser, PaintError, PhraseTokens, painted, painting
 from pipelines.diffusion.requests import Batch, PreparedRequest, SampleRequest
 from pipelines.diffusion.sampling import denoise, invert
 from pipelines.diffusion.schedulers import (
@@ -124,6 +125,17 @@ class ComposerPipeline(DiffusionPipeline):
         if kwargs.setdefault("safe_serialization", True) is not True:
             raise ValueError("ComposerPipeline saves safetensors weights only")
         super().save_pretrained(save_directory, **kwargs)
+
+    def phrase_tokens(self, caption: str, phrase: str) -> list[int]:
+        """Where ``phrase`` is among the cross-attention tokens of ``caption`` (paint-with-words);
+        ``PaintError`` when it is not there."""
+        if getattr(self, "_phrases", None) is None:
+            self._phrases = PhraseTokens(self)
+        positions = self._phrases(caption, phrase)
+        length = self.unet.conditioner.null_caption.shape[0]
+        if max(positions) >= length:
+            raise PaintError(f"paint phrase {phrase!r} lies past the {length} caption tokens the model reads")
+        return positions
 
     @property
     def denoiser(self) -> Any:
@@ -251,6 +263,8 @@ class ComposerPipeline(DiffusionPipeline):
         scheduler: SchedulerName = "ddim",
         threshold: Threshold | None = None,
         output_type: Literal["np", "pil"] = "np",
+        paint: Mapping[str, np.ndarray] | None = None,
+        paint_weight: float = 1.0,
     ) -> ComposerOutput:
         """Samples ``num_images`` images of R×R pixels.
 
@@ -265,6 +279,9 @@ class ComposerPipeline(DiffusionPipeline):
         - ``threshold``: x_0 "clip" | "dynamic" (Imagen) | "none"; default "clip" in pixel space
           and "none" for latent models and for inversion, which clipping would make irreversible.
         - ``seed`` (or ``generator``): same seed, same images.
+        - ``paint``: paint-with-words (eDiffi), {phrase of the caption: (R, R) region}; the phrase's
+          tokens attend more strongly inside its region, by ``paint_weight``
+          (``pipelines/diffusion/paint.py``).
         """
         request = SampleRequest(
             conditions=dict(conditions or {}),
@@ -276,6 +293,8 @@ class ComposerPipeline(DiffusionPipeline):
             mask=mask,
             invert_conditions=invert_conditions,
             invert_guidance=invert_guidance,
+            paint=paint,
+            paint_weight=paint_weight,
         )
         out = self.sample_batch([request], num_inference_steps, scheduler, threshold)[0]
         if output_type == "pil":
@@ -302,6 +321,14 @@ class ComposerPipeline(DiffusionPipeline):
                 f"source is {np.asarray(source).shape}, expected ({self.image_size}, {self.image_size}, 3)"
             )
         self._check_maps(conditions)
+        if request.paint:
+            if request.paint_caption is None and "text" not in conditions:
+                raise PaintError("paint-with-words paints phrases of the caption: give a caption (text)")
+            if not (isinstance(request.paint_weight, (int, float)) and np.isfinite(request.paint_weight)):
+                raise PaintError(f"paint_weight must be a finite number, got {request.paint_weight!r}")
+            caption = request.paint_caption or str(conditions["text"])
+            for phrase in request.paint:  # each phrase is in the caption as the model reads it
+                self.phrase_tokens(caption, phrase)
         guide = self._guidance(request.guidance, given_conditions(conditions))
         inv_guide = None
         if request.invert_conditions is not None:
@@ -351,20 +378,31 @@ class ComposerPipeline(DiffusionPipeline):
             if inverting:
                 x = self._invert(batch, sched, x0, num_inference_steps)
             known = self._known_region(batch, x0) if first.mask is not None else None
-            x = denoise(
-                self.denoiser,
-                sched,
-                x,
-                encoded,
-                first.guidance,
-                num_inference_steps,
-                known,
-                self.progress_bar,
-            )
+            with self._painting(batch) as denoiser:
+                x = denoise(
+                    denoiser, sched, x, encoded, first.guidance, num_inference_steps, known, self.progress_bar
+                )
             images = self._decode(x if base is None else x + base)
         return self._outputs(batch, images, threshold)
 
     # -- the steps of sample_batch ------------------------------------------------------------
+    @contextlib.contextmanager
+    def _painting(self, batch: Batch):
+        """The denoiser of the sampling steps: painting the requests' phrases (paint-with-words)
+        while the block runs, or the plain one when no request paints."""
+        if not any(p.request.paint for p in batch.prepared):
+            yield self.denoiser
+            return
+        paint = painting(
+            self,
+            [p.request.paint_caption or p.conditions.get("text") for p in batch.prepared],
+            [p.request.paint for p in batch.prepared],
+            batch.sizes,
+            [p.request.paint_weight for p in batch.prepared],
+        )
+        with painted(self.denoiser, paint):
+            yield PaintedDenoiser(self.denoiser, paint, self.scheduler.alphas_cumprod)
+
     def _noise(self, batch: Batch) -> torch.Tensor:
         """x_T (sum(sizes), C, S, S): each request's noise from its own generator, drawn on the CPU
         in float32 so a seed gives the same images on every device and dtype."""

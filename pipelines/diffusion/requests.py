@@ -32,6 +32,10 @@ class SampleRequest:
     mask: np.ndarray | None = None  # (R, R) {0, 1}, 1 = regenerate
     invert_conditions: Mapping[str, Any] | None = None
     invert_guidance: Guidance | float | str = 1.0
+    # paint-with-words (eDiffi): {phrase of the caption: (R, R) region, nonzero = painted}
+    paint: Mapping[str, np.ndarray] | None = None
+    paint_weight: float = 1.0
+    paint_caption: str | None = None  # the caption the phrases are in; default conditions["text"]
 
 
 @dataclass

@@ -88,6 +88,12 @@ class GenerateConfig(Config):
         None, description="the source's caption for --bidirectional (unset: --text)"
     )
     bidirectional: bool = Field(False, description="invert --source under its own conditions first")
+    paint: list[str] = Field(
+        default_factory=list,
+        description="paint-with-words: 'PHRASE=IMG', a phrase of --text and a mask picture (white = "
+        "where it goes); repeat per phrase",
+    )
+    paint_weight: float = Field(1.0, ge=0, description="how strongly painted phrases attend to their regions")
     prior: bool = Field(
         False, description="sample the semantics from --text with the cascade's prior (no --semantics-from)"
     )
@@ -132,8 +138,23 @@ class GenerateConfig(Config):
             )
         self._check_source()
         self._check_guidance()
+        self.paint_regions()
         self.stage_settings(0)  # the per-upsampler values parse (their count is checked on the cascade)
         return self
+
+    def paint_regions(self) -> dict[str, str]:
+        """--paint as {phrase: mask picture}; each phrase once, and only with --text."""
+        out: dict[str, str] = {}
+        for item in self.paint:
+            phrase, sep, path = item.rpartition("=")
+            if not sep or not phrase.strip() or not path.strip():
+                raise GenerateError(f"--paint {item!r}: expected 'PHRASE=IMG', e.g. 'red circle=left.png'")
+            if phrase.strip() in out:
+                raise GenerateError(f"--paint names {phrase.strip()!r} twice")
+            out[phrase.strip()] = path.strip()
+        if out and self.text is None:
+            raise GenerateError("--paint paints phrases of the caption: give --text")
+        return out
 
     def _check_source(self) -> None:
         """--source goes with --mask (an edit), --outpaint or --bidirectional (an inversion)."""

@@ -59,6 +59,7 @@ _OPTIONAL = (
     "source",
     "cascade",
     "prior",
+    "paint",
 )  # in generate.json only when they apply
 
 
@@ -89,6 +90,7 @@ class GenerateResult:
     source: dict[str, str] | None = None  # --source: {"from": path, "picture": path}
     cascade: list[dict[str, Any]] | None = None  # a cascade: per stage, its side, settings, time, images
     prior: dict[str, Any] | None = None  # --prior: its guidance, steps and the sampled embedding
+    paint: dict[str, Any] | None = None  # --paint: weight and {phrase: {"from", "picture"}}
 
     def to_dict(self) -> dict[str, Any]:
         """The generate.json mapping: the optional keys only where they apply."""
@@ -107,6 +109,7 @@ class Inputs:
     invert_conditions: dict[str, Any] | None = None  # bidirectional: c1, decomposed from the source
     inverted: dict[str, str] | None = None  # name -> where the source's value came from
     references: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # e.g. semantics image
+    paint: dict[str, np.ndarray] | None = None  # --paint: {phrase: (R, R) {0, 1} region}
 
 
 def run_generate(cfg: GenerateConfig) -> GenerateResult:
@@ -213,6 +216,8 @@ def build_inputs(cfg: GenerateConfig, dec: ImageDecomposer, output_side: int | N
         inputs.origins["mask"] = f"--mask {cfg.mask} --source {cfg.source}"
     if cfg.bidirectional:
         _invert_inputs(cfg, dec, inputs)
+    if cfg.paint:  # at this stage's side, framed as an image (as --mask)
+        inputs.paint = {phrase: dec.load_mask(path) for phrase, path in cfg.paint_regions().items()}
     return inputs
 
 
@@ -274,6 +279,9 @@ def sample(
             invert_conditions=inputs.invert_conditions,
             invert_guidance=cfg.invert_guidance,
             level=cfg.low_res_level,
+            paint=inputs.paint,
+            paint_weight=cfg.paint_weight,
+            paint_caption=cfg.text,
         )
         for inputs, n, g in zip(staged, steps, guidance, strict=True)
     ]
@@ -335,6 +343,15 @@ def write_outputs(
         else None,
         cascade=record,
         prior=prior,
+        paint={
+            "weight": cfg.paint_weight,
+            "phrases": {
+                phrase: {"from": path, "picture": f"conditions/paint-{k}.png"}
+                for k, (phrase, path) in enumerate(cfg.paint_regions().items())
+            },
+        }
+        if cfg.paint
+        else None,
     )
     write_json(result.to_dict(), out / RECORD)
     return result
@@ -391,6 +408,8 @@ def _write_pictures(
     pictures = condition_pictures(inputs.conditions, inputs.source, inputs.mask, inputs.references)
     for name, picture in pictures.items():
         put(f"conditions/{name}.png", encode_png(picture))
+    for k, region in enumerate((inputs.paint or {}).values()):  # white = painted, as given
+        put(f"conditions/paint-{k}.png", encode_png((np.asarray(region) > 0).astype(np.uint8) * 255))
     text = cfg.text if "caption" in inputs.origins else None
     put("grid.png", encode_png(grid(pictures, text, images, resolution)))
     return files, pictures

@@ -150,6 +150,14 @@ class GenerateBody(Sampling):
     outpaint: Outpaint | None = Field(
         None, description="extend an image's canvas (no conditions.mask with it)"
     )
+    paint: dict[str, str] | None = Field(
+        None,
+        description="paint-with-words (eDiffi): a phrase of conditions.text -> a base64 mask picture "
+        "(white = where the phrase goes), framed as a square output",
+    )
+    paint_weight: float = Field(
+        1.0, ge=0, le=20, description="how strongly painted phrases attend to their regions"
+    )
     prior: bool = Field(
         False,
         description="sample the semantics from conditions.text with the cascade's prior (GET /v1/model: prior)",
@@ -218,6 +226,8 @@ class Job:
     prior_guidance: float = 4.0
     prior_steps: int = 50
     semantics: np.ndarray | None = None  # (D,) what the prior sampled (set by the model deployment)
+    paint: dict[str, np.ndarray] | None = None  # paint-with-words: phrase -> (R, R) {0, 1} region
+    paint_weight: float = 1.0
 
     def given(self) -> frozenset[str]:
         names = set(self.from_image) | set(self.maps)

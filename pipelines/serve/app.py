@@ -229,6 +229,8 @@ def _sample_answer(job: Job, res: Any, t0: float) -> dict[str, Any]:
     if job.outpaint is not None:
         out["outpaint"] = job.outpaint
         out["source_png"] = png_b64(job.source)  # the canvas: the image, its edges repeated
+    if job.paint:
+        out["paint"] = {"weight": job.paint_weight, "phrases": sorted(job.paint)}
     if res.stages:  # a cascade: each stage's side, steps, guidance and time
         out["stages"] = res.stages
     if res.semantics is not None:  # what the prior sampled from the caption

@@ -301,9 +301,38 @@ class Decoder:
             self._outpaint(body.outpaint, images, job, body.conditions.mask is not None)
         if body.prior:
             self._prior(body, job)
+        if body.paint:
+            self._paint(body, job)
         self._check_guidance(job.guidance, job.given(), "guidance")
         self._check_guidance(job.upsampler_guidance, job.given(), "upsampler_guidance")
         return job
+
+    def _paint(self, body: GenerateBody, job: Job) -> None:
+        """Paint-with-words: each phrase's region decoded as a mask of a square output (white =
+        painted); whether the phrase is in the caption is the model's tokenizer's to say."""
+        if job.text is None:
+            raise ApiError(
+                422, "invalid_request", "paint paints phrases of conditions.text: give text", "paint"
+            )
+        job.paint = {}
+        for phrase, value in (body.paint or {}).items():
+            where = f"paint.{phrase}"
+            if not phrase.strip():
+                raise ApiError(422, "invalid_request", "a paint phrase is empty", "paint")
+            data = b64_bytes(value, where, self.limits)
+            check_pixels(data, where, self.limits)
+            try:
+                region = self.dec.load_mask(data)
+            except Exception as e:  # noqa: BLE001
+                raise ApiError(
+                    422, "undecodable_image", f"cannot decode the paint region ({e})", where
+                ) from e
+            if not region.any():
+                raise ApiError(
+                    422, "empty_mask", f"the region of {phrase!r} paints nothing (no white pixel)", where
+                )
+            job.paint[phrase] = region
+        job.paint_weight = body.paint_weight
 
     def _prior(self, body: GenerateBody, job: Job) -> None:
         if not self.info.prior:

@@ -387,7 +387,23 @@ class ComposerServer:
         guidance, steps = (
             (job.guidance, job.steps) if i == 0 else (job.upsampler_guidance, job.upsampler_steps)
         )
-        return StageInputs(conditions, guidance, steps, source, mask, invert, job.invert_guidance)
+        paint = (
+            None
+            if job.paint is None
+            else {k: resize_for_stage("mask", m, side) for k, m in job.paint.items()}
+        )
+        return StageInputs(
+            conditions,
+            guidance,
+            steps,
+            source,
+            mask,
+            invert,
+            job.invert_guidance,
+            paint=paint,
+            paint_weight=job.paint_weight,
+            paint_caption=job.text,
+        )
 
     def _inputs(self, job: Job) -> "PreparedRequest":
         """The job's base-stage conditions extracted and checked (``ComposerPipeline.prepare``)."""
@@ -405,6 +421,9 @@ class ComposerServer:
             mask=stage.mask,
             invert_conditions=stage.invert_conditions,
             invert_guidance=job.invert_guidance,
+            paint=stage.paint,
+            paint_weight=job.paint_weight,
+            paint_caption=job.text,
         )
         return self.base.prepare(request)
 

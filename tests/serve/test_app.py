@@ -168,6 +168,45 @@ def test_generate_with_each_single_representation_and_a_mix(apps):
     assert other["images"] != out["images"]
 
 
+def test_paint_with_words_and_guidance_schedules_through_the_api(apps):
+    """``paint`` (phrase -> region PNG) changes the samples and is echoed; a phrase the caption
+    lacks, paint without a caption and an empty region are 422s. A guidance schedule given as a
+    mapping is the text form's, and a window that ends before it starts is refused."""
+    url = apps["main"]
+    region = np.zeros((R, R), np.uint8)
+    region[: R // 2, : R // 2] = 255
+    caption = {"text": "a red circle above a blue star"}
+    body = {"conditions": caption, "steps": 3, "seed": 1}
+    plain = post(url, "v1/generate", body).json()
+    painted = post(url, "v1/generate", {**body, "paint": {"red circle": png(region)}, "paint_weight": 4})
+    assert painted.status_code == 200, painted.text
+    out = painted.json()
+    assert out["paint"] == {"weight": 4.0, "phrases": ["red circle"]} and out["images"] != plain["images"]
+    for bad, code in [
+        ({"paint": {"green square": png(region)}}, "invalid_request"),
+        ({"conditions": {}, "paint": {"red circle": png(region)}}, "invalid_request"),
+        ({"paint": {"red circle": png(np.zeros((R, R), np.uint8))}}, "empty_mask"),
+    ]:
+        r = post(url, "v1/generate", {**body, **bad})
+        assert r.status_code == 422 and r.json()["error"]["code"] == code, (bad, r.text)
+    assert (
+        "not in the caption"
+        in post(url, "v1/generate", {**body, "paint": {"green square": png(region)}}).text
+    )
+    mapping = {"text": {"weight": 4, "window": [0, 0.5], "shape": "decay"}}
+    a = post(url, "v1/generate", {**body, "guidance": mapping}).json()
+    b = post(url, "v1/generate", {**body, "guidance": "text=4@0:0.5,decay"}).json()
+    assert a["images"] == b["images"] and a["images"] != plain["images"]
+    assert a["guidance"]["targets"][0] | {"c2": None} == {
+        "c2": None,
+        "weight": 4.0,
+        "window": [0.0, 0.5],
+        "shape": "decay",
+    }
+    r = post(url, "v1/generate", {**body, "guidance": {"text": {"weight": 4, "window": [0.8, 0.2]}}})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_guidance", r.text
+
+
 def test_concurrent_requests_are_batched_and_match_single_runs(apps):
     url = apps["main"]
     bodies = [

@@ -154,6 +154,15 @@ def test_page_generates_with_mixed_conditions(base_url, driver, tmp_path):
     driver.execute_script("arguments[0].value = '0.2'; arguments[0].dispatchEvent(new Event('input'))", start)
     Select(driver.find_element(By.ID, "window-shape-palette")).select_by_value("linear")
     assert driver.find_element(By.ID, "window-label-palette").text == "steps 0.2–1"
+    # paint with words: "red circle" brushed onto the top left of its canvas
+    driver.find_element(By.ID, "paint-add").click()
+    _type(driver, "paint-phrase-0", "red circle")
+    paint = driver.find_element(By.ID, "paint-canvas-0")
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", paint)
+    ActionChains(driver).move_to_element_with_offset(paint, -50, -50).click_and_hold().move_by_offset(
+        30, 10
+    ).release().perform()
+    assert paint.get_attribute("data-painted") == "true"
 
     button = driver.find_element(By.ID, "generate")
     button.click()
@@ -183,6 +192,7 @@ def test_page_generates_with_mixed_conditions(base_url, driver, tmp_path):
     assert "seed 7" in info and "4 steps" in info, info
     assert "sketch=2" in info and "text+semantics+mask=3" in info, info
     assert "palette=3.0@0.2:1.0,linear" in info, info
+    assert "painted red circle (weight 1)" in info, info
     used = {
         e.get_attribute("data-rep") for e in driver.find_elements(By.CSS_SELECTOR, "#result-conditions .rep")
     }
