@@ -4,8 +4,8 @@ For N captions of the synthetic benchmark (seen pairs), the caption's first obje
 is painted onto a random square covering a quarter of the image; each caption is sampled from the
 caption alone and with the painting (same seed). The scene parser reads each sample; a sample
 scores when the largest object of the painted colour has its centre inside the painted square.
-Prints one JSON line per paint weight (weight 0 = the caption alone) and saves a picture (top: the
-painted region, below: the sample at each weight).
+Prints one JSON line per paint weight (weight 0 = the caption alone) and saves a picture (a row per
+caption: the caption, the painted region, the sample at each weight).
 
     python benchmarks/paint_words.py [--model recompose:reference] [--count 64] [--weights 0,1,4]
         [--guidance 5] [--steps 25] [--figure benchmarks/figures/paint-words.png]
@@ -100,21 +100,24 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
     pipe = load_pipeline(a.model, "cpu")
     pipe.set_progress_bar_config(disable=True)
+    from pipelines.diffusion.pictures import layout, text_tile
+
     items = cases(a.count, pipe.image_size)
-    rows = [np.stack([c.region * 255] * 3, -1).astype(np.uint8) for c in items[:16]]
-    grids = [np.concatenate(rows, 1)]
+    size = 96
+    rows = [
+        [("caption", text_tile(c.caption, size)), (f"painted: {c.phrase}", c.region * 255)] for c in items[:8]
+    ]
     for w in [float(x) for x in a.weights.split(",")]:
         share, images = measure(pipe, items, w, a.guidance, a.steps)
-        print(
-            json.dumps({"weight": w, "inside": round(share, 3), "count": a.count, "area": 0.25}), flush=True
-        )
-        grids.append(np.concatenate(list(images[:16]), 1))
+        line = {"weight": w, "inside": round(share, 3), "count": a.count, "area": 0.25}
+        print(json.dumps(line), flush=True)
+        for row, im, c in zip(rows, images, items, strict=False):
+            row.append((f"w={w:g}" + (" (in)" if inside(im, c) else ""), im))
     if a.figure:
         from PIL import Image
 
-        grid = np.concatenate(grids, 0)
         Path(a.figure).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST).save(a.figure)
+        Image.fromarray(layout(rows, size)).save(a.figure)
     return 0
 
 

@@ -258,12 +258,21 @@ class ExpertEnsemble(nn.Module):
     """Experts (``ComposerModel``s of one architecture) and their [lo, hi) timestep intervals;
     called as one model: each call runs the expert of its timestep."""
 
-    def __init__(self, experts: Sequence[ComposerModel], ranges: Sequence[NoiseRange]):
+    def __init__(
+        self,
+        experts: Sequence[ComposerModel],
+        ranges: Sequence[NoiseRange],
+        names: Sequence[str] | None = None,
+    ):
         super().__init__()
         if len(experts) != len(ranges) or not experts:
             raise ValueError("give one noise range per expert, and at least one expert")
         self.experts = nn.ModuleList(experts)
         self.ranges = [tuple(r) for r in ranges]
+        self.names = list(names or (f"expert-{i}" for i in range(len(experts))))
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [{"name": n, "noise_range": list(r)} for n, r in zip(self.names, self.ranges, strict=True)]
 
     @property
     def config(self) -> Any:
@@ -310,9 +319,13 @@ def load_experts(directory: str | Path, first: ComposerModel) -> ExpertEnsemble:
     index = read_index(root)
     experts = [first]
     for e in index["experts"][1:]:
-        model = ComposerModel.from_pretrained(str(root / e["unet"]), use_safetensors=True)
-        experts.append(model.to(first.device, first.dtype))
-    return ExpertEnsemble(experts, [tuple(e["noise_range"]) for e in index["experts"]])
+        model = ComposerModel.from_pretrained(
+            str(root / e["unet"]), use_safetensors=True, torch_dtype=first.dtype
+        )
+        experts.append(model.to(first.device))
+    return ExpertEnsemble(
+        experts, [tuple(e["noise_range"]) for e in index["experts"]], [e["name"] for e in index["experts"]]
+    )
 
 
 def attach_experts(pipe: Any, directory: str | Path) -> Any:

@@ -261,6 +261,7 @@ class ModelInfo:
     stages: list[int] = field(default_factory=list)  # a cascade: each stage's side, base first
     upscale_factors: list[int] = field(default_factory=list)  # what /v1/upscale can do (×2, ×4, …)
     prior: bool = False  # a cascade with a prior: generate can sample the semantics from the caption
+    experts: list[dict[str, Any]] = field(default_factory=list)  # an ensemble base: names, noise ranges
 
 
 @dataclass

@@ -126,6 +126,12 @@ def test_set_guidance_per_condition_weights_and_recipes_work_on_a_base(base):
     each = pipe(conditions, guidance="caption=2,intensity=4", **common)
     assert each.guidance["branches"] == 3 and joint.guidance["branches"] == 2
     assert not np.array_equal(each.images, joint.images)
+    # guidance schedules: a whole constant window is the number; a window that drops a condition
+    # for part of the run changes the images
+    whole = pipe(conditions, guidance="caption=2,intensity=4@0:1", **common)
+    assert np.array_equal(whole.images, each.images)
+    part = pipe(conditions, guidance="caption=2,intensity=4@0:0.5,decay", **common)
+    assert not np.array_equal(part.images, each.images) and part.guidance["targets"][1]["shape"] == "decay"
     out = translate(pipe, s.image, "a green star on a black background", layout=("sketch",), **common)
     assert out.images.shape == (1, R, R, 3)
     palette = np.full(156, 1 / 156, np.float32)

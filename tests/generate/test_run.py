@@ -335,6 +335,18 @@ def test_clip_and_t5_captions_together(files, tmp_path, no_network):
         main(["generate", "--model", str(model_dir), "--output", str(out), "--steps", "2", "--text", "a cat"])
         == 0
     )
+    # paint-with-words finds a phrase with both tokenizers: CLIP's after its start token, T5's after
+    # the CLIP tokens (join_tokens)
+    assert pipe.phrase_tokens("a red circle", "red circle") == [2, 3, length + 1, length + 2]
+    region = np.zeros((R, R), np.uint8)
+    region[:, : R // 2] = 255
+    Image.fromarray(region).save(tmp_path / "left.png")
+    args = ["generate", "--model", str(model_dir), "--steps", "2", "--text", "a red circle"]
+    painted = ["--paint", f"red circle={tmp_path / 'left.png'}", "--output", str(tmp_path / "painted")]
+    assert main([*args, *painted]) == 0
+    assert (
+        main([*args, "--paint", f"blue star={tmp_path / 'left.png'}", "--output", str(tmp_path / "x")]) == 2
+    )
     assert no_network == []
 
 

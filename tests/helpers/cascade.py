@@ -41,11 +41,24 @@ def save_prior(directory: Path, embedding_dim: int = 8) -> Path:
     return directory
 
 
-def make_cascade(root: Path, base: int = 16, side: int = 32, prior: bool = False) -> Path:
-    """``root``/cascade: a ``base`` px tiny base and a ×(side/base) upsampler-tiny (and a prior)."""
+def make_cascade(
+    root: Path, base: int = 16, side: int = 32, prior: bool = False, ensemble_base: bool = False
+) -> Path:
+    """``root``/cascade: a ``base`` px tiny base and a ×(side/base) upsampler-tiny (and a prior);
+    ``ensemble_base``: the base is an ensemble of two experts with the same weights (its samples
+    are the single base's)."""
+    import shutil
+
     from pipelines.diffusion.cascade import assemble
+    from pipelines.diffusion.ensemble import assemble as assemble_ensemble
+    from pipelines.diffusion.ensemble import write_expert
 
     b = save_stage(root / "base", "tiny", base)
+    if ensemble_base:
+        shutil.copytree(b, root / "low")
+        write_expert(root / "low", (0, 500), str(b))
+        b = root / "base-ensemble"
+        assemble_ensemble([str(root / "base"), str(root / "low")], [None, None], b, Path)
     u = save_stage(root / "upsampler", "upsampler-tiny", side, side // base)
     p = str(save_prior(root / "prior")) if prior else None
     assemble(str(b), [str(u)], root / "cascade", Path, p)

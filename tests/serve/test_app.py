@@ -83,7 +83,7 @@ def apps(tiny_model_dir, tmp_path_factory):
             base = run_app(port, str(root / "export"), "base", "/base", default_steps=2)
             cascade = run_app(
                 port,
-                str(make_cascade(root, prior=True)),
+                str(make_cascade(root, prior=True, ensemble_base=True)),
                 "cascade",
                 "/cascade",
                 default_steps=2,
@@ -457,6 +457,12 @@ def test_a_cascade_generates_edits_outpaints_and_upscales_at_its_output_side(app
     url = apps["cascade"]
     info = requests.get(url + "v1/model", timeout=30).json()
     assert info["resolution"] == R and info["stages"] == [16, R] and info["upscale_factors"] == [2]
+    # its base is an ensemble of experts (tests/helpers/cascade.py): served as any pipeline
+    assert info["experts"] == [
+        {"name": "expert-0", "noise_range": [500, 1000]},
+        {"name": "expert-1", "noise_range": [0, 500]},
+    ]
+    assert requests.get(apps["main"] + "v1/model", timeout=30).json()["experts"] == []
     sketch = png((np.eye(R) * 255).astype(np.uint8))
     r = post(
         url,
