@@ -32,7 +32,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from models.paint import painted_attention
+from models.paint import cross_attention
 
 # UNet2DConditionModel settings that add inputs this module does not build (SDXL's text_time,
 # image-conditioned UNets, class-conditioned upscalers): refused with their name.
@@ -107,46 +107,18 @@ class ExtraTokensAttnProcessor(nn.Module):
     ) -> torch.Tensor:
         if encoder_hidden_states is None or attention_mask is not None or attn.spatial_norm is not None:
             raise ValueError("ExtraTokensAttnProcessor is for plain cross-attention layers")
-        residual = hidden_states
-        four_d = hidden_states.ndim == 4
-        if four_d:
-            b, c, h, w = hidden_states.shape
-            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
-        b = hidden_states.shape[0]
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         text = encoder_hidden_states[:, : encoder_hidden_states.shape[1] - self.n_extra]
-        extra = encoder_hidden_states[:, text.shape[1] :]
-        if attn.norm_cross:
-            text = attn.norm_encoder_hidden_states(text)
-        query = attn.to_q(hidden_states)
-        heads = attn.heads
-        head_dim = query.shape[-1] // heads
+        extra_tokens = encoder_hidden_states[:, text.shape[1] :]
 
-        def split(x: torch.Tensor) -> torch.Tensor:
-            return x.view(b, -1, heads, head_dim).transpose(1, 2)
+        def extra(q: torch.Tensor, split: Any) -> torch.Tensor:  # the semantics and palette tokens
+            dtype = q.dtype
+            k2 = split(self.to_k_extra(extra_tokens.to(dtype)))
+            return F.scaled_dot_product_attention(q, k2, split(self.to_v_extra(extra_tokens.to(dtype))))
 
-        q = split(query)
-        key, value = split(attn.to_k(text)), split(attn.to_v(text))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        if self.painting is not None:  # the caption tokens' logits get the painted regions' bias
-            out = painted_attention(q, key, value, self.painting)
-        else:
-            out = F.scaled_dot_product_attention(q, key, value)
-        if self.n_extra:
-            k2 = split(self.to_k_extra(extra.to(query.dtype)))
-            v2 = split(self.to_v_extra(extra.to(query.dtype)))
-            out = out + F.scaled_dot_product_attention(q, k2, v2)
-        out = out.transpose(1, 2).reshape(b, -1, heads * head_dim).to(query.dtype)
-        out = attn.to_out[1](attn.to_out[0](out))
-        if four_d:
-            out = out.transpose(-1, -2).reshape(b, c, h, w)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        # the caption tokens as the base attends to them (painted while paint-with-words samples)
+        return cross_attention(
+            attn, hidden_states, text, self.painting, extra=extra if self.n_extra else None
+        )
 
 
 def build_unet(base_config: dict[str, Any], local_channels: int, n_extra: int) -> UNet2DConditionModel:

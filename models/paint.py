@@ -21,6 +21,7 @@ bias); ``models/backbone.py``'s processor applies the same bias to its caption t
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +71,56 @@ def painted_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, paintin
     return torch.softmax(logits + painting.bias(logits), dim=-1) @ v
 
 
+def cross_attention(
+    attn: Any,
+    hidden_states: torch.Tensor,
+    text: torch.Tensor,
+    painting: Painting | None = None,
+    temb: torch.Tensor | None = None,
+    extra: Callable[[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """What diffusers' ``AttnProcessor2_0`` computes for a cross-attention layer (no attention
+    mask) over the tokens ``text``, with the painting's bias on the logits when given; ``extra(q,
+    split)`` adds another attention's output before the output projection (models/backbone.py)."""
+    residual = hidden_states
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    four_d = hidden_states.ndim == 4
+    if four_d:
+        b, c, h, w = hidden_states.shape
+        hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+    b = hidden_states.shape[0]
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    if attn.norm_cross:
+        text = attn.norm_encoder_hidden_states(text)
+    query = attn.to_q(hidden_states)
+    heads = attn.heads
+    head_dim = query.shape[-1] // heads
+
+    def split(x: torch.Tensor) -> torch.Tensor:
+        return x.view(b, -1, heads, head_dim).transpose(1, 2)
+
+    q, key, value = split(query), split(attn.to_k(text)), split(attn.to_v(text))
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    if painting is not None:
+        out = painted_attention(q, key, value, painting)
+    else:
+        out = F.scaled_dot_product_attention(q, key, value)
+    if extra is not None:
+        out = out + extra(q, split)
+    out = out.transpose(1, 2).reshape(b, -1, heads * head_dim).to(query.dtype)
+    out = attn.to_out[1](attn.to_out[0](out))
+    if four_d:
+        out = out.transpose(-1, -2).reshape(b, c, h, w)
+    if attn.residual_connection:
+        out = out + residual
+    return out / attn.rescale_output_factor
+
+
 class PaintAttnProcessor:
     """``AttnProcessor2_0`` for a cross-attention layer, with the painting's bias on its logits."""
 
@@ -87,36 +138,4 @@ class PaintAttnProcessor:
     ) -> torch.Tensor:
         if encoder_hidden_states is None or attention_mask is not None:
             raise ValueError("PaintAttnProcessor is for cross-attention layers without an attention mask")
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        four_d = hidden_states.ndim == 4
-        if four_d:
-            b, c, h, w = hidden_states.shape
-            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
-        b = hidden_states.shape[0]
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
-        if attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
-        heads = attn.heads
-        head_dim = key.shape[-1] // heads
-
-        def split(x: torch.Tensor) -> torch.Tensor:
-            return x.view(b, -1, heads, head_dim).transpose(1, 2)
-
-        q, k, v = split(query), split(key), split(value)
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-        out = painted_attention(q, k, v, self.painting)
-        out = out.transpose(1, 2).reshape(b, -1, heads * head_dim).to(q.dtype)
-        out = attn.to_out[1](attn.to_out[0](out))
-        if four_d:
-            out = out.transpose(-1, -2).reshape(b, c, h, w)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        return cross_attention(attn, hidden_states, encoder_hidden_states, self.painting, temb)
