@@ -253,6 +253,12 @@ class EnsembleEncoded:
     def select(self, rows: torch.Tensor) -> EnsembleEncoded:
         return EnsembleEncoded(tuple(p.select(rows) for p in self.parts))
 
+    @staticmethod
+    def cat(items: Sequence[EnsembleEncoded]) -> EnsembleEncoded:
+        return EnsembleEncoded(
+            tuple(EncodedConditions.cat(list(p)) for p in zip(*(i.parts for i in items), strict=True))
+        )
+
 
 class ExpertEnsemble(nn.Module):
     """Experts (``ComposerModel``s of one architecture) and their [lo, hi) timestep intervals;

@@ -512,11 +512,15 @@ class ComposerPipeline(DiffusionPipeline):
             rows[key] = sum(parts, []) if key == "text" else np.concatenate(parts)
         if "text" in rows and self.unet.config.caption_encoder == "base":
             rows.update(self._encode_text(rows.pop("text")))
-        k = len(guidance.branch_sets())
+        k, n = len(guidance.branch_sets()), sum(sizes)
         conds = to_conditions(self.unet, rows)
         if conds.low_res is not None:  # before the branches are repeated: one augmentation per sample
             conds.low_res = self._augment_low_res(conds.low_res, conds.low_res_level, sizes, generators)
-        return self.denoiser.encode(conds.repeat(k), guidance.presence(sum(sizes), self.unet.device))
+        presence = guidance.presence(n, self.unet.device)
+        # one branch at a time: a branch's rows are then computed alike whatever the other branches
+        # (a guidance schedule's empty window gives exactly the images without that condition)
+        parts = [self.denoiser.encode(conds, presence[j * n : (j + 1) * n]) for j in range(k)]
+        return parts[0] if k == 1 else type(parts[0]).cat(parts)
 
     def _augment_low_res(
         self,
