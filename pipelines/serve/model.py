@@ -196,7 +196,7 @@ class ComposerServer:
             stages=self.cascade.resolutions if factors else [],
             upscale_factors=factors,
             prior=self.cascade.prior is not None,
-            experts=[] if self.pipe.ensemble is None else self.pipe.ensemble.describe(),
+            experts=[] if self.base.ensemble is None else self.base.ensemble.describe(),
         )
 
     async def _exclusive(self, fn: Any, *args: Any) -> Any:
