@@ -213,3 +213,36 @@ def test_the_cli_paints_and_records_it(tmp_path, tiny_model_dir):
         )
         == 2
     )
+
+
+def test_every_stage_of_a_cascade_paints(tmp_path):
+    """On a cascade the regions go to each stage at its side: the base's samples and the
+    upsampler's differ from the unpainted run's (same seed)."""
+    from tests.helpers.cascade import make_cascade
+
+    cascade = make_cascade(tmp_path)
+    region = np.zeros((64, 64), np.uint8)
+    region[:32, :] = 255
+    Image.fromarray(region).save(tmp_path / "top.png")
+    args = ["generate", "--model", str(cascade), "--text", CAPTION, "--steps", "3", "--upsampler-steps", "3"]
+    assert main([*args, "--output", str(tmp_path / "plain")]) == 0
+    painted = ["--paint", f"red circle={tmp_path / 'top.png'}", "--paint-weight", "8"]
+    assert main([*args, *painted, "--output", str(tmp_path / "painted")]) == 0
+
+    def image(run: str, name: str) -> np.ndarray:
+        return np.asarray(Image.open(tmp_path / run / name)).astype(int)
+
+    base = "stages/base/sample-0000.png"
+    assert np.abs(image("plain", base) - image("painted", base)).max() > 0
+    # the upsampler paints too: its output moves more than the painted base alone explains
+    from pipelines.diffusion.loading import load_cascade
+
+    up = load_cascade(str(cascade), "cpu").stages[1]
+    up.set_progress_bar_config(disable=True)
+    low = image("painted", base).astype(np.uint8)
+    cond = {"text": CAPTION, "low_res": low}
+    unpainted = up(cond, num_inference_steps=3, seed=0).images[0].astype(int)
+    with_paint = up(
+        cond, num_inference_steps=3, seed=0, paint={"red circle": region[::2, ::2] > 0}, paint_weight=8
+    )
+    assert np.abs(with_paint.images[0].astype(int) - unpainted).max() > 0
