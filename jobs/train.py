@@ -29,7 +29,7 @@ from __future__ import annotations
 import argparse
 
 from jobs._runner import add_common_arguments, run
-from pipelines.config import ConfigError, add_config_arguments, load_config
+from pipelines.config import add_config_arguments, load_config
 from pipelines.train.config import TrainConfig
 from pipelines.train.run import TrainResult, expert_defaults, run_train
 
@@ -96,14 +96,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def train(args: argparse.Namespace) -> TrainResult:
-    noise_range = None
-    if args.noise_range is not None:
-        lo, sep, hi = args.noise_range.partition(":")
-        if not sep or not lo.strip().isdigit() or not hi.strip().isdigit():
-            raise ConfigError(
-                f"--noise-range {args.noise_range!r}: expected LO:HI, two whole timesteps (e.g. 0:500)"
-            )
-        noise_range = [int(lo), int(hi)]
+    from pipelines.diffusion.ensemble import parse_range
+
+    noise_range = None if args.noise_range is None else list(parse_range(args.noise_range))
     values = {
         "data": args.data,
         "output": args.output,

@@ -44,6 +44,11 @@ class HashTokenizer:
         self.vocab_size = vocab_size
         self.length = length
 
+    @classmethod
+    def words(cls, text: str) -> list[str]:
+        """The lower-cased words and punctuation of ``text``, one token each (before truncation)."""
+        return cls._word.findall(text.lower())
+
     def token_id(self, word: str) -> int:
         return SPECIAL_IDS + zlib.crc32(word.encode("utf-8")) % (self.vocab_size - SPECIAL_IDS)
 
@@ -53,7 +58,7 @@ class HashTokenizer:
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"caption {i} is {type(text).__name__}, expected str")
-            words = self._word.findall(text.lower())[: self.length]
+            words = self.words(text)[: self.length]
             if words:
                 ids[i, : len(words)] = torch.tensor([self.token_id(w) for w in words])
         return ids

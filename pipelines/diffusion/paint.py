@@ -15,7 +15,6 @@ A phrase that is not in the caption (or past the tokens the model reads) is a ``
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -26,7 +25,6 @@ from models import CONDITIONS
 from models.paint import PaintAttnProcessor, Painting
 
 CAPTION = CONDITIONS.index("caption")
-DEFAULT_WEIGHT = 1.0
 
 
 class PaintError(ValueError):
@@ -53,12 +51,11 @@ def _positions(caption_ids: Sequence[int], phrase_ids: Sequence[int], phrase: st
     return list(range(i, i + len(phrase_ids)))
 
 
-_WORDS = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")  # models/encoders.py HashTokenizer's words
-
-
 def trainable_positions(caption: str, phrase: str, length: int) -> list[int]:
-    words = _WORDS.findall(caption.lower())[:length]
-    return _positions(words, _WORDS.findall(phrase.lower()), phrase, caption)  # type: ignore[arg-type]
+    from models.encoders import HashTokenizer
+
+    words = HashTokenizer.words(caption)[:length]
+    return _positions(words, HashTokenizer.words(phrase), phrase, caption)  # type: ignore[arg-type]
 
 
 def clip_positions(tokenize: Callable[[list[str]], Any], caption: str, phrase: str) -> list[int]:
