@@ -1,13 +1,16 @@
-"""Decomposition speed: the no-weights CPU extractors against decoding and against a naive loop.
+"""Decomposition speed: the no-weights CPU extractors against decoding and against a naive loop,
+and the Ray job that runs them against its kernels.
 
-    python benchmarks/decompose.py [--count 256] [--resolution 256] [--repeats 3] [--no-ray]
+    python benchmarks/decompose.py [--count 256] [--resolution 256] [--repeats 3] [--source 512x384]
+                                   [--job-sizes 4096,16384] [--cpus 2] [--no-ray]
+                                   [--simulate-gpu N] [--gpu-rate 312] [--cpus-per-gpu 1,2,4,8]
 
-Same encoded images (512×384 JPEGs: half synthetic scenes, half noisy photo-like textures), same
-run, one process, one core (the like-for-like figures the goals are judged on):
+Same encoded images (JPEGs of ``--source`` size: half synthetic scenes, half noisy photo-like
+textures), same run, one process, one core (the like-for-like figures the goals are judged on):
 
-  (a) decode + resize only        — ``decode_image`` per row, as the job's decode stage does
+  (a) decode + resize only        — ``decode_image`` per row, as the job's process tasks do
   (b) the no-weights CPU set      — (a) then palette, sketch (Canny), intensity and instances
-                                    (colour clustering), batched as the job's actor stages run them
+                                    (colour clustering), each over batches of its configured size
   (c) naive per-image loop        — what ControlNet's annotator scripts do: PIL open/resize, then
                                     one call per image per representation: controlnet_aux
                                     ``CannyDetector()(img)``, the palette as the authors' per-image
@@ -22,10 +25,26 @@ own defaults instead (Canny detected at 512 px and resized down, k-means on all 
 loop does several times more work; that variant is reported too, as ``c_naive_defaults_ips``,
 but not judged, since its ratio would credit (b) with work it does not do.
 
-Goals (issue "Decompose"): (b) ≥ 0.5 × (a) and (b) ≥ 3 × (c). Also reported, not judged: the
-end-to-end Ray Data job (``run_decompose``) on a local 2-CPU Ray, which adds its start-up and
-scheduling on top, and a per-representation breakdown (ms per image, on decoded images) of (b)
-and (c). Prints one JSON object on stdout; progress on stderr.
+Goals (issue "Decompose"): (b) ≥ 0.5 × (a) and (b) ≥ 3 × (c).
+
+The job (issue "The decomposition job at its kernels' speed"), unless ``--no-ray``:
+
+  job        ``recompose decompose`` (a new process, as a user runs it) on the (b) set over
+             ``--job-sizes`` files (the images cycled), on one Ray of ``--cpus`` CPUs that this
+             process starts and the jobs connect to (RAY_ADDRESS, as ``ray job submit`` jobs do).
+             ``marginal_ips`` = extra images / extra seconds between the two sizes (start-up
+             cancels out); goal: ≥ 0.75 × ``--cpus`` × (b).
+  start-up   from starting the process to its first computed rows reaching the driver: on the
+             running Ray, and for a job that starts its own Ray (256 images). Goal: ≤ 5 s.
+  shard size bytes per row of the committed shards, per column (zstd, as stored)
+
+``--simulate-gpu N``: the same job on N images with a stand-in for a GPU extractor after the
+CPU work (an actor holding one logical GPU that sleeps n / rate per batch of n rows, and records
+when it was busy). For each k in ``--cpus-per-gpu`` the stand-in runs at ``--gpu-rate`` × cpus / k
+images/s — this machine's CPUs as k per GPU — and its busy fraction after the first 10% of its
+images is reported (goal ≥ 0.9 once the CPUs per GPU suffice).
+
+Prints one JSON object on stdout; progress on stderr.
 """
 
 from __future__ import annotations
@@ -36,7 +55,8 @@ import json
 import logging
 import os
 import platform
-import statistics
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -57,19 +77,21 @@ from pipelines.data.synth import render_sample  # noqa: E402
 from pipelines.log import configure  # noqa: E402
 
 log = logging.getLogger("bench")
+CPU_SET = "palette,sketch,intensity,instances"  # the no-weights CPU extractors, (b)
 
 
-def make_images(count: int, seed: int = 0) -> list[bytes]:
+def make_images(count: int, seed: int = 0, size: tuple[int, int] = (512, 384)) -> list[bytes]:
+    w, h = size
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:384, 0:512] / 512.0
+    yy, xx = np.mgrid[0:h, 0:w] / 512.0
     blobs = []
     for i in range(count):
         if i % 2:
-            a = np.asarray(Image.fromarray(render_sample(seed, "train", i, 384).image).resize((512, 384)))
+            a = np.asarray(Image.fromarray(render_sample(seed, "train", i, h).image).resize((w, h)))
         else:
             f = rng.uniform(2, 9, 3)
             base = np.stack([np.sin(xx * f[0] + i), np.cos(yy * f[1]), np.sin((xx + yy) * f[2])], -1)
-            a = ((base * 0.5 + 0.5) * 200 + rng.normal(0, 12, (384, 512, 3))).clip(0, 255).astype(np.uint8)
+            a = ((base * 0.5 + 0.5) * 200 + rng.normal(0, 12, (h, w, 3))).clip(0, 255).astype(np.uint8)
         buf = io.BytesIO()
         Image.fromarray(a).save(buf, format="JPEG", quality=90)
         blobs.append(buf.getvalue())
@@ -218,38 +240,256 @@ def breakdown(
 
 # -- the Ray job, end to end ---------------------------------------------------------------------
 
+JOB_SETTINGS = ["--set", "instances.method=cluster", "--set", "shard_size=128", "--set", "progress=false"]
 
-def ray_job(blobs: list[bytes], r: int, conditions: str) -> float:
+
+def write_inputs(blobs: list[bytes], n: int, folder: Path) -> Path:
+    """``n`` JPEG files (the benchmark's images, cycled) in ``folder``."""
+    folder.mkdir(parents=True)
+    for i in range(n):
+        (folder / f"{i:06d}.jpg").write_bytes(blobs[i % len(blobs)])
+    return folder
+
+
+def cli_job(src: Path, out: Path, r: int, conditions: str, env: dict[str, str]) -> dict:
+    """``recompose decompose`` in a new process, as a user runs it: its wall time, the time to its
+    first computed rows reaching the driver (start-up: imports, Ray, planning, the first batch
+    through every stage; the job logs it as "first rows written") and its summary."""
+    import threading
+
+    cmd = [sys.executable, "-m", "jobs.decompose", "--input", str(src), "--output", str(out)]
+    cmd += ["--conditions", conditions, "--resolution", str(r), *JOB_SETTINGS, "--json"]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    seen: dict[str, float] = {}
+    tail: list[str] = []
+
+    def watch() -> None:
+        for line in proc.stderr:
+            if "first rows written" in line and "startup" not in seen:
+                seen["startup"] = time.perf_counter() - t0
+            tail[:] = [*tail[-40:], line]
+
+    reader = threading.Thread(target=watch, daemon=True)
+    reader.start()
+    stdout = proc.stdout.read()
+    proc.wait()
+    reader.join()
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise RuntimeError(f"recompose decompose failed ({proc.returncode}):\n{''.join(tail)}")
+    summary = json.loads(stdout)
+    if summary["inputs"] != summary["rows"] or "startup" not in seen:
+        raise RuntimeError(f"unexpected job summary: {summary}")
+    return {"wall_s": wall, "startup_s": seen["startup"], "elapsed_s": summary["elapsed_s"]}
+
+
+class RayHead:
+    """A local Ray with ``cpus`` CPUs started by this process, that jobs in other processes
+    connect to with RAY_ADDRESS, as ``ray job submit`` jobs do to a running cluster."""
+
+    def __init__(self, cpus: int):
+        self.cpus = cpus
+
+    def __enter__(self) -> str:
+        import ray
+
+        ray.init(num_cpus=self.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        return ray.get_runtime_context().gcs_address
+
+    def __exit__(self, *exc: object) -> None:
+        import ray
+
+        ray.shutdown()
+
+
+def shard_bytes(out: Path) -> dict[str, float]:
+    """Bytes per row of the committed shards, per column as stored (compressed) and in all."""
+    import pyarrow.parquet as pq
+
+    per: dict[str, int] = {}
+    rows = total = 0
+    for f in sorted(out.glob("shards/*.parquet")):
+        meta = pq.ParquetFile(f).metadata
+        rows += meta.num_rows
+        total += f.stat().st_size
+        for g in range(meta.num_row_groups):
+            for c in range(meta.num_columns):
+                col = meta.row_group(g).column(c)
+                name = col.path_in_schema.split(".")[0]
+                per[name] = per.get(name, 0) + col.total_compressed_size
+    return {"file": round(total / rows, 1), **{k: round(v / rows, 1) for k, v in per.items()}}
+
+
+def job_scaling(
+    blobs: list[bytes], r: int, sizes: list[int], cpus: int, conditions: str, kernel: float
+) -> dict:
+    """The job's steady-state throughput: wall time at two input sizes on one running Ray
+    (marginal = extra images / extra seconds, start-up cancels), against ``cpus`` × ``kernel``
+    (the in-process single-core throughput of the same work); and the start-up of a run on a
+    running Ray and of one that starts its own."""
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp, RayHead(cpus) as address:
+        env = {**os.environ, "RAY_ADDRESS": address}
+        for n in sizes:
+            src = write_inputs(blobs, n, Path(tmp) / f"in-{n}")
+            log.info(f"job on {n} images ({cpus} CPUs, running Ray at {address})")
+            runs[n] = cli_job(src, Path(tmp) / f"out-{n}", r, conditions, env)
+            if n == sizes[0]:
+                stored = shard_bytes(Path(tmp) / f"out-{n}")
+            shutil.rmtree(Path(tmp) / f"out-{n}")
+            log.info(f"  {runs[n]['wall_s']:.1f} s, first rows after {runs[n]['startup_s']:.2f} s")
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        src = write_inputs(blobs, 256, Path(tmp) / "in")
+        log.info("job on 256 images, starting its own Ray")
+        fresh = cli_job(src, Path(tmp) / "out", r, conditions, env)
+    lo, hi = sizes[0], sizes[-1]
+    marginal = (hi - lo) / (runs[hi]["wall_s"] - runs[lo]["wall_s"])
+    ratio = marginal / (cpus * kernel)
+    return {
+        "cpus": cpus,
+        "conditions": conditions,
+        "runs": {str(n): {k: round(v, 2) for k, v in x.items()} for n, x in runs.items()},
+        "images_per_s": {str(n): round(n / x["wall_s"], 1) for n, x in runs.items()},
+        "marginal_ips": round(marginal, 1),
+        "kernel_ips_per_core": round(kernel, 1),
+        "ratio_marginal_over_cpus_x_kernel": round(ratio, 3),
+        "goal_ratio": 0.75,
+        "startup_s": {
+            "running_ray": round(runs[lo]["startup_s"], 2),
+            "own_ray": round(fresh["startup_s"], 2),
+        },
+        "goal_startup_s": 5.0,
+        "shard_bytes_per_row": stored,
+        "goals_met": {
+            "steady_state": ratio >= 0.75,
+            "startup": max(runs[lo]["startup_s"], fresh["startup_s"]) <= 5.0,
+        },
+    }
+
+
+# -- a GPU stage, by simulation ------------------------------------------------------------------
+
+
+class GpuStandIn:
+    """Where a GPU extractor would sit: costs a fixed time per image (a published rate) and
+    records when it was busy; the rows pass through unchanged."""
+
+    def __init__(self, images_per_s: float, log_path: str, columns: list[str] | None = None):
+        self.seconds_per_image = 1.0 / images_per_s
+        self.log = open(log_path, "a")  # noqa: SIM115 - the actor's lifetime
+        self.columns = columns
+
+    def __call__(self, batch: dict) -> dict:
+        n = len(batch["key"])
+        t0 = time.time()
+        time.sleep(n * self.seconds_per_image)
+        self.log.write(f"{t0} {time.time()} {n}\n")
+        self.log.flush()
+        from pipelines.decompose.stages import output
+
+        return output(batch, self.columns) if self.columns is not None else batch
+
+
+def busy_fraction(log_path: Path, warmup: float = 0.1) -> tuple[float, float, int]:
+    """The stand-in's busy share of the wall time from the call that starts after the first
+    ``warmup`` share of its images to its last call's end, its images/s over that window, and
+    the images it saw."""
+    calls = sorted(tuple(map(float, line.split())) for line in log_path.read_text().splitlines())
+    total = sum(c[2] for c in calls)
+    seen, first = 0.0, 0
+    for i, c in enumerate(calls):
+        if seen >= warmup * total:
+            first = i
+            break
+        seen += c[2]
+    window = calls[first:]
+    span = window[-1][1] - window[0][0]
+    return sum(c[1] - c[0] for c in window) / span, sum(c[2] for c in window) / span, int(total)
+
+
+def simulate_gpu(
+    blobs: list[bytes], r: int, n: int, cpus: int, conditions: str, rate: float, cpus_per_gpu: list[float]
+) -> dict:
+    """The job with a stand-in GPU stage after the CPU work: for each number of CPUs per GPU k,
+    the stand-in runs at ``rate`` × ``cpus`` / k images/s (this machine's CPUs are k per GPU),
+    and its busy fraction is measured."""
+    import ray
+
     from pipelines.config import load_config
+    from pipelines.decompose import execute
     from pipelines.decompose.config import DecomposeConfig
     from pipelines.decompose.job import run_decompose
 
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "in"
-        src.mkdir()
-        for i, b in enumerate(blobs):
-            (src / f"{i:05d}.jpg").write_bytes(b)
-        values = {
-            "input": str(src),
-            "output": str(Path(tmp) / "out"),
-            "conditions": conditions,
-            "resolution": r,
-            "progress": False,
-            "instances.method": "cluster",
-            "shard_size": 128,
-        }
-        s = run_decompose(load_config(DecomposeConfig, values=values))
-        return s.inputs / s.elapsed_s
+    out = {}
+    ray.init(num_cpus=cpus, num_gpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            src = write_inputs(blobs, n, Path(tmp) / "in")
+            for k in cpus_per_gpu:
+                ips = rate * cpus / k
+                calls = Path(tmp) / f"calls-{k}.txt"
+                execute.extra_stages = [
+                    execute.ExtraStage(
+                        GpuStandIn, {"images_per_s": ips, "log_path": str(calls)}, 256, num_gpus=1
+                    )
+                ]
+                values = {
+                    "input": str(src),
+                    "output": str(Path(tmp) / f"out-{k}"),
+                    "conditions": conditions,
+                    "resolution": r,
+                    "progress": False,
+                    "instances.method": "cluster",
+                    "shard_size": 128,
+                }
+                log.info(f"stand-in at {ips:.0f} images/s: {k:g} CPUs per GPU")
+                t = time.perf_counter()
+                run_decompose(load_config(DecomposeConfig, values=values))
+                wall = time.perf_counter() - t
+                busy, through, seen = busy_fraction(calls)
+                if seen != n:
+                    raise RuntimeError(f"the stand-in saw {seen} rows of {n}")
+                out[f"{k:g}"] = {
+                    "standin_ips": round(ips, 1),
+                    "busy_fraction": round(busy, 3),
+                    "steady_ips": round(through, 1),
+                    "job_ips_with_startup": round(n / wall, 1),
+                }
+                log.info(f"  busy {busy:.1%}, {through:.0f} images/s after warm-up")
+                shutil.rmtree(Path(tmp) / f"out-{k}")
+    finally:
+        execute.extra_stages = []
+        ray.shutdown()
+    return {
+        "images": n,
+        "cpus": cpus,
+        "gpu_rate_ips": rate,
+        "note": "stand-in sleeps n / rate per batch of n (256); busy fraction after the first 10% of its images",
+        "by_cpus_per_gpu": out,
+        "goal_busy": 0.9,
+    }
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--count", type=int, default=256)
+    p.add_argument("--source", default="512x384", help="WxH of the encoded images")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=None, help="default: each extractor's own")
     p.add_argument("--naive-count", type=int, default=64, help="images for (c), the slow baseline")
     p.add_argument("--no-ray", action="store_true", help="skip the end-to-end Ray job figures")
+    p.add_argument(
+        "--job-sizes", default="512,2048", help="two input sizes for the job's marginal throughput"
+    )
+    p.add_argument("--cpus", type=int, default=2, help="CPUs of the Ray the job runs on")
+    p.add_argument(
+        "--simulate-gpu", type=int, default=0, metavar="N", help="images for the GPU stand-in runs"
+    )
+    p.add_argument("--gpu-rate", type=float, default=312.0, help="images/s of one GPU (CLIP ViT-L/14, A100)")
+    p.add_argument("--cpus-per-gpu", default="1,2,4,8", help="CPUs per GPU to simulate")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="[bench] %(message)s", stream=sys.stderr)
     configure(-1)  # the job's own lines are not the benchmark's: warnings only
@@ -262,8 +502,9 @@ def main() -> int:
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
     r, n = args.resolution, args.count
-    log.info(f"making {n} JPEGs (512x384)")
-    blobs = make_images(n)
+    size = tuple(int(v) for v in args.source.lower().split("x"))
+    log.info(f"making {n} JPEGs ({args.source})")
+    blobs = make_images(n, size=size)
 
     exts = cpu_extractors(r)
     # Warm-up: imports, and the palette's exact colour table (loaded from the per-machine cache,
@@ -292,7 +533,7 @@ def main() -> int:
         "machine": {"cpu": cpu_name(), "cores_used": 1, "python": platform.python_version()},
         "count": n,
         "resolution": r,
-        "source": "512x384 JPEG q90",
+        "source": f"{args.source} JPEG q90",
         "judged_on": "a, b, c: in-process, one core, same images; c at the same working sizes as b",
         "a_decode_resize_ips": round(a, 1),
         "b_cpu_extractors_ips": round(b, 1),
@@ -312,19 +553,13 @@ def main() -> int:
         "ms_per_image": parts,
     }
     if not args.no_ray:
-        import ray
-
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-        log.info("Ray job: decode + intensity")
-        job_a = statistics.median(ray_job(blobs, r, "intensity") for _ in range(2))
-        log.info("Ray job: decode + palette, sketch, intensity, instances")
-        job_b = statistics.median(ray_job(blobs, r, "palette,sketch,intensity,instances") for _ in range(2))
-        ray.shutdown()
-        out["ray_job_2cpu"] = {
-            "decode_intensity_ips": round(job_a, 1),
-            "cpu_extractors_ips": round(job_b, 1),
-            "note": "end to end incl. pipeline start-up, 2 CPUs, not judged",
-        }
+        sizes = [int(s) for s in args.job_sizes.split(",")]
+        out["job"] = job_scaling(blobs, r, sizes, args.cpus, CPU_SET, b)
+    if args.simulate_gpu:
+        ks = [float(k) for k in args.cpus_per_gpu.split(",")]
+        out["gpu_simulation"] = simulate_gpu(
+            blobs, r, args.simulate_gpu, args.cpus, CPU_SET, args.gpu_rate, ks
+        )
     print(json.dumps(out, indent=2))
     return 0
 

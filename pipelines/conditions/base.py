@@ -121,6 +121,12 @@ class Extractor(ABC):
             "resources": self.resources(),
         }
 
+    def uses_model(self) -> bool:
+        """Whether ``extract`` runs a network that ``setup`` loads. The decomposition job gives
+        such an extractor its own actor stage (the model is loaded once per actor); the others
+        run inside the decode tasks, with no hop between stages."""
+        return False
+
     # -- execution ---------------------------------------------------------------------------
     def setup(self) -> None:
         """Load weights; called once per actor before the first batch (no-op for numpy extractors)."""

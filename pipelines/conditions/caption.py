@@ -225,6 +225,9 @@ class CaptionExtractor(Extractor):
             self._base_identity = text_encoder_identity(self._dir("base"))
         return self._base_identity
 
+    def uses_model(self) -> bool:
+        return True
+
     def setup(self) -> None:
         import torch
 

@@ -58,6 +58,9 @@ class DepthExtractor(Extractor):
             ColumnSpec("depth", "uint8", (r, r), "relative inverse depth, min-max per image, 255 = nearest")
         ]
 
+    def uses_model(self) -> bool:
+        return bool(self.config.weights)
+
     def setup(self) -> None:
         self._model = None
         if not self.config.weights:

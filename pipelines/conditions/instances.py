@@ -133,12 +133,12 @@ class InstancesExtractor(Extractor):
             )
         return None
 
-    def _uses_model(self) -> bool:
+    def uses_model(self) -> bool:
         return self.config.method == "model" or (self.config.method == "auto" and bool(self.config.weights))
 
     # -- execution ---------------------------------------------------------------------------
     def setup(self) -> None:
-        if not self._uses_model():
+        if not self.uses_model():
             if self.config.method == "auto":
                 logger.info("instances: no weights set; rows without ground truth use colour clustering")
             return
@@ -202,7 +202,7 @@ class InstancesExtractor(Extractor):
             for i in np.flatnonzero(use_gt):
                 out[i] = renumber(gt[i], self.config.max_instances)
         rest = np.flatnonzero(~use_gt)
-        if len(rest) and self._uses_model():
+        if len(rest) and self.uses_model():
             out[rest] = self._segment_with_model(images[rest])
         elif len(rest):
             out[rest] = self._cluster(images[rest])

@@ -114,6 +114,9 @@ class LatentsExtractor(Extractor):
     def describe(self) -> dict[str, Any]:
         return super().describe() | {"base": self.config.base, "vae": self.identity()}
 
+    def uses_model(self) -> bool:
+        return True
+
     def setup(self) -> None:
         import torch
 

@@ -135,6 +135,9 @@ class SemanticsExtractor(Extractor):
         unit = "unit-norm " if self.config.normalize else ""
         return [ColumnSpec("semantics", "float16", (embed_dim,), f"{unit}CLIP image embedding")]
 
+    def uses_model(self) -> bool:
+        return True
+
     def setup(self) -> None:
         import open_clip
         import torch

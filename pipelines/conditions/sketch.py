@@ -106,6 +106,9 @@ class SketchExtractor(Extractor):
         r = self.resolution
         return [ColumnSpec("sketch", "uint8", (r, r), f"{self.config.method} edges, 255 = edge, 0 = none")]
 
+    def uses_model(self) -> bool:
+        return self.config.method != "canny"
+
     def setup(self) -> None:
         c = self.config
         if c.method == "canny":

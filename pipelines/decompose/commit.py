@@ -11,16 +11,14 @@ Rows are sorted by input index, so a shard's bytes do not depend on the order Ra
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import files
+from pipelines.conditions.base import Batch
 from pipelines.data import shards as S
 from pipelines.data.sources import WorkUnit
 from pipelines.decompose.plan import JobPlan, Pending
@@ -41,9 +39,10 @@ def empty_errors() -> Errors:
     return {f.name: [] for f in S.ERRORS_SCHEMA}
 
 
-def commit_shard(job: JobPlan, p: Pending, parts: list[Path]) -> int:
-    """Write ``p``'s shard from its staged ``parts`` (every input's row, from the write stage);
-    no parts: only drop removed conditions. Returns the rows whose ``p.todo`` were computed."""
+def commit_shard(job: JobPlan, p: Pending, parts: list[Batch]) -> int:
+    """Write ``p``'s shard from its computed rows ``parts`` (batches of the stream, together
+    every input's row once); no parts: only drop removed conditions. Returns the rows whose
+    ``p.todo`` were computed."""
     n = len(p.unit.members)
     rows = _staged_rows(parts, p.unit.shard, n)
     new_errors = _errors_from(rows, p.unit) if rows else empty_errors()
@@ -51,22 +50,30 @@ def commit_shard(job: JobPlan, p: Pending, parts: list[Path]) -> int:
         errors = new_errors
         good = _good(n, errors)
         data = _arrays(job, rows, good, p.todo)
-        data.update({c: np.array(rows[c].to_pylist(), object)[good] for c in ("key", "source", "text")})
+        data.update({c: np.asarray(rows[c], object)[good] for c in ("key", "source", "text")})
     else:
         errors, good, data = _merge(job, p, rows, new_errors, reread=bool(parts))
     _write(job, p.unit, errors, good, data)
     return len(good)
 
 
-def _staged_rows(parts: list[Path], shard: str, n: int) -> dict[str, Any]:
-    """The part files' columns, rows in input order 0..n-1 (empty without parts)."""
+def _staged_rows(parts: list[Batch], shard: str, n: int) -> dict[str, np.ndarray]:
+    """The computed rows as one batch in input order 0..n-1 (empty without parts): one copy of
+    each column, read in place from the object store."""
     if not parts:
         return {}
-    t = pa.concat_tables([pq.read_table(f) for f in parts])
-    t = t.take(pa.compute.sort_indices(t, [("index", "ascending")]))
-    if t.column("index").to_pylist() != list(range(n)):
-        raise RuntimeError(f"shard {shard}: staged rows do not cover inputs 0..{n - 1}")
-    return {c: t.column(c) for c in t.column_names}
+    parts = sorted(parts, key=lambda b: int(b["index"][0]))
+    index = np.concatenate([b["index"] for b in parts])
+    order = None if (index[1:] > index[:-1]).all() else np.argsort(index, kind="stable")
+    if order is not None:
+        index = index[order]
+    if not np.array_equal(index, np.arange(n)):
+        raise RuntimeError(f"shard {shard}: computed rows do not cover inputs 0..{n - 1}")
+    rows = {}
+    for c in parts[0]:
+        whole = np.concatenate([b[c] for b in parts]) if len(parts) > 1 else parts[0][c]
+        rows[c] = whole if order is None else whole[order]
+    return rows
 
 
 def _good(n: int, errors: Errors) -> list[int]:
@@ -106,18 +113,26 @@ def _arrays(
     if not rows:
         return out
     r = job.cfg.resolution
-    out["image"] = S.from_binary(rows["image"], np.uint8, (r, r, 3))[good]
+    pick = None if len(good) == len(rows["index"]) else np.asarray(good, np.int64)
+
+    def column(name: str, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
+        a = rows[name]
+        if a.dtype != np.dtype(dtype) or a.shape[1:] != tuple(shape):
+            raise RuntimeError(f"{name}: computed {a.dtype} {a.shape[1:]}, declared {dtype} {tuple(shape)}")
+        return a if pick is None else a[pick]
+
+    out["image"] = column("image", np.uint8, (r, r, 3))
     for name in todo:
         for spec in job.specs[name]:
-            out[spec.name] = S.from_binary(rows[spec.name], spec.dtype, spec.shape)[good]
+            out[spec.name] = column(spec.name, spec.dtype, spec.shape)
     return out
 
 
 def _errors_from(rows: dict[str, Any], unit: WorkUnit) -> Errors:
     """The error records of the staged rows that failed in some stage."""
-    stage = rows["err_stage"].to_pylist()
+    stage = [str(s) for s in rows["err_stage"]]
     bad = [i for i, s in enumerate(stage) if s]
-    pick = {c: rows[c].to_pylist() for c in ("key", "source", "err_type", "err_msg")}
+    pick = {c: [str(v) for v in rows[c]] for c in ("key", "source", "err_type", "err_msg")}
     return {
         "key": [pick["key"][i] for i in bad],
         "source": [pick["source"][i] for i in bad],
@@ -145,6 +160,11 @@ def _write(
     errors_path = job.state / "errors" / f"{unit.shard}.parquet"
     S.write_parquet(S.errors_table(errors), errors_path)
     wrote("errors", unit.shard)
+    digests = {"sha256": files.sha256_file(path), "errors_sha256": files.sha256_file(errors_path)}
+    digests["tar_sha256"] = files.sha256_file(tar) if job.cfg.write_webdataset else None
+    for file, key in ((path, "sha256"), (errors_path, "errors_sha256"), (tar, "tar_sha256")):
+        if digests[key]:
+            job.remember(file, digests[key])
     state = {
         "unit": unit.digest(),
         "inputs_digest": unit.content_digest(),
@@ -153,11 +173,8 @@ def _write(
         "rows": len(good),
         "errors": len(errors["index"]),
         "error_stages": sorted(set(errors["stage"])),
-        "sha256": files.sha256_file(path),
-        "errors_sha256": files.sha256_file(errors_path),
-        "tar_sha256": files.sha256_file(tar) if job.cfg.write_webdataset else None,
+        **digests,
         "fingerprints": job.fingerprints,
     }
     files.write_json(state, job.state / "state" / f"{unit.shard}.json")
     wrote("state", unit.shard)
-    shutil.rmtree(job.state / "staging" / unit.shard, ignore_errors=True)

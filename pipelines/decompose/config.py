@@ -39,7 +39,12 @@ class DecomposeConfig(ExtractionSettings):
     image_column: str | None = None  # parquet: the encoded-image column (auto-detected if unset)
     caption_column: str | None = None  # parquet: the caption column (auto-detected if unset)
     write_webdataset: bool = False  # also write shards/<name>.tar (webdataset) next to each parquet
-    read_num_cpus: float = resource(0.5, gt=0)  # CPUs per read task
+    # Unused: reading runs inside the process tasks (decode.num_cpus); kept so that configs
+    # written for earlier versions still load
+    read_num_cpus: float = resource(0.5, gt=0)
+    # Run the extractors that need no model inside the decode tasks (one hop for all the CPU
+    # work); false: one actor stage each, as for models (slower; the outputs are the same)
+    inline_extractors: bool = resource(True)
     progress: bool = resource(True)  # progress bar on stderr (the log lines follow --quiet/--verbose)
     data_stats: bool = resource(False)  # print Ray Data's per-operator timing at the end (tuning)
 

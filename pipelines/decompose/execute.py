@@ -1,6 +1,13 @@
 """Computing shards on Ray Data and committing each one as soon as all its rows have arrived.
 
-    work units → read (flat_map) → decode (tasks) → one actor stage per extractor → write parts
+    work items (``decode.batch_size`` inputs of one shard each)
+      → process (tasks: read, decode, the extractors that run no model, and — when no model
+        stage follows — write the parts)
+      → one actor stage per extractor that runs a model → write parts
+
+Each hop between Ray Data stages serialises every row through the object store, so all the CPU
+work shares one task: the no-weights path (the embedded default) is a single stage. Stages that
+run a network keep their own actors, which load the weights once and hold the GPU.
 
 The driver streams the write stage's summary rows (shard, rows written) and commits a shard when
 its count reaches the shard's input count, so a killed run loses at most the shards in flight.
@@ -11,11 +18,16 @@ from __future__ import annotations
 import logging
 import shutil
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from pipelines.conditions.base import Batch
 from pipelines.config import ConfigError
 from pipelines.decompose.plan import JobPlan, Pending
 
@@ -24,6 +36,27 @@ log = logging.getLogger(__name__)
 # Called with the number of shards this run has committed, right after each commit. Tests set it
 # to act between two commits (e.g. kill the process there); product code leaves it None.
 after_commit: Callable[[int], None] | None = None
+
+REPORT_EVERY_S = 60.0  # a progress line in the log this often (see _Report)
+
+
+@dataclass(frozen=True)
+class ExtraStage:
+    """An actor stage run after the model stages: ``cls(**kwargs, columns=...)`` is called on
+    numpy batches of ``batch_size`` rows and returns them, as ``stages.output(batch, columns)``
+    when ``columns`` is not None (the last stage: what the driver receives)."""
+
+    cls: type
+    kwargs: dict[str, Any]
+    batch_size: int
+    num_cpus: float = 0.0
+    num_gpus: float = 0.0
+    concurrency: int = 1
+
+
+# Stages appended after the model stages. The decomposition benchmark puts a stand-in for a GPU
+# model here (benchmarks/decompose.py --simulate-gpu); product code leaves it empty.
+extra_stages: list[ExtraStage] = []
 
 
 def fit_to_cluster(stages: dict[str, dict[str, Any]], cluster: dict[str, float]) -> dict[str, dict[str, Any]]:
@@ -74,41 +107,73 @@ def execute(job: JobPlan, work: list[Pending], commit: Callable[[Pending, list[P
     if not ray.is_initialized():
         ray.init(log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    staging = job.state / "staging"
-    for p in work:
-        shutil.rmtree(staging / p.unit.shard, ignore_errors=True)
-    ds = _dataset(job, work, staging)
-    _stream(ds, work, staging, commit, job.cfg.progress)
+    shutil.rmtree(job.state / "staging", ignore_errors=True)  # part files of versions before 2026-12
+    ds = _dataset(job, work)
+    _stream(ds, work, commit, job.cfg.progress)
     if job.cfg.data_stats:
         log.info(ds.stats())
 
 
-def _dataset(job: JobPlan, work: list[Pending], staging: Path) -> Any:
-    """The Ray Data pipeline over ``work``; it yields one (shard, rows) row per part file written."""
+def split_stages(job: JobPlan, work: list[Pending]) -> tuple[list[str], list[str]]:
+    """The extractors ``work`` needs, in the job's order, split into those that run inside the
+    process tasks (no model, no GPU) and those that get an actor stage each."""
+    names = [n for n in job.extractors if any(n in p.todo for p in work)]
+    if not job.cfg.inline_extractors:
+        return [], names
+    inline = [
+        n for n in names if not job.extractors[n].uses_model() and not job.extractors[n].config.num_gpus
+    ]
+    return inline, [n for n in names if n not in inline]
+
+
+def _dataset(job: JobPlan, work: list[Pending]) -> Any:
+    """The Ray Data pipeline over ``work``; its blocks are computed rows, each of one shard."""
     import ray
 
-    from pipelines.data.decode import decode_batch
-    from pipelines.decompose.stages import ExtractorStage, read_rows, unfused, write_parts
+    from pipelines.decompose.stages import ExtractorStage, process, unfused, work_items
 
     cfg, has_gt = job.cfg, job.plan.has_ground_truth
-    items = [{"unit": p.unit.to_json(), "todo": ",".join(p.todo)} for p in work]
+    # One task per `decode.batch_size` inputs (not per shard): small jobs still use every CPU.
+    items = [item for p in work for item in work_items(p.unit, p.todo, cfg.decode.batch_size)]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    read_kwargs = {
+    read = {
         "root": job.plan.root,
         "image_column": cfg.image_column,
         "caption_column": cfg.caption_column,
         "max_bytes": cfg.decode.max_file_bytes,
     }
-    ds = ds.flat_map(read_rows, fn_kwargs=read_kwargs, num_cpus=cfg.read_num_cpus)
+    inline, actors = split_stages(job, work)
+    model_stages = bool(actors or extra_stages)
+    log.info(
+        f"stages: process (read, decode{''.join(', ' + n for n in inline)})"
+        + "".join(f" → {n} (actors)" for n in actors)
+        + " → commit (driver)"
+    )
+    order = [n for n in job.extractors if n in inline or n in actors]
+    columns = [s.name for name in order for s in job.specs[name]]
     ds = ds.map_batches(
-        decode_batch,
-        fn_kwargs={"resolution": cfg.resolution, "cfg": cfg.decode, "with_gt": has_gt},
-        batch_size=cfg.decode.batch_size,
+        process,
+        fn_kwargs={
+            "read": read,
+            "decode": {"cfg": cfg.decode, "with_gt": has_gt},
+            "extractors": {n: getattr(cfg, n) for n in inline},
+            "resolution": cfg.resolution,
+            "has_ground_truth": has_gt,
+            "columns": None if model_stages else columns,
+            "threads": max(1, int(cfg.decode.num_cpus)),
+        },
+        batch_size=None,  # a block: one work item
         num_cpus=cfg.decode.num_cpus,
         batch_format="numpy",
-        ray_remote_args_fn=unfused,
+        ray_remote_args_fn=unfused if model_stages else None,
     )
-    stages = {n: e.resources() for n, e in job.extractors.items() if any(n in p.todo for p in work)}
+    # Ray Data reserves half of the CPUs for the operators by default, split among them: the
+    # process tasks (all the CPU work) would get a share only, one task of two on a 2-CPU
+    # machine. Model stages are actor pools that hold their CPUs and GPUs from the start.
+    ds.context.op_resource_reservation_enabled = False
+    if not model_stages:
+        return ds
+    stages = {n: job.extractors[n].resources() for n in actors}
     for name, res in fit_to_cluster(stages, ray.cluster_resources()).items():
         ds = ds.map_batches(
             ExtractorStage,
@@ -118,6 +183,8 @@ def _dataset(job: JobPlan, work: list[Pending], staging: Path) -> Any:
                 "config": getattr(cfg, name).model_copy(update={"num_gpus": res["num_gpus"]}),
                 "resolution": cfg.resolution,
                 "has_ground_truth": has_gt,
+                "ran_later": [n for n in inline if order.index(n) > order.index(name)],
+                "columns": columns if name == actors[-1] and not extra_stages else None,
             },
             batch_size=res["batch_size"],
             compute=ray.data.ActorPoolStrategy(size=res["concurrency"]),
@@ -125,24 +192,33 @@ def _dataset(job: JobPlan, work: list[Pending], staging: Path) -> Any:
             num_gpus=res["num_gpus"] or None,
             batch_format="numpy",
         )
-    columns = [s.name for name in stages for s in job.specs[name]]
-    return ds.map_batches(
-        write_parts,
-        fn_kwargs={"staging": str(staging), "columns": columns},
-        batch_format="numpy",
-        num_cpus=0.5,
-    )
+    for i, extra in enumerate(extra_stages):
+        last = i == len(extra_stages) - 1
+        ds = ds.map_batches(
+            extra.cls,
+            fn_constructor_kwargs={**extra.kwargs, "columns": columns if last else None},
+            batch_size=extra.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=extra.concurrency),
+            num_cpus=extra.num_cpus,
+            num_gpus=extra.num_gpus or None,
+            batch_format="numpy",
+        )
+    return ds
 
 
 def _stream(
-    ds: Any, work: list[Pending], staging: Path, commit: Callable[[Pending, list[Path]], None], progress: bool
+    ds: Any, work: list[Pending], commit: Callable[[Pending, list[Batch]], None], progress: bool
 ) -> None:
-    """Count each shard's written rows as they stream in; commit a shard once it has them all."""
+    """Collect each shard's computed rows as they stream in; commit a shard once it has them all.
+
+    The driver holds the rows of the shards in flight (about CPUs × ``decode.batch_size`` rows:
+    items are started in shard order), in the object store, read in place."""
     from tqdm import tqdm
 
     expected = {p.unit.shard: len(p.unit.members) for p in work}
     by_name = {p.unit.shard: p for p in work}
     got: Counter[str] = Counter()
+    held: dict[str, list[Batch]] = {}
     bar = tqdm(
         total=sum(expected.values()),
         unit="img",
@@ -153,19 +229,63 @@ def _stream(
         disable=not progress,
     )
     finished = 0
-    for row in ds.iter_rows():
-        shard, n = row["shard"], int(row["rows"])
-        got[shard] += n
-        bar.update(n)
-        if got[shard] == expected[shard]:
-            commit(by_name[shard], sorted((staging / shard).glob("part-*.parquet")))
-            finished += 1
-            bar.set_postfix(shards=f"{finished}/{len(work)}")
-            if after_commit is not None:
-                after_commit(finished)
-        elif got[shard] > expected[shard]:
-            raise RuntimeError(f"shard {shard}: {got[shard]} rows for {expected[shard]} inputs")
+    report = _Report(sum(expected.values()), len(work))
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for shard in dict.fromkeys(batch["shard"].tolist()):  # one, unless Ray merged blocks
+            rows = batch if (batch["shard"] == shard).all() else _select(batch, shard)
+            n = len(rows["index"])
+            got[shard] += n
+            held.setdefault(shard, []).append(rows)
+            bar.update(n)
+            if got[shard] == expected[shard]:
+                commit(by_name[shard], held.pop(shard))
+                finished += 1
+                bar.set_postfix(shards=f"{finished}/{len(work)}")
+                if after_commit is not None:
+                    after_commit(finished)
+            elif got[shard] > expected[shard]:
+                raise RuntimeError(f"shard {shard}: {got[shard]} rows for {expected[shard]} inputs")
+            report.update(n, finished)
     bar.close()
     missing = [s for s in expected if got[s] != expected[s]]
     if missing:
         raise RuntimeError(f"shards {missing[:5]} did not receive all their rows; rerun to resume")
+
+
+def _select(batch: Batch, shard: str) -> Batch:
+    keep = np.flatnonzero(batch["shard"] == shard)
+    return {k: v[keep] for k, v in batch.items()}
+
+
+class _Report:
+    """A log line every ``every`` seconds (images, rate, shards committed, time left): what a
+    run of days shows in ``ray job logs``, where a progress bar is one endless line."""
+
+    def __init__(self, total: int, shards: int, every: float = REPORT_EVERY_S):
+        self.total, self.shards, self.every = total, shards, every
+        self.start = self.last = time.monotonic()
+        self.done = 0
+        self.first: float | None = None
+
+    def update(self, n: int, committed: int) -> None:
+        now = time.monotonic()
+        if self.first is None:
+            self.first = now - self.start
+            log.info(f"first rows written {self.first:.1f} s after the pipeline started")
+        self.done += n
+        if now - self.last < self.every or self.done >= self.total:
+            return
+        self.last = now
+        rate = self.done / (now - self.start)
+        left = (self.total - self.done) / rate if rate else float("inf")
+        log.info(
+            f"{self.done:,}/{self.total:,} images ({self.done / self.total:.1%}), {rate:.1f} images/s, "
+            f"{committed}/{self.shards} shards committed, ~{_duration(left)} left"
+        )
+
+
+def _duration(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "?"
+    h, rem = divmod(int(seconds), 3600)
+    return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"

@@ -9,7 +9,6 @@ The output directory's state folder ``.recompose/`` is the job's memory between 
                         fingerprints it was computed with. A shard whose files do not match
                         their sha256 (a kill between two of its writes) counts as not done.
     errors/<shard>.parquet  that shard's error records (merged into errors.parquet)
-    staging/<shard>/    part files of a shard being computed (removed when it is committed)
 """
 
 from __future__ import annotations
@@ -114,6 +113,11 @@ class JobPlan:
         if not all(self._matches(path, digest) for path, digest in recorded):
             return None  # written after this state (a kill mid-commit) or changed by hand: redo
         return st
+
+    def remember(self, path: Path, sha256: str) -> None:
+        """``path`` was just written with this sha256 (by this run): no need to hash it again."""
+        info = path.stat()
+        self._verified[(str(path), info.st_size, info.st_mtime_ns, sha256)] = True
 
     def _matches(self, path: Path, sha256: str) -> bool:
         """``path`` exists with this sha256 (each file hashed once per run unless it changes)."""

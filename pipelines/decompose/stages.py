@@ -1,20 +1,24 @@
 """Ray Data UDFs of the decomposition job, in their own module so Ray pickles little.
 
-read (flat_map over work units) → decode (tasks) → one actor stage per extractor → write parts.
-Every row carries ``err_stage/err_type/err_msg``; a row that failed somewhere flows on untouched
-and is recorded at the end, so inputs = rows + errors always.
+    process (tasks, one work item each): read, decode, then every extractor that runs no model
+      → one actor stage per extractor that runs a model (it loads it once)
+      → the driver, which commits each shard once all its rows have arrived (commit.py)
+
+Every row carries ``err_stage/err_type/err_msg``. A row that failed somewhere flows on untouched
+and is recorded at the end, so inputs = rows + errors always. A row records the first stage it
+fails in, in the job's extractor order, whichever order the stages run in: an actor stage also
+runs the rows that failed only in a later extractor that ran before it.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from pipelines.conditions import ExtractorConfig, get_extractor
-from pipelines.data.shards import binary_array, write_parquet
 from pipelines.data.sources import WorkUnit, error_message, read_unit
 
 EXTRACTOR_INPUTS = ("image", "text", "gt_instances", "gt_depth", "has_gt")  # GT only for the synthetic set
@@ -23,26 +27,51 @@ EXTRACTOR_INPUTS = ("image", "text", "gt_instances", "gt_depth", "has_gt")  # GT
 def unfused() -> dict[str, Any]:
     """A ``ray_remote_args_fn`` that changes nothing but keeps Ray Data from fusing this stage.
 
-    Ray Data fuses a task stage into the actor stage after it; for decode that would run all
-    decoding inside the (often single) actor of the first extractor, on one core.
+    Ray Data fuses a task stage into the actor stage after it; for the process tasks that would
+    run all decoding and CPU extraction inside the (often single) actor of the first model stage.
     """
     return {}
 
 
-def read_rows(
-    item: dict[str, Any], root: str, image_column: str | None, caption_column: str | None, max_bytes: int
-) -> list[dict[str, Any]]:
+def work_items(unit: WorkUnit, todo: tuple[str, ...], rows: int) -> list[dict[str, Any]]:
+    """``unit`` cut into items of at most ``rows`` inputs: what one process task reads and computes."""
+    items = []
+    for lo in range(0, len(unit.members), rows):
+        hi = lo + rows
+        part = dataclasses.replace(unit, members=unit.members[lo:hi], captions=unit.captions[lo:hi], stats=())
+        items.append({"unit": part.to_json(), "offset": lo, "todo": ",".join(todo)})
+    return items
+
+
+def read_item(item: dict[str, Any], read: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The rows of one work item as a batch: encoded bytes, captions, ``read`` errors."""
     unit = WorkUnit.from_json(item["unit"])
-    rows = read_unit(unit, root, image_column, caption_column, max_bytes)
-    for r in rows:
-        r["todo"] = item["todo"]
-    return rows
+    rows = read_unit(unit, **read)
+    batch: dict[str, np.ndarray] = {
+        k: np.array([r[k] for r in rows], dtype=object) for k in rows[0] if k != "index"
+    }
+    batch["index"] = np.array([r["index"] for r in rows], np.int64) + int(item["offset"])
+    batch["todo"] = np.array([item["todo"]] * len(rows), dtype=object)
+    return batch
 
 
 class ExtractorStage:
     """Runs one extractor on the rows that still need it; isolates rows that make it fail."""
 
-    def __init__(self, name: str, config: ExtractorConfig, resolution: int, has_ground_truth: bool):
+    def __init__(
+        self,
+        name: str,
+        config: ExtractorConfig,
+        resolution: int,
+        has_ground_truth: bool,
+        ran_later: Sequence[str] = (),
+        columns: Sequence[str] | None = None,
+    ):
+        """``ran_later``: extractors after this one in the job's order that have already run on
+        the rows; a row that failed only there is still run here (a failure here comes first).
+        ``columns``: the last stage, whose rows go to the driver (``output``)."""
+        self.ran_later = list(ran_later)
+        self.columns = columns
         self.extractor = get_extractor(name)(config, resolution, has_ground_truth)
         # Load weights now: a broken model directory fails the stage loudly instead of turning
         # every row into an error record.
@@ -52,28 +81,34 @@ class ExtractorStage:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         name = self.extractor.name
         n = len(batch["key"])
-        out = {s.name: np.zeros((n, *s.shape), s.dtype) for s in self.specs}
         stage, etype, emsg = (np.array(batch[c], dtype=object) for c in ("err_stage", "err_type", "err_msg"))
         todo = np.array([name in str(t).split(",") for t in batch["todo"]], bool)
-        idx = np.flatnonzero(todo & (stage == ""))
-        if idx.size:
-            try:
-                self._place(
-                    out, idx, self.extractor({k: batch[k][idx] for k in EXTRACTOR_INPUTS if k in batch})
-                )
-            except Exception:  # noqa: BLE001 - retry row by row to find and record the bad ones
+        idx = np.flatnonzero(todo & ((stage == "") | np.isin(stage, self.ran_later)))
+        try:
+            res = self._run(batch, idx) if idx.size else None
+        except Exception:  # noqa: BLE001 - retried row by row below to find and record the bad ones
+            res = None
+        if res is not None and idx.size == n:  # every row: its arrays are the columns, no copy
+            out = {s.name: np.asarray(res[s.name], s.dtype) for s in self.specs}
+        else:
+            out = {s.name: np.zeros((n, *s.shape), s.dtype) for s in self.specs}
+            if res is not None:
+                self._place(out, idx, res)
+            else:
                 for i in idx:
                     try:
-                        self._place(
-                            out,
-                            np.array([i]),
-                            self.extractor({k: batch[k][i : i + 1] for k in EXTRACTOR_INPUTS if k in batch}),
-                        )
+                        self._place(out, np.array([i]), self._run(batch, np.array([i])))
                     except Exception as e:  # noqa: BLE001
                         stage[i], etype[i], emsg[i] = name, type(e).__name__, error_message(e)
         batch = dict(batch)
         batch.update(out, err_stage=stage, err_type=etype, err_msg=emsg)
-        return batch
+        return output(batch, self.columns) if self.columns is not None else batch
+
+    def _run(self, batch: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
+        whole = idx.size == len(batch["key"])
+        return self.extractor(
+            {k: batch[k] if whole else batch[k][idx] for k in EXTRACTOR_INPUTS if k in batch}
+        )
 
     @staticmethod
     def _place(out: dict[str, np.ndarray], idx: np.ndarray, res: dict[str, np.ndarray]) -> None:
@@ -81,24 +116,56 @@ class ExtractorStage:
             out[k][idx] = res[k]
 
 
-def write_parts(batch: dict[str, np.ndarray], staging: str, columns: list[str]) -> dict[str, np.ndarray]:
-    """Write the batch's rows to per-shard part files; return one summary row per part."""
-    shards = np.asarray(batch["shard"], dtype=object)
-    names, rows = [], []
-    for shard in sorted(set(shards.tolist())):
-        sel = np.flatnonzero(shards == shard)
-        index = np.asarray(batch["index"])[sel]
-        cols: dict[str, pa.Array] = {
-            "index": pa.array(index.astype(np.int64)),
-            **{
-                c: pa.array([str(v) for v in np.asarray(batch[c], object)[sel]])
-                for c in ("key", "source", "text", "err_stage", "err_type", "err_msg")
-            },
-        }
-        for c in ["image", *columns]:
-            cols[c] = binary_array(np.asarray(batch[c])[sel])
-        path = Path(staging) / shard / f"part-{int(index.min()):08d}-{int(index.max()):08d}.parquet"
-        write_parquet(pa.table(cols), path, compression="none")  # temporary: compressing costs ~5 ms/row
-        names.append(shard)
-        rows.append(len(sel))
-    return {"shard": np.array(names, dtype=object), "rows": np.array(rows, dtype=np.int64)}
+# The stages of the process tasks, built once per worker process (a worker runs many tasks).
+_STAGES: dict[tuple[Any, ...], ExtractorStage] = {}
+
+
+def _stage(name: str, config: ExtractorConfig, resolution: int, has_ground_truth: bool) -> ExtractorStage:
+    key = (name, type(config).__name__, config.model_dump_json(), resolution, has_ground_truth)
+    if key not in _STAGES:
+        _STAGES[key] = ExtractorStage(name, config, resolution, has_ground_truth)
+    return _STAGES[key]
+
+
+def process(
+    items: dict[str, np.ndarray],
+    read: dict[str, Any],
+    decode: dict[str, Any],
+    extractors: dict[str, ExtractorConfig],
+    resolution: int,
+    has_ground_truth: bool,
+    columns: Sequence[str] | None,
+    threads: int = 1,
+) -> dict[str, np.ndarray]:
+    """read → decode → ``extractors`` in order, for each work item of ``items`` (``work_items``;
+    one per task). ``columns``: the rows go to the driver, with only these condition columns
+    (``output``); None: to the model stages, with everything they read.
+
+    One task does all of it, so the encoded bytes, the decoded images and the maps never leave
+    the process between stages.
+    ``threads``: the CPUs the task holds; OpenCV would otherwise start a thread per core of the
+    host in every worker, and the workers would fight over the cores."""
+    import cv2
+
+    from pipelines.data.decode import decode_batch
+
+    if cv2.getNumThreads() != threads:
+        cv2.setNumThreads(threads)
+    out = []
+    for i in range(len(items["unit"])):
+        batch = read_item({k: items[k][i] for k in ("unit", "offset", "todo")}, read)
+        batch = decode_batch(batch, resolution=resolution, **decode)
+        for name, config in extractors.items():
+            batch = _stage(name, config, resolution, has_ground_truth)(batch)
+        out.append(output(batch, columns) if columns is not None else batch)
+    if len(out) == 1:
+        return out[0]
+    return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
+
+
+ROW_COLUMNS = ("shard", "index", "key", "source", "text", "err_stage", "err_type", "err_msg", "image")
+
+
+def output(batch: dict[str, np.ndarray], columns: Sequence[str]) -> dict[str, np.ndarray]:
+    """What reaches the driver: the row's identity, its errors, the image and ``columns``."""
+    return {c: batch[c] for c in (*ROW_COLUMNS, *columns)}
