@@ -1,4 +1,4 @@
-"""Committing one shard: its staged parts (or its stored shard, for an update) → the final files.
+"""Committing one shard: its computed rows (or its stored shard, for an update) → the final files.
 
 A shard is committed in this order, each file atomically: ``shards/<name>.parquet`` (and
 ``.tar``), ``.recompose/errors/<name>.parquet``, then ``.recompose/state/<name>.json``. The state
@@ -44,7 +44,7 @@ def commit_shard(job: JobPlan, p: Pending, parts: list[Batch]) -> int:
     every input's row once); no parts: only drop removed conditions. Returns the rows whose
     ``p.todo`` were computed."""
     n = len(p.unit.members)
-    rows = _staged_rows(parts, p.unit.shard, n)
+    rows = _computed_rows(parts, p.unit.shard, n)
     new_errors = _errors_from(rows, p.unit) if rows else empty_errors()
     if p.fresh:
         errors = new_errors
@@ -57,7 +57,7 @@ def commit_shard(job: JobPlan, p: Pending, parts: list[Batch]) -> int:
     return len(good)
 
 
-def _staged_rows(parts: list[Batch], shard: str, n: int) -> dict[str, np.ndarray]:
+def _computed_rows(parts: list[Batch], shard: str, n: int) -> dict[str, np.ndarray]:
     """The computed rows as one batch in input order 0..n-1 (empty without parts): one copy of
     each column, read in place from the object store."""
     if not parts:
@@ -84,7 +84,7 @@ def _good(n: int, errors: Errors) -> list[int]:
 def _merge(
     job: JobPlan, p: Pending, rows: dict[str, Any], new_errors: Errors, reread: bool
 ) -> tuple[Errors, list[int], dict[str, np.ndarray]]:
-    """The stored shard with ``p.todo``'s columns replaced by the staged ones; its errors merged."""
+    """The stored shard with ``p.todo``'s columns replaced by the computed ones; its errors merged."""
     unit, n = p.unit, len(p.unit.members)
     old_state = job.unit_state(unit)
     old_err = pq.read_table(job.state / "errors" / f"{unit.shard}.parquet").to_pydict()
@@ -108,7 +108,7 @@ def _merge(
 def _arrays(
     job: JobPlan, rows: dict[str, Any], good: list[int], todo: tuple[str, ...]
 ) -> dict[str, np.ndarray]:
-    """The image and ``todo``'s columns of the ``good`` rows, decoded from the staged bytes."""
+    """The image and ``todo``'s columns of the ``good`` rows, checked against their declared types."""
     out: dict[str, np.ndarray] = {}
     if not rows:
         return out
@@ -129,7 +129,7 @@ def _arrays(
 
 
 def _errors_from(rows: dict[str, Any], unit: WorkUnit) -> Errors:
-    """The error records of the staged rows that failed in some stage."""
+    """The error records of the computed rows that failed in some stage."""
     stage = [str(s) for s in rows["err_stage"]]
     bad = [i for i, s in enumerate(stage) if s]
     pick = {c: [str(v) for v in rows[c]] for c in ("key", "source", "err_type", "err_msg")}

@@ -9,8 +9,9 @@ Each hop between Ray Data stages serialises every row through the object store, 
 work shares one task: the no-weights path (the embedded default) is a single stage. Stages that
 run a network keep their own actors, which load the weights once and hold the GPU.
 
-The driver streams the write stage's summary rows (shard, rows written) and commits a shard when
-its count reaches the shard's input count, so a killed run loses at most the shards in flight.
+The driver collects the computed rows as they stream in (read in place from the object store)
+and commits a shard when it has all its inputs' rows, so a killed run loses at most the shards
+in flight.
 """
 
 from __future__ import annotations
