@@ -78,7 +78,7 @@ def fit_to_cluster(stages: dict[str, dict[str, Any]], cluster: dict[str, float])
             )
     cpus = cluster.get("CPU", 1.0)
     need = sum(r["num_cpus"] * r["concurrency"] for r in stages.values())
-    budget = cpus * 0.5  # the other half runs the read, decode and write tasks
+    budget = cpus * 0.5  # the other half runs the process tasks (read, decode, CPU extractors)
     if need <= budget:
         return stages
     scale = budget / need
