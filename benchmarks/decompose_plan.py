@@ -86,7 +86,8 @@ def plan(
     rows = []
     for r, f in sorted(figures.items()):
         kernel = f["b_cpu_extractors_ips"]
-        job = with_job.get(r) or with_job[min(with_job, key=lambda k: abs(k - r))]
+        source = r if r in with_job else min(with_job, key=lambda k: abs(k - r))
+        job = with_job[source]
         eff = job["ratio_marginal_over_cpus_x_kernel"]
         per_cpu = kernel * eff  # images/s the job gets out of one CPU
         stored = f.get("job", {}).get("shard_bytes_per_row", {}).get("file")
@@ -98,7 +99,7 @@ def plan(
             "resolution": r,
             "kernel_ips_per_core": kernel,
             "job_efficiency": eff,
-            "efficiency_measured_at": job.get("resolution", r) if r not in with_job else r,
+            "efficiency_measured_at": source,
             "job_ips_per_cpu": round(per_cpu, 1),
             "cpus_per_gpu": {s.name: round(s.ips[r] / per_cpu, 2) for s in GPU_STAGES},
             "all_three_gpu_ips": round(gpu_rate, 1),

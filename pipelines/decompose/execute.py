@@ -1,9 +1,9 @@
 """Computing shards on Ray Data and committing each one as soon as all its rows have arrived.
 
     work items (``decode.batch_size`` inputs of one shard each)
-      → process (tasks: read, decode, the extractors that run no model, and — when no model
-        stage follows — write the parts)
-      → one actor stage per extractor that runs a model → write parts
+      → process (tasks: read, decode, the extractors that run no model)
+      → one actor stage per extractor that runs a model
+      → the driver (the rows, read in place from the object store)
 
 Each hop between Ray Data stages serialises every row through the object store, so all the CPU
 work shares one task: the no-weights path (the embedded default) is a single stage. Stages that
@@ -23,7 +23,6 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -101,14 +100,16 @@ def _auto_gpus(stages: dict[str, dict[str, Any]], gpus: float) -> dict[str, dict
     return out
 
 
-def execute(job: JobPlan, work: list[Pending], commit: Callable[[Pending, list[Path]], None]) -> None:
-    """Compute the shards of ``work`` and ``commit(pending, part_files)`` each one when complete."""
+def execute(job: JobPlan, work: list[Pending], commit: Callable[[Pending, list[Batch]], None]) -> None:
+    """Compute the shards of ``work`` and ``commit(pending, batches)`` each one when complete."""
     import ray
 
     if not ray.is_initialized():
         ray.init(log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     shutil.rmtree(job.state / "staging", ignore_errors=True)  # part files of versions before 2026-12
+    if "read_num_cpus" in job.cfg.model_fields_set:
+        log.warning("read_num_cpus is no longer used: reading runs in the process tasks (decode.num_cpus)")
     ds = _dataset(job, work)
     _stream(ds, work, commit, job.cfg.progress)
     if job.cfg.data_stats:

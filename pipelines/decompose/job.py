@@ -1,7 +1,8 @@
 """The decomposition job (Composer §3.1): image datasets → condition-feature shards, on Ray Data.
 
     plan (driver: units, extractors, what is done)  — plan.py
-      → execute (Ray Data: read → decode → one actor stage per extractor → write parts)  — execute.py
+      → execute (Ray Data: read + decode + the no-model extractors in one task → one actor stage
+        per model → the rows to the driver)  — execute.py
       → commit each complete shard (driver): shards/<name>.parquet + its state, atomically  — commit.py
       → errors.parquet, manifest.json, preview.png  — manifest.py
 
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines import files
+from pipelines.conditions.base import Batch
 from pipelines.decompose.commit import commit_shard
 from pipelines.decompose.config import DecomposeConfig
 from pipelines.decompose.execute import execute
@@ -69,7 +71,7 @@ def run_decompose(cfg: DecomposeConfig) -> DecomposeResult:
         )
         computed: Counter[str] = Counter()
 
-        def commit(p: Pending, parts: list[Path]) -> None:
+        def commit(p: Pending, parts: list[Batch]) -> None:
             good = commit_shard(job, p, parts)
             for name in p.todo:
                 computed[name] += good
