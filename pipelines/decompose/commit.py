@@ -7,18 +7,25 @@ everything it describes is on disk as it describes it: a kill between two of the
 fresh run or one that adds a condition) leaves files that do not match the state, and the rerun
 computes that shard again.
 Rows are sorted by input index, so a shard's bytes do not depend on the order Ray delivered them.
+
+The data files (``write_files``) need only a ``ShardTarget``, small enough to send to the Ray
+task that computed the rows, which writes them where the rows are (execute.py); the state file
+(``commit_state``) is always written by the driver, which alone decides what counts as done.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypedDict
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import files
-from pipelines.conditions.base import Batch
+from pipelines.conditions.base import Batch, ColumnSpec
 from pipelines.data import shards as S
 from pipelines.data.sources import WorkUnit
 from pipelines.decompose.plan import JobPlan, Pending
@@ -39,22 +46,49 @@ def empty_errors() -> Errors:
     return {f.name: [] for f in S.ERRORS_SCHEMA}
 
 
-def commit_shard(job: JobPlan, p: Pending, parts: list[Batch]) -> int:
-    """Write ``p``'s shard from its computed rows ``parts`` (batches of the stream, together
-    every input's row once); no parts: only drop removed conditions. Returns the rows whose
-    ``p.todo`` were computed."""
+@dataclass(frozen=True)
+class ShardTarget:
+    """What writing a shard's data files needs: where, in which schema, at which resolution."""
+
+    out: Path
+    state: Path
+    schema: pa.Schema
+    specs: dict[str, Sequence[ColumnSpec]]
+    resolution: int
+    write_webdataset: bool
+
+    @classmethod
+    def of(cls, job: JobPlan) -> ShardTarget:
+        cfg = job.cfg
+        return cls(job.out, job.state, job.schema, job.specs, cfg.resolution, cfg.write_webdataset)
+
+
+class Written(TypedDict):
+    """A shard's data files as written: what its state file records about them."""
+
+    rows: int
+    errors: int
+    error_stages: list[str]
+    sha256: str
+    errors_sha256: str
+    tar_sha256: str | None
+
+
+def write_files(t: ShardTarget, p: Pending, old: dict[str, Any] | None, parts: list[Batch]) -> Written:
+    """``p``'s data files (shard, tar, errors) from its computed rows ``parts`` (batches of the
+    stream, together every input's row once; none: only drop removed conditions). ``old``: the
+    state of the stored shard an update merges with (``JobPlan.unit_state``; None when fresh)."""
     n = len(p.unit.members)
     rows = _computed_rows(parts, p.unit.shard, n)
     new_errors = _errors_from(rows, p.unit) if rows else empty_errors()
     if p.fresh:
         errors = new_errors
         good = _good(n, errors)
-        data = _arrays(job, rows, good, p.todo)
+        data = _arrays(t, rows, good, p.todo)
         data.update({c: np.asarray(rows[c], object)[good] for c in ("key", "source", "text")})
     else:
-        errors, good, data = _merge(job, p, rows, new_errors, reread=bool(parts))
-    _write(job, p.unit, errors, good, data)
-    return len(good)
+        errors, good, data = _merge(t, p, old, rows, new_errors, reread=bool(parts))
+    return _write(t, p.unit, errors, good, data)
 
 
 def _computed_rows(parts: list[Batch], shard: str, n: int) -> dict[str, np.ndarray]:
@@ -82,12 +116,16 @@ def _good(n: int, errors: Errors) -> list[int]:
 
 
 def _merge(
-    job: JobPlan, p: Pending, rows: dict[str, Any], new_errors: Errors, reread: bool
+    t: ShardTarget,
+    p: Pending,
+    old_state: dict[str, Any] | None,
+    rows: dict[str, Any],
+    new_errors: Errors,
+    reread: bool,
 ) -> tuple[Errors, list[int], dict[str, np.ndarray]]:
     """The stored shard with ``p.todo``'s columns replaced by the computed ones; its errors merged."""
     unit, n = p.unit, len(p.unit.members)
-    old_state = job.unit_state(unit)
-    old_err = pq.read_table(job.state / "errors" / f"{unit.shard}.parquet").to_pydict()
+    old_err = pq.read_table(t.state / "errors" / f"{unit.shard}.parquet").to_pydict()
     # Re-read rows bring their read/decode errors again; keep the old ones only without parts.
     again = ("read", "decode") if reread else ()
     keep = [i for i, s in enumerate(old_err["stage"]) if s not in p.todo and s not in again]
@@ -98,21 +136,21 @@ def _merge(
     pos = {idx: j for j, idx in enumerate(_good(n, old_err))}
     if not set(good) <= set(pos) or old_state is None:
         raise RuntimeError(f"shard {unit.shard}: cannot merge an update; delete its state to recompute")
-    old = S.read_shard(job.out / old_state["path"])
+    old = S.read_shard(t.out / old_state["path"])
     sel = [pos[i] for i in good]
     data = {k: v[sel] for k, v in old.items()}
-    data.update(_arrays(job, rows, good, p.todo))
+    data.update(_arrays(t, rows, good, p.todo))
     return errors, good, data
 
 
 def _arrays(
-    job: JobPlan, rows: dict[str, Any], good: list[int], todo: tuple[str, ...]
+    t: ShardTarget, rows: dict[str, Any], good: list[int], todo: tuple[str, ...]
 ) -> dict[str, np.ndarray]:
     """The image and ``todo``'s columns of the ``good`` rows, checked against their declared types."""
     out: dict[str, np.ndarray] = {}
     if not rows:
         return out
-    r = job.cfg.resolution
+    r = t.resolution
     pick = None if len(good) == len(rows["index"]) else np.asarray(good, np.int64)
 
     def column(name: str, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
@@ -123,7 +161,7 @@ def _arrays(
 
     out["image"] = column("image", np.uint8, (r, r, 3))
     for name in todo:
-        for spec in job.specs[name]:
+        for spec in t.specs[name]:
             out[spec.name] = column(spec.name, spec.dtype, spec.shape)
     return out
 
@@ -145,35 +183,53 @@ def _errors_from(rows: dict[str, Any], unit: WorkUnit) -> Errors:
 
 
 def _write(
-    job: JobPlan, unit: WorkUnit, errors: Errors, good: list[int], data: dict[str, np.ndarray]
-) -> None:
-    table = S.build_table(job.schema, data)
-    path = job.out / "shards" / f"{unit.shard}.parquet"
+    t: ShardTarget, unit: WorkUnit, errors: Errors, good: list[int], data: dict[str, np.ndarray]
+) -> Written:
+    table = S.build_table(t.schema, data)
+    path = t.out / "shards" / f"{unit.shard}.parquet"
     S.write_parquet(table, path)
     wrote("shard", unit.shard)
     tar = path.with_suffix(".tar")
-    if job.cfg.write_webdataset:
+    if t.write_webdataset:
         from pipelines.data.webdataset_out import write_tar
 
         write_tar(table, tar)
         wrote("tar", unit.shard)
-    errors_path = job.state / "errors" / f"{unit.shard}.parquet"
+    errors_path = t.state / "errors" / f"{unit.shard}.parquet"
     S.write_parquet(S.errors_table(errors), errors_path)
     wrote("errors", unit.shard)
-    digests = {"sha256": files.sha256_file(path), "errors_sha256": files.sha256_file(errors_path)}
-    digests["tar_sha256"] = files.sha256_file(tar) if job.cfg.write_webdataset else None
-    for file, key in ((path, "sha256"), (errors_path, "errors_sha256"), (tar, "tar_sha256")):
-        if digests[key]:
-            job.remember(file, digests[key])
+    return {
+        "rows": len(good),
+        "errors": len(errors["index"]),
+        "error_stages": sorted(set(errors["stage"])),
+        "sha256": files.sha256_file(path),
+        "errors_sha256": files.sha256_file(errors_path),
+        "tar_sha256": files.sha256_file(tar) if t.write_webdataset else None,
+    }
+
+
+def commit_state(job: JobPlan, unit: WorkUnit, written: Written) -> None:
+    """The state file of ``unit``'s shard, whose data files are ``written``: the commit itself."""
+    shard = job.out / "shards" / f"{unit.shard}.parquet"
+    recorded = (
+        (shard, written["sha256"]),
+        (job.state / "errors" / f"{unit.shard}.parquet", written["errors_sha256"]),
+        (shard.with_suffix(".tar"), written["tar_sha256"]),
+    )
+    for file, digest in recorded:
+        if digest:
+            job.remember(file, digest)
     state = {
         "unit": unit.digest(),
         "inputs_digest": unit.content_digest(),
         "path": f"shards/{unit.shard}.parquet",
         "inputs": len(unit.members),
-        "rows": len(good),
-        "errors": len(errors["index"]),
-        "error_stages": sorted(set(errors["stage"])),
-        **digests,
+        "rows": written["rows"],
+        "errors": written["errors"],
+        "error_stages": written["error_stages"],
+        "sha256": written["sha256"],
+        "errors_sha256": written["errors_sha256"],
+        "tar_sha256": written["tar_sha256"],
         "fingerprints": job.fingerprints,
     }
     files.write_json(state, job.state / "state" / f"{unit.shard}.json")

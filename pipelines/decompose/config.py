@@ -45,6 +45,12 @@ class DecomposeConfig(ExtractionSettings):
     # Run the extractors that need no model inside the decode tasks (one hop for all the CPU
     # work); false: one actor stage each, as for models (slower; the outputs are the same)
     inline_extractors: bool = resource(True)
+    # When no extractor runs a model: each task computes a whole shard and writes its data files
+    # where its rows are (the driver writes only the state file), if a shard's rows take at most
+    # write_in_tasks_max_mb in memory; false: the rows go to the driver, which writes every file
+    # (the outputs are the same)
+    write_in_tasks: bool = resource(True)
+    write_in_tasks_max_mb: int = resource(1024, ge=1)
     progress: bool = resource(True)  # progress bar on stderr (the log lines follow --quiet/--verbose)
     data_stats: bool = resource(False)  # print Ray Data's per-operator timing at the end (tuning)
 

@@ -12,10 +12,19 @@ run a network keep their own actors, which load the weights once and hold the GP
 The driver collects the computed rows as they stream in (read in place from the object store)
 and commits a shard when it has all its inputs' rows, so a killed run loses at most the shards
 in flight.
+
+When no extractor runs a model (``_writes_in_tasks``), the rows need not meet anywhere: each
+task computes a whole shard and writes its data files itself, while the rows are in its memory
+(compressing them is most of the driver's work otherwise, and a single driver would cap a
+cluster's throughput), and the driver writes the state file that commits it:
+
+    shards → process_shards (tasks: every work item of the shard, then its data files)
+      → the driver (one record per shard: the files' digests; it writes the state file)
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import sys
@@ -29,6 +38,7 @@ import numpy as np
 
 from pipelines.conditions.base import Batch
 from pipelines.config import ConfigError
+from pipelines.decompose.commit import ShardTarget, Written, write_files
 from pipelines.decompose.plan import JobPlan, Pending
 
 log = logging.getLogger(__name__)
@@ -100,8 +110,9 @@ def _auto_gpus(stages: dict[str, dict[str, Any]], gpus: float) -> dict[str, dict
     return out
 
 
-def execute(job: JobPlan, work: list[Pending], commit: Callable[[Pending, list[Batch]], None]) -> None:
-    """Compute the shards of ``work`` and ``commit(pending, batches)`` each one when complete."""
+def execute(job: JobPlan, work: list[Pending], committed: Callable[[Pending, Written], None]) -> None:
+    """Compute the shards of ``work``, write their data files, and call ``committed(pending,
+    written)`` for each one (which writes its state file) as soon as they are on disk."""
     import ray
 
     if not ray.is_initialized():
@@ -110,10 +121,97 @@ def execute(job: JobPlan, work: list[Pending], commit: Callable[[Pending, list[B
     shutil.rmtree(job.state / "staging", ignore_errors=True)  # part files of versions before 2026-12
     if "read_num_cpus" in job.cfg.model_fields_set:
         log.warning("read_num_cpus is no longer used: reading runs in the process tasks (decode.num_cpus)")
-    ds = _dataset(job, work)
-    _stream(ds, work, commit, job.cfg.progress)
+    inline, actors = split_stages(job, work)
+    progress = _Progress(work, job.cfg.progress)
+    if _writes_in_tasks(job, work, actors, ray.cluster_resources().get("CPU", 1.0)):
+        ds = _shard_dataset(job, work, inline)
+        _stream_written(ds, work, committed, progress)
+    else:
+        ds = _dataset(job, work, inline, actors)
+        target = ShardTarget.of(job)
+
+        def commit(p: Pending, parts: list[Batch]) -> None:
+            committed(p, write_files(target, p, None if p.fresh else job.unit_state(p.unit), parts))
+
+        _stream(ds, work, commit, progress)
+    progress.close()
     if job.cfg.data_stats:
         log.info(ds.stats())
+
+
+def _writes_in_tasks(job: JobPlan, work: list[Pending], actors: list[str], cpus: float) -> bool:
+    """Whether each task computes and writes a whole shard: no extractor runs a model, there are
+    shards enough to keep every process slot busy, and a shard's rows fit
+    ``write_in_tasks_max_mb`` (the task holds them all until it writes)."""
+    cfg = job.cfg
+    if not cfg.write_in_tasks or actors or extra_stages:
+        return False
+    slots = max(1, int(cpus // cfg.decode.num_cpus))
+    if len(work) < slots:
+        log.info(
+            f"{len(work)} shard(s) for {slots} process slots: the rows go to the driver, in smaller tasks"
+        )
+        return False
+    per_row = cfg.resolution**2 * 3 + sum(
+        int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for n in job.extractors for s in job.specs[n]
+    )
+    need = max(len(p.unit.members) for p in work) * per_row
+    if need > cfg.write_in_tasks_max_mb * 2**20:
+        log.info(
+            f"a shard's rows take {need / 2**20:.0f} MB, over write_in_tasks_max_mb "
+            f"({cfg.write_in_tasks_max_mb}): the rows go to the driver, which writes the shards"
+        )
+        return False
+    return True
+
+
+def _read_args(job: JobPlan) -> dict[str, Any]:
+    cfg = job.cfg
+    return {
+        "root": job.plan.root,
+        "image_column": cfg.image_column,
+        "caption_column": cfg.caption_column,
+        "max_bytes": cfg.decode.max_file_bytes,
+    }
+
+
+def _columns(job: JobPlan, names: list[str]) -> list[str]:
+    """The condition columns of the extractors ``names``, in the job's order."""
+    return [s.name for name in job.extractors if name in names for s in job.specs[name]]
+
+
+def _shard_dataset(job: JobPlan, work: list[Pending], inline: list[str]) -> Any:
+    """One task per shard: compute all of it, write its data files (``stages.process_shards``)."""
+    import ray
+
+    from pipelines.decompose import commit
+    from pipelines.decompose.stages import process_shards, shard_items
+
+    cfg, has_gt = job.cfg, job.plan.has_ground_truth
+    log.info(f"stages: process and write each shard (read, decode, {', '.join(inline)}) → state (driver)")
+    old = {p.unit.shard: job.unit_state(p.unit) for p in work if not p.fresh}
+    items = shard_items(work, old)
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(
+        process_shards,
+        fn_kwargs={
+            "read": _read_args(job),
+            "decode": {"cfg": cfg.decode, "with_gt": has_gt},
+            "extractors": {n: getattr(cfg, n) for n in inline},
+            "resolution": cfg.resolution,
+            "has_ground_truth": has_gt,
+            "columns": _columns(job, inline),
+            "rows": cfg.decode.batch_size,
+            "target": ShardTarget.of(job),
+            "threads": max(1, int(cfg.decode.num_cpus)),
+            "write_hook": commit.write_hook,
+        },
+        batch_size=None,  # a block: one shard
+        num_cpus=cfg.decode.num_cpus,
+        batch_format="numpy",
+    )
+    ds.context.op_resource_reservation_enabled = False  # see _dataset
+    return ds
 
 
 def split_stages(job: JobPlan, work: list[Pending]) -> tuple[list[str], list[str]]:
@@ -128,7 +226,7 @@ def split_stages(job: JobPlan, work: list[Pending]) -> tuple[list[str], list[str
     return inline, [n for n in names if n not in inline]
 
 
-def _dataset(job: JobPlan, work: list[Pending]) -> Any:
+def _dataset(job: JobPlan, work: list[Pending], inline: list[str], actors: list[str]) -> Any:
     """The Ray Data pipeline over ``work``; its blocks are computed rows, each of one shard."""
     import ray
 
@@ -138,13 +236,6 @@ def _dataset(job: JobPlan, work: list[Pending]) -> Any:
     # One task per `decode.batch_size` inputs (not per shard): small jobs still use every CPU.
     items = [item for p in work for item in work_items(p.unit, p.todo, cfg.decode.batch_size)]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    read = {
-        "root": job.plan.root,
-        "image_column": cfg.image_column,
-        "caption_column": cfg.caption_column,
-        "max_bytes": cfg.decode.max_file_bytes,
-    }
-    inline, actors = split_stages(job, work)
     model_stages = bool(actors or extra_stages)
     log.info(
         f"stages: process (read, decode{''.join(', ' + n for n in inline)})"
@@ -152,11 +243,11 @@ def _dataset(job: JobPlan, work: list[Pending]) -> Any:
         + " → commit (driver)"
     )
     order = [n for n in job.extractors if n in inline or n in actors]
-    columns = [s.name for name in order for s in job.specs[name]]
+    columns = _columns(job, order)
     ds = ds.map_batches(
         process,
         fn_kwargs={
-            "read": read,
+            "read": _read_args(job),
             "decode": {"cfg": cfg.decode, "with_gt": has_gt},
             "extractors": {n: getattr(cfg, n) for n in inline},
             "resolution": cfg.resolution,
@@ -209,49 +300,53 @@ def _dataset(job: JobPlan, work: list[Pending]) -> Any:
 
 
 def _stream(
-    ds: Any, work: list[Pending], commit: Callable[[Pending, list[Batch]], None], progress: bool
+    ds: Any, work: list[Pending], commit: Callable[[Pending, list[Batch]], None], progress: _Progress
 ) -> None:
     """Collect each shard's computed rows as they stream in; commit a shard once it has them all.
 
     The driver holds the rows of the shards in flight (about CPUs × ``decode.batch_size`` rows:
     items are started in shard order), in the object store, read in place."""
-    from tqdm import tqdm
-
     expected = {p.unit.shard: len(p.unit.members) for p in work}
     by_name = {p.unit.shard: p for p in work}
     got: Counter[str] = Counter()
     held: dict[str, list[Batch]] = {}
-    bar = tqdm(
-        total=sum(expected.values()),
-        unit="img",
-        desc="decompose",
-        file=sys.stderr,
-        mininterval=1.0,
-        dynamic_ncols=True,
-        disable=not progress,
-    )
-    finished = 0
-    report = _Report(sum(expected.values()), len(work))
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        progress.first_row(time.time())
         for shard in dict.fromkeys(batch["shard"].tolist()):  # one, unless Ray merged blocks
             rows = batch if (batch["shard"] == shard).all() else _select(batch, shard)
             n = len(rows["index"])
             got[shard] += n
             held.setdefault(shard, []).append(rows)
-            bar.update(n)
             if got[shard] == expected[shard]:
                 commit(by_name[shard], held.pop(shard))
-                finished += 1
-                bar.set_postfix(shards=f"{finished}/{len(work)}")
-                if after_commit is not None:
-                    after_commit(finished)
+                progress.update(n, committed=True)
             elif got[shard] > expected[shard]:
                 raise RuntimeError(f"shard {shard}: {got[shard]} rows for {expected[shard]} inputs")
-            report.update(n, finished)
-    bar.close()
+            else:
+                progress.update(n, committed=False)
     missing = [s for s in expected if got[s] != expected[s]]
     if missing:
         raise RuntimeError(f"shards {missing[:5]} did not receive all their rows; rerun to resume")
+
+
+def _stream_written(
+    ds: Any, work: list[Pending], committed: Callable[[Pending, Written], None], progress: _Progress
+) -> None:
+    """Commit each shard whose data files a task has written (``_shard_dataset``)."""
+    by_name = {p.unit.shard: p for p in work}
+    done: set[str] = set()
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        progress.first_row(float(batch["first_row_at"].min()))
+        for shard, written in zip(batch["shard"].tolist(), batch["written"].tolist(), strict=True):
+            p = by_name[shard]
+            if shard in done:
+                raise RuntimeError(f"shard {shard} was written twice")
+            committed(p, json.loads(written))
+            done.add(shard)
+            progress.update(len(p.unit.members), committed=True)
+    missing = [s for s in by_name if s not in done]
+    if missing:
+        raise RuntimeError(f"shards {missing[:5]} were not written; rerun to resume")
 
 
 def _select(batch: Batch, shard: str) -> Batch:
@@ -259,22 +354,50 @@ def _select(batch: Batch, shard: str) -> Batch:
     return {k: v[keep] for k, v in batch.items()}
 
 
-class _Report:
-    """A log line every ``every`` seconds (images, rate, shards committed, time left): what a
-    run of days shows in ``ray job logs``, where a progress bar is one endless line."""
+class _Progress:
+    """The progress bar, and a log line every ``every`` seconds (images, rate, shards committed,
+    time left): what a run of days shows in ``ray job logs``, where a progress bar is one endless
+    line. Also logs the start-up: when the first rows were processed, from the process's start."""
 
-    def __init__(self, total: int, shards: int, every: float = REPORT_EVERY_S):
-        self.total, self.shards, self.every = total, shards, every
+    def __init__(self, work: list[Pending], bar: bool, every: float = REPORT_EVERY_S):
+        from tqdm import tqdm
+
+        self.total, self.shards, self.every = sum(len(p.unit.members) for p in work), len(work), every
         self.start = self.last = time.monotonic()
-        self.done = 0
+        self.done = self.committed = 0
         self.first: float | None = None
+        self.bar = tqdm(
+            total=self.total,
+            unit="img",
+            desc="decompose",
+            file=sys.stderr,
+            mininterval=1.0,
+            dynamic_ncols=True,
+            disable=not bar,
+        )
 
-    def update(self, n: int, committed: int) -> None:
-        now = time.monotonic()
-        if self.first is None:
-            self.first = now - self.start
-            log.info(f"first rows written {self.first:.1f} s after the pipeline started")
+    def first_row(self, at: float) -> None:
+        """The first rows were processed at ``at`` (epoch seconds): logged once."""
+        if self.first is not None:
+            return
+        import psutil
+
+        self.first = at - psutil.Process().create_time()
+        pipeline = time.time() - (time.monotonic() - self.start) - psutil.Process().create_time()
+        log.info(
+            f"first rows processed {self.first:.1f} s after the process started "
+            f"({self.first - pipeline:.1f} s after the pipeline did)"
+        )
+
+    def update(self, n: int, committed: bool) -> None:
         self.done += n
+        self.bar.update(n)
+        if committed:
+            self.committed += 1
+            self.bar.set_postfix(shards=f"{self.committed}/{self.shards}")
+            if after_commit is not None:
+                after_commit(self.committed)
+        now = time.monotonic()
         if now - self.last < self.every or self.done >= self.total:
             return
         self.last = now
@@ -282,8 +405,11 @@ class _Report:
         left = (self.total - self.done) / rate if rate else float("inf")
         log.info(
             f"{self.done:,}/{self.total:,} images ({self.done / self.total:.1%}), {rate:.1f} images/s, "
-            f"{committed}/{self.shards} shards committed, ~{_duration(left)} left"
+            f"{self.committed}/{self.shards} shards committed, ~{_duration(left)} left"
         )
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _duration(seconds: float) -> str:

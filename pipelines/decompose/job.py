@@ -27,8 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines import files
-from pipelines.conditions.base import Batch
-from pipelines.decompose.commit import commit_shard
+from pipelines.decompose.commit import ShardTarget, Written, commit_state, write_files
 from pipelines.decompose.config import DecomposeConfig
 from pipelines.decompose.execute import execute
 from pipelines.decompose.manifest import write_outputs
@@ -71,18 +70,18 @@ def run_decompose(cfg: DecomposeConfig) -> DecomposeResult:
         )
         computed: Counter[str] = Counter()
 
-        def commit(p: Pending, parts: list[Batch]) -> None:
-            good = commit_shard(job, p, parts)
+        def committed(p: Pending, written: Written) -> None:
+            commit_state(job, p.unit, written)
             for name in p.todo:
-                computed[name] += good
+                computed[name] += written["rows"]
 
         updates = [p for p in pending if not p.fresh and not p.todo]
         for p in updates:  # only removed conditions: no compute, rewrite in place
-            commit(p, [])
+            committed(p, write_files(ShardTarget.of(job), p, job.unit_state(p.unit), []))
         work = [p for p in pending if p.todo]
         if work:
             job.check_base(work)
-            execute(job, work, commit)
+            execute(job, work, committed)
         outputs = write_outputs(job, changed=bool(work or updates))
     result = DecomposeResult(
         output=str(job.out),

@@ -4,6 +4,11 @@
       → one actor stage per extractor that runs a model (it loads it once)
       → the driver, which commits each shard once all its rows have arrived (commit.py)
 
+or, when no extractor runs a model, one stage:
+
+    process_shards (tasks, one whole shard each): ``process`` on each of its work items, then
+      its data files written from the rows in memory; the driver writes only the state file
+
 Every row carries ``err_stage/err_type/err_msg``. A row that failed somewhere flows on untouched
 and is recorded at the end, so inputs = rows + errors always. A row records the first stage it
 fails in, in the job's extractor order, whichever order the stages run in: an actor stage also
@@ -13,13 +18,17 @@ runs the rows that failed only in a later extractor that ran before it.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import json
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from pipelines.conditions import ExtractorConfig, get_extractor
 from pipelines.data.sources import WorkUnit, error_message, read_unit
+from pipelines.decompose.commit import ShardTarget, write_files
+from pipelines.decompose.plan import Pending
 
 EXTRACTOR_INPUTS = ("image", "text", "gt_instances", "gt_depth", "has_gt")  # GT only for the synthetic set
 
@@ -145,22 +154,100 @@ def process(
     the process between stages.
     ``threads``: the CPUs the task holds; OpenCV would otherwise start a thread per core of the
     host in every worker, and the workers would fight over the cores."""
-    import cv2
-
-    from pipelines.data.decode import decode_batch
-
-    if cv2.getNumThreads() != threads:
-        cv2.setNumThreads(threads)
+    _threads(threads)
     out = []
     for i in range(len(items["unit"])):
-        batch = read_item({k: items[k][i] for k in ("unit", "offset", "todo")}, read)
-        batch = decode_batch(batch, resolution=resolution, **decode)
-        for name, config in extractors.items():
-            batch = _stage(name, config, resolution, has_ground_truth)(batch)
-        out.append(output(batch, columns) if columns is not None else batch)
+        item = {k: items[k][i] for k in ("unit", "offset", "todo")}
+        out.append(_compute(item, read, decode, extractors, resolution, has_ground_truth, columns))
     if len(out) == 1:
         return out[0]
     return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
+
+
+def _threads(n: int) -> None:
+    import cv2
+
+    if cv2.getNumThreads() != n:
+        cv2.setNumThreads(n)
+
+
+def _compute(
+    item: dict[str, Any],
+    read: dict[str, Any],
+    decode: dict[str, Any],
+    extractors: dict[str, ExtractorConfig],
+    resolution: int,
+    has_ground_truth: bool,
+    columns: Sequence[str] | None,
+) -> dict[str, np.ndarray]:
+    from pipelines.data.decode import decode_batch
+
+    batch = read_item(item, read)
+    batch = decode_batch(batch, resolution=resolution, **decode)
+    for name, config in extractors.items():
+        batch = _stage(name, config, resolution, has_ground_truth)(batch)
+    return output(batch, columns) if columns is not None else batch
+
+
+def shard_items(work: Sequence[Pending], old: dict[str, dict[str, Any] | None]) -> list[dict[str, Any]]:
+    """One item per shard of ``work`` for ``process_shards``; ``old``: each update's stored state."""
+    return [
+        {
+            "unit": p.unit.to_json(),
+            "todo": ",".join(p.todo),
+            "fresh": p.fresh,
+            "old": json.dumps(old.get(p.unit.shard)),
+        }
+        for p in work
+    ]
+
+
+SHARD_COLUMNS = ("shard", "written", "first_row_at")  # what process_shards returns per shard
+
+
+def process_shards(
+    items: dict[str, np.ndarray],
+    read: dict[str, Any],
+    decode: dict[str, Any],
+    extractors: dict[str, ExtractorConfig],
+    resolution: int,
+    has_ground_truth: bool,
+    columns: Sequence[str],
+    rows: int,
+    target: ShardTarget,
+    threads: int = 1,
+    write_hook: Callable[[str, str], None] | None = None,
+) -> dict[str, np.ndarray]:
+    """For each item of ``shard_items`` (one per task): ``process`` on its work items of ``rows``
+    inputs, then the shard's data files, written from the rows while they are in memory.
+
+    Returns, per shard, the ``Written`` record (JSON) the driver commits with the state file, and
+    when its first row was processed (epoch seconds). ``write_hook``: the driver's
+    ``commit.write_hook``, so that a test's seam acts here too."""
+    from pipelines.decompose import commit
+
+    _threads(threads)
+    commit.write_hook = write_hook
+    out: dict[str, list[Any]] = {c: [] for c in SHARD_COLUMNS}
+    for i in range(len(items["unit"])):
+        p = Pending(
+            WorkUnit.from_json(items["unit"][i]),
+            tuple(str(items["todo"][i]).split(",")),
+            bool(items["fresh"][i]),
+        )
+        parts, first = [], None
+        for item in work_items(p.unit, p.todo, rows):
+            parts.append(_compute(item, read, decode, extractors, resolution, has_ground_truth, columns))
+            first = first or time.time()
+        written = write_files(target, p, json.loads(items["old"][i]), parts)
+        out["shard"].append(p.unit.shard)
+        out["written"].append(json.dumps(written))
+        out["first_row_at"].append(first)
+    return {
+        "shard": np.array(out["shard"], object),
+        "written": np.array(out["written"], object),
+        "first_row_at": np.array(out["first_row_at"], np.float64),
+    }
 
 
 ROW_COLUMNS = ("shard", "index", "key", "source", "text", "err_stage", "err_type", "err_msg", "image")

@@ -1,8 +1,10 @@
-"""How the job lays out its stages: the CPU extractors inside the decode tasks, models in actors.
+"""How the job lays out its stages: the CPU extractors inside the decode tasks, models in actors,
+and whole shards written by the tasks that computed them when no extractor runs a model.
 
-The layout must not change what is written: the same input through the inline layout and
-through one actor stage per extractor gives the same shards, errors and manifest, bit for bit,
-and a row records the first stage it fails in, in the job's extractor order.
+The layout must not change what is written: the same input through the inline layout (with the
+shards written by the tasks or by the driver) and through one actor stage per extractor gives the
+same shards, errors and manifest, bit for bit, and a row records the first stage it fails in, in
+the job's extractor order.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pipelines.config import load_config
 from pipelines.data.decode import DecodeConfig, decode_batch
 from pipelines.data.synth import write_synth
 from pipelines.decompose.config import DecomposeConfig
-from pipelines.decompose.execute import _Report, split_stages
+from pipelines.decompose.execute import _Progress, _writes_in_tasks, split_stages
 from pipelines.decompose.job import run_decompose
 from pipelines.decompose.plan import JobPlan
 from pipelines.decompose.stages import ROW_COLUMNS, ExtractorStage, process, read_item, work_items
@@ -107,15 +109,28 @@ def test_process_is_read_decode_then_each_stage_then_the_write(tmp_path):
         np.testing.assert_array_equal(out[k], got[k])
 
 
-def test_a_long_run_logs_its_progress(caplog):
+def test_a_long_run_logs_its_progress(caplog, tmp_path):
+    import time
+
+    import psutil
+
     caplog.set_level("INFO", logger="pipelines.decompose.execute")
-    report = _Report(total=1_000_000, shards=1000, every=0.0)
-    report.update(64, 0)
-    report.update(64, 1)
+    images.write_folder(tmp_path / "in", n_good=3, with_bad=False)
+    (p,) = JobPlan(_cfg(tmp_path / "in", tmp_path / "out")).pending()
+    work = [p] * 1000  # 3,000 images in 1000 shards
+    report = _Progress(work, bar=False, every=0.0)
+    started = psutil.Process().create_time()
+    report.first_row(started + 2.5)
+    report.first_row(started + 9.0)  # logged once: the first
+    report.update(3, committed=False)
+    report.update(3, committed=True)
+    report.close()
     lines = [r.getMessage() for r in caplog.records]
-    assert lines[0].startswith("first rows written ")
-    assert lines[-1].startswith("128/1,000,000 images (0.0%), ") and "1/1000 shards committed" in lines[-1]
+    assert lines[0].startswith("first rows processed 2.5 s after the process started (")
+    assert len([x for x in lines if x.startswith("first rows")]) == 1
+    assert lines[-1].startswith("6/3,000 images (0.2%), ") and "1/1000 shards committed" in lines[-1]
     assert lines[-1].endswith(" left") and "?" not in lines[-1]
+    assert time.time() > started
 
 
 def _cfg(inp: Path, out: Path, **kw) -> DecomposeConfig:
@@ -150,12 +165,82 @@ def _outputs(out: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
-def test_inline_and_one_actor_per_extractor_write_the_same_bytes(tmp_path, ray_local):
+def test_inline_and_one_actor_per_extractor_write_the_same_bytes(tmp_path, ray_local, caplog):
     # Row 1 has no ground truth: depth (no model) and instances (ground truth only) both fail on
     # it, and instances comes first in the job's order. Row 3 is not an image.
     _broken_synth(tmp_path / "synth", 14)
     kw = {"instances.method": "ground_truth", "conditions": "palette,sketch,instances,depth,intensity"}
+    # 14 inputs in 3 shards, for 2 process slots: the tasks write the shards
+    caplog.set_level("INFO", logger="pipelines.decompose.execute")
     inline = run_decompose(_cfg(tmp_path / "synth", tmp_path / "inline", **kw))
+    assert "stages: process and write each shard" in caplog.text
+    driver = run_decompose(_cfg(tmp_path / "synth", tmp_path / "driver", write_in_tasks=False, **kw))
     apart = run_decompose(_cfg(tmp_path / "synth", tmp_path / "apart", inline_extractors=False, **kw))
-    assert inline.errors == apart.errors == 2 and inline.errors_by_stage == {"decode": 1, "instances": 1}
-    assert _outputs(tmp_path / "inline") == _outputs(tmp_path / "apart")
+    assert inline.errors == apart.errors == driver.errors == 2
+    assert inline.errors_by_stage == {"decode": 1, "instances": 1}
+    assert _outputs(tmp_path / "inline") == _outputs(tmp_path / "driver") == _outputs(tmp_path / "apart")
+
+
+def test_tasks_write_whole_shards_only_without_models_with_shards_enough_that_fit(tmp_path, caplog):
+    caplog.set_level("INFO", logger="pipelines.decompose.execute")
+    images.write_folder(tmp_path / "in", n_good=12, with_bad=False)
+
+    def decide(cpus: float, **kw) -> bool:
+        job = JobPlan(_cfg(tmp_path / "in", tmp_path / "out", shard_size=4, **kw))
+        work = job.pending()
+        return _writes_in_tasks(job, work, split_stages(job, work)[1], cpus)
+
+    assert decide(2.0, conditions="palette,intensity")  # 3 shards, 2 slots
+    assert not decide(2.0, conditions="palette,intensity", write_in_tasks=False)
+    assert not decide(4.0, conditions="palette,intensity")  # 3 shards for 4 slots: smaller tasks
+    assert decide(4.0, conditions="palette,intensity", **{"decode.num_cpus": 2})
+    assert not decide(2.0, conditions="palette,sketch", inline_extractors=False)  # actor stages
+    big = JobPlan(
+        _cfg(tmp_path / "in", tmp_path / "o2", shard_size=4, resolution=512, conditions="intensity")
+    )
+    work = big.pending()  # 4 x (512² x 4) = 4 MiB per shard
+    assert _writes_in_tasks(big, work, [], 2.0)
+    capped = big.cfg.model_copy(update={"write_in_tasks_max_mb": 3})
+    big.cfg = capped
+    assert not _writes_in_tasks(big, work, [], 2.0)
+    assert "over write_in_tasks_max_mb (3)" in caplog.text
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_after(what: str, shard: str):
+    def hook(file: str, name: str) -> None:
+        if (file, name) == (what, shard):
+            raise _Stop(f"stopped after writing {what} of {shard}")
+
+    return hook
+
+
+@pytest.mark.slow
+def test_a_task_stopped_between_its_writes_leaves_a_shard_the_rerun_computes_again(
+    tmp_path, ray_local, monkeypatch, caplog
+):
+    """The write seam reaches the tasks: a shard whose data files a task wrote, but whose state the
+    driver never did, is computed again, and the output matches an uninterrupted run's."""
+    from pipelines.decompose import commit
+
+    caplog.set_level("INFO", logger="pipelines.decompose.execute")
+    images.write_folder(tmp_path / "in", n_good=12)
+    kw = {"conditions": "palette,intensity", "shard_size": 4}
+    ref = run_decompose(_cfg(tmp_path / "in", tmp_path / "ref", **kw))
+    assert ref.shards_computed >= 2
+    assert "stages: process and write each shard" in caplog.text
+    for what in ("shard", "errors"):
+        out = tmp_path / what
+        monkeypatch.setattr(commit, "write_hook", _stop_after(what, "folder-00001"))
+        with pytest.raises(Exception, match=f"stopped after writing {what} of folder-00001"):
+            run_decompose(_cfg(tmp_path / "in", out, **kw))
+        monkeypatch.setattr(commit, "write_hook", None)
+        assert (out / "shards" / "folder-00001.parquet").exists()
+        assert not (out / ".recompose" / "state" / "folder-00001.json").exists()
+        again = run_decompose(_cfg(tmp_path / "in", out, **kw))
+        assert "folder-00001" in {p.name.split(".")[0] for p in (out / ".recompose" / "state").glob("*.json")}
+        assert again.shards_computed >= 1
+        assert _outputs(out) == _outputs(tmp_path / "ref")
