@@ -34,9 +34,14 @@ The job (issue "The decomposition job at its kernels' speed"), unless ``--no-ray
              process starts and the jobs connect to (RAY_ADDRESS, as ``ray job submit`` jobs do).
              ``marginal_ips`` = extra images / extra seconds between the two sizes (start-up
              cancels out); goal: ≥ 0.75 × ``--cpus`` × (b).
-  start-up   from starting the process to its first computed rows reaching the driver: on the
-             running Ray, and for a job that starts its own Ray (256 images). Goal: ≤ 5 s.
+  start-up   from starting the process to its first rows processed (the job logs it: "first
+             rows processed X s after the process started"; where the tasks write the shards,
+             the time a task finished its first work item, else the rows' arrival at the driver):
+             on the running Ray, and for a job that starts its own Ray (256 images). Goal: ≤ 5 s.
   shard size bytes per row of the committed shards, per column (zstd, as stored)
+  side by side  (b) in ``--cpus`` processes at once, each its own copy of the images: what the
+             machine gives when every core runs the kernel (``side_by_side_ips``), against
+             ``--cpus`` × (b) — the ceiling no job can pass here (shared caches, memory, turbo)
 
 ``--simulate-gpu N``: the same job on N images with a stand-in for a GPU extractor after the
 CPU work (an actor holding one logical GPU that sleeps n / rate per batch of n rows, and records
@@ -238,6 +243,36 @@ def breakdown(
     return {k: {name: round(t / n * 1e3, 3) for name, t in v.items()} for k, v in out.items()}
 
 
+def _kernel_worker(blobs: list[bytes], r: int, repeats: int, barrier: object, queue: object) -> None:
+    import cv2
+
+    cv2.setNumThreads(1)
+    exts = cpu_extractors(r)
+    extract_all(decode_all(blobs[:8], r), exts, None)  # warm up
+    barrier.wait()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        extract_all(decode_all(blobs, r), exts, None)
+    queue.put(len(blobs) * repeats / (time.perf_counter() - t))
+
+
+def side_by_side(blobs: list[bytes], r: int, cpus: int, repeats: int) -> float:
+    """(b)'s images/s summed over ``cpus`` processes running it at the same time."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    barrier, queue = ctx.Barrier(cpus), ctx.Queue()
+    procs = [
+        ctx.Process(target=_kernel_worker, args=(blobs, r, repeats, barrier, queue)) for _ in range(cpus)
+    ]
+    for p in procs:
+        p.start()
+    rates = [queue.get() for _ in procs]
+    for p in procs:
+        p.join()
+    return sum(rates)
+
+
 # -- the Ray job, end to end ---------------------------------------------------------------------
 
 JOB_SETTINGS = ["--set", "instances.method=cluster", "--set", "shard_size=128", "--set", "progress=false"]
@@ -252,9 +287,10 @@ def write_inputs(blobs: list[bytes], n: int, folder: Path) -> Path:
 
 
 def cli_job(src: Path, out: Path, r: int, conditions: str, env: dict[str, str]) -> dict:
-    """``recompose decompose`` in a new process, as a user runs it: its wall time, the time to its
-    first computed rows reaching the driver (start-up: imports, Ray, planning, the first batch
-    through every stage; the job logs it as "first rows written") and its summary."""
+    """``recompose decompose`` in a new process, as a user runs it: its wall time, the time from
+    the process's start to its first rows processed (start-up: imports, Ray, planning, the first
+    work item through every stage; as the job logs it) and its summary."""
+    import re
     import threading
 
     cmd = [sys.executable, "-m", "jobs.decompose", "--input", str(src), "--output", str(out)]
@@ -266,8 +302,9 @@ def cli_job(src: Path, out: Path, r: int, conditions: str, env: dict[str, str]) 
 
     def watch() -> None:
         for line in proc.stderr:
-            if "first rows written" in line and "startup" not in seen:
-                seen["startup"] = time.perf_counter() - t0
+            m = re.search(r"first rows processed ([0-9.]+) s after the process started", line)
+            if m and "startup" not in seen:
+                seen["startup"] = float(m[1])
             tail[:] = [*tail[-40:], line]
 
     reader = threading.Thread(target=watch, daemon=True)
@@ -553,8 +590,12 @@ def main() -> int:
         "ms_per_image": parts,
     }
     if not args.no_ray:
+        log.info(f"(b) in {args.cpus} processes side by side")
+        both = side_by_side(blobs, r, args.cpus, args.repeats)
         sizes = [int(s) for s in args.job_sizes.split(",")]
         out["job"] = job_scaling(blobs, r, sizes, args.cpus, CPU_SET, b)
+        out["job"]["side_by_side_ips"] = round(both, 1)
+        out["job"]["side_by_side_over_cpus_x_kernel"] = round(both / (args.cpus * b), 3)
     if args.simulate_gpu:
         ks = [float(k) for k in args.cpus_per_gpu.split(",")]
         out["gpu_simulation"] = simulate_gpu(

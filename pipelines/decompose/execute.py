@@ -115,8 +115,7 @@ def execute(job: JobPlan, work: list[Pending], committed: Callable[[Pending, Wri
     written)`` for each one (which writes its state file) as soon as they are on disk."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False, configure_logging=False)
+    connect_ray()
     ray.data.DataContext.get_current().enable_progress_bars = False
     shutil.rmtree(job.state / "staging", ignore_errors=True)  # part files of versions before 2026-12
     if "read_num_cpus" in job.cfg.model_fields_set:
@@ -137,6 +136,14 @@ def execute(job: JobPlan, work: list[Pending], committed: Callable[[Pending, Wri
     progress.close()
     if job.cfg.data_stats:
         log.info(ds.stats())
+
+
+def connect_ray() -> None:
+    """Connect to the running Ray (``RAY_ADDRESS`` or a local one), else start one on this machine."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=False, configure_logging=False)
 
 
 def _writes_in_tasks(job: JobPlan, work: list[Pending], actors: list[str], cpus: float) -> bool:

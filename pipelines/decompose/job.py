@@ -2,8 +2,10 @@
 
     plan (driver: units, extractors, what is done)  — plan.py
       → execute (Ray Data: read + decode + the no-model extractors in one task → one actor stage
-        per model → the rows to the driver)  — execute.py
-      → commit each complete shard (driver): shards/<name>.parquet + its state, atomically  — commit.py
+        per model → the rows to the driver; without models, a task per shard that also writes
+        its data files)  — execute.py
+      → commit each complete shard: shards/<name>.parquet + errors (driver or task), then its
+        state (driver), each atomically  — commit.py
       → errors.parquet, manifest.json, preview.png  — manifest.py
 
 Resumability: a shard is done when its state file ``.recompose/state/<name>.json`` exists and
