@@ -172,13 +172,21 @@ def _writes_in_tasks(job: JobPlan, work: list[Pending], actors: list[str], cpus:
     return True
 
 
-def _read_args(job: JobPlan) -> dict[str, Any]:
-    cfg = job.cfg
-    return {
+def _compute_args(job: JobPlan, inline: list[str]) -> dict[str, Any]:
+    """The arguments of ``stages.process`` and ``stages.process_shards`` that say what to compute."""
+    cfg, has_gt = job.cfg, job.plan.has_ground_truth
+    read = {
         "root": job.plan.root,
         "image_column": cfg.image_column,
         "caption_column": cfg.caption_column,
         "max_bytes": cfg.decode.max_file_bytes,
+    }
+    return {
+        "read": read,
+        "decode": {"cfg": cfg.decode, "with_gt": has_gt},
+        "extractors": {n: getattr(cfg, n) for n in inline},
+        "resolution": cfg.resolution,
+        "has_ground_truth": has_gt,
     }
 
 
@@ -194,7 +202,7 @@ def _shard_dataset(job: JobPlan, work: list[Pending], inline: list[str]) -> Any:
     from pipelines.decompose import commit
     from pipelines.decompose.stages import process_shards, shard_items
 
-    cfg, has_gt = job.cfg, job.plan.has_ground_truth
+    cfg = job.cfg
     log.info(f"stages: process and write each shard (read, decode, {', '.join(inline)}) → state (driver)")
     old = {p.unit.shard: job.unit_state(p.unit) for p in work if not p.fresh}
     items = shard_items(work, old)
@@ -202,11 +210,7 @@ def _shard_dataset(job: JobPlan, work: list[Pending], inline: list[str]) -> Any:
     ds = ds.map_batches(
         process_shards,
         fn_kwargs={
-            "read": _read_args(job),
-            "decode": {"cfg": cfg.decode, "with_gt": has_gt},
-            "extractors": {n: getattr(cfg, n) for n in inline},
-            "resolution": cfg.resolution,
-            "has_ground_truth": has_gt,
+            **_compute_args(job, inline),
             "columns": _columns(job, inline),
             "rows": cfg.decode.batch_size,
             "target": ShardTarget.of(job),
@@ -254,11 +258,7 @@ def _dataset(job: JobPlan, work: list[Pending], inline: list[str], actors: list[
     ds = ds.map_batches(
         process,
         fn_kwargs={
-            "read": _read_args(job),
-            "decode": {"cfg": cfg.decode, "with_gt": has_gt},
-            "extractors": {n: getattr(cfg, n) for n in inline},
-            "resolution": cfg.resolution,
-            "has_ground_truth": has_gt,
+            **_compute_args(job, inline),
             "columns": None if model_stages else columns,
             "threads": max(1, int(cfg.decode.num_cpus)),
         },
