@@ -115,7 +115,8 @@ def execute(job: JobPlan, work: list[Pending], committed: Callable[[Pending, Wri
     written)`` for each one (which writes its state file) as soon as they are on disk."""
     import ray
 
-    connect_ray()
+    if not ray.is_initialized():
+        ray.init(log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     shutil.rmtree(job.state / "staging", ignore_errors=True)  # part files of versions before 2026-12
     if "read_num_cpus" in job.cfg.model_fields_set:
@@ -136,14 +137,6 @@ def execute(job: JobPlan, work: list[Pending], committed: Callable[[Pending, Wri
     progress.close()
     if job.cfg.data_stats:
         log.info(ds.stats())
-
-
-def connect_ray() -> None:
-    """Connect to the running Ray (``RAY_ADDRESS`` or a local one), else start one on this machine."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False, configure_logging=False)
 
 
 def _writes_in_tasks(job: JobPlan, work: list[Pending], actors: list[str], cpus: float) -> bool:
@@ -371,6 +364,7 @@ class _Progress:
 
         self.total, self.shards, self.every = sum(len(p.unit.members) for p in work), len(work), every
         self.start = self.last = time.monotonic()
+        self.started_at = time.time()  # the pipeline's start, epoch seconds
         self.done = self.committed = 0
         self.first: float | None = None
         self.bar = tqdm(
@@ -390,10 +384,9 @@ class _Progress:
         import psutil
 
         self.first = at - psutil.Process().create_time()
-        pipeline = time.time() - (time.monotonic() - self.start) - psutil.Process().create_time()
         log.info(
             f"first rows processed {self.first:.1f} s after the process started "
-            f"({self.first - pipeline:.1f} s after the pipeline did)"
+            f"({at - self.started_at:.1f} s after the pipeline did)"
         )
 
     def update(self, n: int, committed: bool) -> None:

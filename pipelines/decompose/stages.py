@@ -42,25 +42,36 @@ def unfused() -> dict[str, Any]:
     return {}
 
 
+def _parts(unit: WorkUnit, rows: int) -> list[tuple[int, WorkUnit]]:
+    """``unit`` cut into parts of at most ``rows`` inputs, each with the offset of its first."""
+    return [
+        (
+            lo,
+            dataclasses.replace(
+                unit, members=unit.members[lo : lo + rows], captions=unit.captions[lo : lo + rows], stats=()
+            ),
+        )
+        for lo in range(0, len(unit.members), rows)
+    ]
+
+
 def work_items(unit: WorkUnit, todo: tuple[str, ...], rows: int) -> list[dict[str, Any]]:
     """``unit`` cut into items of at most ``rows`` inputs: what one process task reads and computes."""
-    items = []
-    for lo in range(0, len(unit.members), rows):
-        hi = lo + rows
-        part = dataclasses.replace(unit, members=unit.members[lo:hi], captions=unit.captions[lo:hi], stats=())
-        items.append({"unit": part.to_json(), "offset": lo, "todo": ",".join(todo)})
-    return items
+    return [{"unit": part.to_json(), "offset": lo, "todo": ",".join(todo)} for lo, part in _parts(unit, rows)]
 
 
 def read_item(item: dict[str, Any], read: dict[str, Any]) -> dict[str, np.ndarray]:
     """The rows of one work item as a batch: encoded bytes, captions, ``read`` errors."""
-    unit = WorkUnit.from_json(item["unit"])
-    rows = read_unit(unit, **read)
+    return _read(WorkUnit.from_json(item["unit"]), int(item["offset"]), item["todo"], read)
+
+
+def _read(part: WorkUnit, offset: int, todo: str, read: dict[str, Any]) -> dict[str, np.ndarray]:
+    rows = read_unit(part, **read)
     batch: dict[str, np.ndarray] = {
         k: np.array([r[k] for r in rows], dtype=object) for k in rows[0] if k != "index"
     }
-    batch["index"] = np.array([r["index"] for r in rows], np.int64) + int(item["offset"])
-    batch["todo"] = np.array([item["todo"]] * len(rows), dtype=object)
+    batch["index"] = np.array([r["index"] for r in rows], np.int64) + offset
+    batch["todo"] = np.array([todo] * len(rows), dtype=object)
     return batch
 
 
@@ -157,8 +168,8 @@ def process(
     _threads(threads)
     out = []
     for i in range(len(items["unit"])):
-        item = {k: items[k][i] for k in ("unit", "offset", "todo")}
-        out.append(_compute(item, read, decode, extractors, resolution, has_ground_truth, columns))
+        batch = read_item({k: items[k][i] for k in ("unit", "offset", "todo")}, read)
+        out.append(_compute(batch, decode, extractors, resolution, has_ground_truth, columns))
     if len(out) == 1:
         return out[0]
     return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
@@ -172,17 +183,16 @@ def _threads(n: int) -> None:
 
 
 def _compute(
-    item: dict[str, Any],
-    read: dict[str, Any],
+    batch: dict[str, np.ndarray],
     decode: dict[str, Any],
     extractors: dict[str, ExtractorConfig],
     resolution: int,
     has_ground_truth: bool,
     columns: Sequence[str] | None,
 ) -> dict[str, np.ndarray]:
+    """decode → ``extractors`` in order on the rows of one work item (``read_item``)."""
     from pipelines.data.decode import decode_batch
 
-    batch = read_item(item, read)
     batch = decode_batch(batch, resolution=resolution, **decode)
     for name, config in extractors.items():
         batch = _stage(name, config, resolution, has_ground_truth)(batch)
@@ -235,9 +245,10 @@ def process_shards(
             tuple(str(items["todo"][i]).split(",")),
             bool(items["fresh"][i]),
         )
-        parts, first = [], None
-        for item in work_items(p.unit, p.todo, rows):
-            parts.append(_compute(item, read, decode, extractors, resolution, has_ground_truth, columns))
+        parts, first, todo = [], None, ",".join(p.todo)
+        for lo, part in _parts(p.unit, rows):
+            batch = _read(part, lo, todo, read)
+            parts.append(_compute(batch, decode, extractors, resolution, has_ground_truth, columns))
             first = first or time.time()
         written = write_files(target, p, json.loads(items["old"][i]), parts)
         out["shard"].append(p.unit.shard)
