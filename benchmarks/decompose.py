@@ -37,7 +37,10 @@ The job (issue "The decomposition job at its kernels' speed"), unless ``--no-ray
   start-up   from starting the process to its first rows processed (the job logs it: "first
              rows processed X s after the process started"; where the tasks write the shards,
              the time a task finished its first work item, else the rows' arrival at the driver):
-             on the running Ray, and for a job that starts its own Ray (256 images). Goal: ≤ 5 s.
+             on the running Ray (its first Ray Data job, the smaller size, which also starts Ray
+             Data's cluster-wide actors; and the median of 3 later jobs of 512 images), and for a
+             job that starts its own Ray (256 images). Goal: ≤ 5 s; ``goals_met`` judges the
+             worst of the first job and the job with its own Ray.
   shard size bytes per row of the committed shards, per column (zstd, as stored)
   side by side  (b) in ``--cpus`` processes at once, each its own copy of the images: what the
              machine gives when every core runs the kernel (``side_by_side_ips``), against
@@ -275,6 +278,7 @@ def side_by_side(blobs: list[bytes], r: int, cpus: int, repeats: int) -> float:
 
 # -- the Ray job, end to end ---------------------------------------------------------------------
 
+STARTUP_IMAGES, STARTUP_TRIALS = 512, 3  # later jobs on the running Ray, for the start-up alone
 JOB_SETTINGS = ["--set", "instances.method=cluster", "--set", "shard_size=128", "--set", "progress=false"]
 
 
@@ -376,6 +380,13 @@ def job_scaling(
                 stored = shard_bytes(Path(tmp) / f"out-{n}")
             shutil.rmtree(Path(tmp) / f"out-{n}")
             log.info(f"  {runs[n]['wall_s']:.1f} s, first rows after {runs[n]['startup_s']:.2f} s")
+        # Start-up varies by ±0.5 s from run to run here, and the cluster's first Ray Data job
+        # also starts Ray Data's cluster-wide actors: later jobs, several, and their median.
+        src = write_inputs(blobs, STARTUP_IMAGES, Path(tmp) / "in-startup")
+        later = []
+        for i in range(STARTUP_TRIALS):
+            log.info(f"start-up trial {i + 1}/{STARTUP_TRIALS}: job on {STARTUP_IMAGES} images, running Ray")
+            later.append(cli_job(src, Path(tmp) / f"out-startup-{i}", r, conditions, env)["startup_s"])
     with tempfile.TemporaryDirectory() as tmp:
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         src = write_inputs(blobs, 256, Path(tmp) / "in")
@@ -394,7 +405,9 @@ def job_scaling(
         "ratio_marginal_over_cpus_x_kernel": round(ratio, 3),
         "goal_ratio": 0.75,
         "startup_s": {
-            "running_ray": round(runs[lo]["startup_s"], 2),
+            "running_ray": round(runs[lo]["startup_s"], 2),  # the cluster's first Ray Data job
+            "running_ray_later_jobs": [round(x, 2) for x in later],
+            "running_ray_later_median": round(float(np.median(later)), 2),
             "own_ray": round(fresh["startup_s"], 2),
         },
         "goal_startup_s": 5.0,

@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import re
 import sys
+from collections.abc import Callable
 
 import numpy as np
 from pydantic import Field
@@ -86,11 +87,22 @@ def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
     return _linear_to_lab(lin)
 
 
+def _hsv2rgb(hsv: np.ndarray) -> np.ndarray:
+    """(..., 3) float64 HSV in [0, 1] -> sRGB, the arithmetic of ``skimage.color.hsv2rgb`` (the
+    authors' conversion) without importing scikit-image, which takes longer than the rest of a
+    worker's first palette."""
+    h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+    hi = np.floor(h * 6)
+    f = h * 6 - hi
+    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
+    hi = np.stack([hi, hi, hi], axis=-1).astype(np.uint8) % 6
+    choices = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]
+    return np.choose(hi, np.stack([np.stack(c, axis=-1) for c in choices]))
+
+
 @functools.lru_cache(maxsize=1)
 def _centres_rgb() -> np.ndarray:
     """(156, 3) float64 sRGB in [0, 1] of the bin centres, in the authors' bin order."""
-    from skimage.color import hsv2rgb
-
     sats = np.hstack([np.linspace(0, 1, _NUM_SAT + 2)[1:-1], 1, [1] * _NUM_LIGHT, [0.4] * (_NUM_LIGHT - 1)])
     lights = np.hstack(
         [
@@ -101,7 +113,9 @@ def _centres_rgb() -> np.ndarray:
         ]
     )
     hsv = np.stack(np.broadcast_arrays(_HUES[:, None], sats[None, :], lights[None, :]), axis=-1)
-    chroma = hsv2rgb(hsv).reshape(-1, 3)  # (11 * 13, 3), k = 13 * hue + row as in the authors' code
+    chroma = _hsv2rgb(hsv.astype(np.float64)).reshape(
+        -1, 3
+    )  # (11 * 13, 3), k = 13 * hue + row as in the authors' code
     gray = np.repeat(np.linspace(1, 0, _ROWS)[:, None], 3, axis=1)
     return np.vstack([chroma, gray])
 
@@ -144,38 +158,53 @@ def _bin_table() -> np.ndarray:
     """(2**24,) uint8: the exact nearest bin of every 8-bit sRGB colour ``r << 16 | g << 8 | b``.
 
     Every pixel's bin is then one gather. The table takes ~3 s to compute, so it is computed once
-    per machine and cached (``$RECOMPOSE_CACHE``, default ``~/.cache/recompose``) under a hash
-    of the bin centres; an unreadable cache is recomputed, an unwritable one skipped.
-    """
+    per machine and cached (``_cached``)."""
+
+    def compute() -> np.ndarray:
+        table = np.empty(1 << 24, np.uint8)
+        step = 1 << 20
+        for start in range(0, 1 << 24, step):
+            packed = np.arange(start, start + step, dtype=np.uint32)
+            table[start : start + step] = _nearest_bins(_unpack(packed))
+        return table
+
+    return _cached("palette-bins", compute)
+
+
+@functools.lru_cache(maxsize=1)
+def _bin_table_rgba() -> np.ndarray:
+    """``_bin_table`` indexed by ``r | g << 8 | b << 16`` (a little-endian RGBA word, alpha masked);
+    cached too: permuting the table takes a worker's first palette a tenth of a second."""
+
+    def compute() -> np.ndarray:
+        return np.ascontiguousarray(_bin_table().reshape(256, 256, 256).transpose(2, 1, 0)).reshape(-1)
+
+    return _cached("palette-bins-rgba", compute)
+
+
+def _cached(name: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+    """A (2**24,) uint8 table, cached in ``$RECOMPOSE_CACHE`` (default ``~/.cache/recompose``) as
+    ``<name>-<hash of the bin centres>.npy``; an unreadable cache is recomputed, an unwritable one
+    skipped."""
     import hashlib
     import os
     from pathlib import Path
 
     key = hashlib.sha256(bin_centres().tobytes()).hexdigest()[:16]
     cache = Path(os.environ.get("RECOMPOSE_CACHE", Path.home() / ".cache" / "recompose"))
-    path = cache / f"palette-bins-{key}.npy"
+    path = cache / f"{name}-{key}.npy"
     try:
         table = np.load(path, allow_pickle=False)
         if table.shape == (1 << 24,) and table.dtype == np.uint8:
             return table
     except (OSError, ValueError):
         pass
-    table = np.empty(1 << 24, np.uint8)
-    step = 1 << 20
-    for start in range(0, 1 << 24, step):
-        packed = np.arange(start, start + step, dtype=np.uint32)
-        table[start : start + step] = _nearest_bins(_unpack(packed))
+    table = compute()
     try:
         atomic_write(path, lambda f: np.save(f, table, allow_pickle=False))
     except OSError:
         pass  # a read-only cache: compute the table again next time
     return table
-
-
-@functools.lru_cache(maxsize=1)
-def _bin_table_rgba() -> np.ndarray:
-    """``_bin_table`` indexed by ``r | g << 8 | b << 16`` (a little-endian RGBA word, alpha masked)."""
-    return np.ascontiguousarray(_bin_table().reshape(256, 256, 256).transpose(2, 1, 0)).reshape(-1)
 
 
 def _unpack(packed: np.ndarray) -> np.ndarray:

@@ -22,7 +22,6 @@ Data parallelises ``read_unit`` over them.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import hashlib
 import json
 import os
@@ -72,7 +71,10 @@ class WorkUnit:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
+        fields = (self.shard, self.kind, self.path, list(self.members), list(self.captions), list(self.stats))
+        return json.dumps(
+            dict(zip(("shard", "kind", "path", "members", "captions", "stats"), fields, strict=True))
+        )
 
     @staticmethod
     def from_json(item: str) -> WorkUnit:
@@ -117,14 +119,32 @@ def _safe_name(rel: str) -> str:
     return stem.replace(os.sep, "_").replace("/", "_") or "root"
 
 
-def _walk(root: Path, suffixes: tuple[str, ...]) -> list[str]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for f in filenames:
-            if f.lower().endswith(suffixes) and not f.startswith("."):
-                found.append(os.path.relpath(os.path.join(dirpath, f), root))
-    return sorted(found)
+@dataclass(frozen=True)
+class _Listing:
+    """What one walk of a folder finds: its files (hidden files and folders skipped), and the
+    names of everything in it, files and folders, so that a sidecar's existence needs no stat."""
+
+    files: tuple[str, ...]  # relative paths, sorted
+    names: frozenset[str]  # relative paths of the files and the folders
+
+    @classmethod
+    def of(cls, root: Path) -> _Listing:
+        found, names = [], set()
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            rel = os.path.relpath(dirpath, root)
+            for name in (*dirnames, *filenames):
+                names.add(name if rel == "." else os.path.join(rel, name))
+            found += [f if rel == "." else os.path.join(rel, f) for f in filenames if not f.startswith(".")]
+        return cls(tuple(sorted(found)), frozenset(names))
+
+    def matching(self, suffixes: tuple[str, ...]) -> list[str]:
+        return [f for f in self.files if f.lower().endswith(suffixes)]
+
+
+def _walk(root: Path, suffixes: tuple[str, ...], listing: _Listing | None = None) -> list[str]:
+    """The files under ``root`` whose names end with ``suffixes`` (any case), sorted."""
+    return (listing or _Listing.of(root)).matching(suffixes)
 
 
 def _parquet_image_column(path: Path, wanted: str | None) -> str | None:
@@ -134,7 +154,8 @@ def _parquet_image_column(path: Path, wanted: str | None) -> str | None:
     return next((c for c in IMAGE_COLUMNS if c in names), None)
 
 
-def detect_format(path: str) -> Literal["folder", "webdataset", "parquet"]:
+def detect_format(path: str, listing: _Listing | None = None) -> Literal["folder", "webdataset", "parquet"]:
+    """The format of ``path``; ``listing``: the folder's, when the caller has walked it already."""
     p = Path(path)
     if not p.exists():
         raise SourceError(f"input {path!r} does not exist")
@@ -144,12 +165,13 @@ def detect_format(path: str) -> Literal["folder", "webdataset", "parquet"]:
         if p.suffix == ".parquet":
             return "parquet"
         raise SourceError(f"input file {path!r} is neither a .tar nor a .parquet; give a folder for images")
-    if _walk(p, (".tar",)):
+    listing = listing or _Listing.of(p)
+    if _walk(p, (".tar",), listing):
         return "webdataset"
-    parquets = _walk(p, (".parquet",))
+    parquets = _walk(p, (".parquet",), listing)
     if parquets and _parquet_image_column(p / parquets[0], None):
         return "parquet"
-    if _walk(p, IMAGE_EXTENSIONS):
+    if _walk(p, IMAGE_EXTENSIONS, listing):
         return "folder"
     raise SourceError(f"input {path!r} holds no images, tars or parquet files with an image column")
 
@@ -180,10 +202,13 @@ def load_captions(path: str) -> dict[str, str]:
         return {row[kc]: row[cc] for row in reader}
 
 
-def _plan_folder(root: Path, shard_size: int, captions: str | None) -> list[WorkUnit]:
+def _plan_folder(
+    root: Path, shard_size: int, captions: str | None, listing: _Listing | None
+) -> list[WorkUnit]:
     if not root.is_dir():
         raise SourceError(f"--format folder needs a directory, got {str(root)!r}")
-    files = _walk(root, IMAGE_EXTENSIONS)
+    listing = listing or _Listing.of(root)
+    files = _walk(root, IMAGE_EXTENSIONS, listing)
     if not files:
         raise SourceError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {str(root)!r}")
     table = load_captions(captions) if captions else None
@@ -192,13 +217,21 @@ def _plan_folder(root: Path, shard_size: int, captions: str | None) -> list[Work
         caps: tuple[str | None, ...] = ()
         if table is not None:
             caps = tuple(table.get(str(Path(f).with_suffix("")), table.get(f)) for f in chunk)
-        stats = tuple(s for f in chunk for s in (_stat(root / f), _stat((root / f).with_suffix(".txt"))))
+        stats = tuple(s for f in chunk for s in (_stat(root / f), _sidecar_stat(root, f, listing)))
         units.append(WorkUnit(f"folder-{j:05d}", "folder", "", tuple(chunk), caps, stats))
     return units
 
 
-def _plan_webdataset(root: Path, shard_size: int, skipped: Counter[str]) -> list[WorkUnit]:
-    tars = [""] if root.is_file() else _walk(root, (".tar",))
+def _sidecar_stat(root: Path, image: str, listing: _Listing) -> tuple[int, int]:
+    """``_stat`` of the image's caption file (``.txt`` beside it); no stat when the listing has none."""
+    txt = str(Path(image).with_suffix(".txt"))
+    return _stat(root / txt) if txt in listing.names else (-1, -1)
+
+
+def _plan_webdataset(
+    root: Path, shard_size: int, skipped: Counter[str], listing: _Listing | None
+) -> list[WorkUnit]:
+    tars = [""] if root.is_file() else _walk(root, (".tar",), listing)
     if not tars:
         raise SourceError(f"no .tar files under {str(root)!r}")
     units = []
@@ -213,11 +246,11 @@ def _plan_webdataset(root: Path, shard_size: int, skipped: Counter[str]) -> list
 
 
 def _plan_parquet(
-    root: Path, shard_size: int, image_column: str | None, skipped: Counter[str]
+    root: Path, shard_size: int, image_column: str | None, skipped: Counter[str], listing: _Listing | None
 ) -> tuple[list[WorkUnit], bool]:
     """The units of every parquet file (img2dataset's failed rows skipped), and whether every file
     carries the synthetic set's ground-truth columns."""
-    files = [""] if root.is_file() else _walk(root, (".parquet",))
+    files = [""] if root.is_file() else _walk(root, (".parquet",), listing)
     files = [f for f in files if (root if f == "" else root / f).name != "errors.parquet"]
     if not files:
         raise SourceError(f"no .parquet files under {str(root)!r}")
@@ -250,18 +283,19 @@ def plan(
     image_column: str | None = None,
 ) -> Plan:
     """Enumerate the inputs of ``path`` deterministically and cut them into work units."""
-    kind = detect_format(path) if fmt == "auto" else fmt
     root = Path(path)
+    listing = _Listing.of(root) if root.is_dir() else None  # one walk, for the format and the plan
+    kind = detect_format(path, listing) if fmt == "auto" else fmt
     if not root.exists():
         raise SourceError(f"input {path!r} does not exist")
     skipped: Counter[str] = Counter()
     has_gt = False
     if kind == "folder":
-        units = _plan_folder(root, shard_size, captions)
+        units = _plan_folder(root, shard_size, captions, listing)
     elif kind == "webdataset":
-        units = _plan_webdataset(root, shard_size, skipped)
+        units = _plan_webdataset(root, shard_size, skipped, listing)
     elif kind == "parquet":
-        units, has_gt = _plan_parquet(root, shard_size, image_column, skipped)
+        units, has_gt = _plan_parquet(root, shard_size, image_column, skipped, listing)
     else:
         raise SourceError(f"unknown format {kind!r}; known: auto, folder, webdataset, parquet")
     names = [u.shard for u in units]

@@ -165,5 +165,25 @@ def test_bin_table_is_the_exact_search_and_is_cached(tmp_path, monkeypatch):
         cached.write_bytes(b"not a table")  # a damaged cache is recomputed, not trusted
         P._bin_table.cache_clear()
         np.testing.assert_array_equal(P._bin_table(), table)
+        # the layout the extractor reads (r | g << 8 | b << 16), cached beside it
+        P._bin_table_rgba.cache_clear()
+        rgba = P._bin_table_rgba()
+        assert (tmp_path / cached.name.replace("palette-bins-", "palette-bins-rgba-")).is_file()
+        p = P._unpack(packed).astype(np.uint32)
+        np.testing.assert_array_equal(rgba[p[:, 0] | p[:, 1] << 8 | p[:, 2] << 16], table[packed])
+        P._bin_table_rgba.cache_clear()
+        np.testing.assert_array_equal(P._bin_table_rgba(), rgba)
     finally:
         P._bin_table.cache_clear()
+        P._bin_table_rgba.cache_clear()
+
+
+def test_hsv_conversion_is_scikit_images():
+    from skimage.color import hsv2rgb
+
+    from pipelines.conditions import palette as P
+
+    hsv = np.random.default_rng(0).random((2000, 3))
+    hsv[:12, 0] = [0, 1 / 6, 2 / 6, 0.5, 4 / 6, 5 / 6, 1, 0.9999, *P._HUES[[1, 6, 9, 10]]]
+    hsv[:12, 1:] = [1.0, 0.4]
+    np.testing.assert_array_equal(P._hsv2rgb(hsv), hsv2rgb(hsv))
