@@ -113,9 +113,7 @@ def _centres_rgb() -> np.ndarray:
         ]
     )
     hsv = np.stack(np.broadcast_arrays(_HUES[:, None], sats[None, :], lights[None, :]), axis=-1)
-    chroma = _hsv2rgb(hsv.astype(np.float64)).reshape(
-        -1, 3
-    )  # (11 * 13, 3), k = 13 * hue + row as in the authors' code
+    chroma = _hsv2rgb(hsv).reshape(-1, 3)  # (11 * 13, 3), k = 13 * hue + row as in the authors' code
     gray = np.repeat(np.linspace(1, 0, _ROWS)[:, None], 3, axis=1)
     return np.vstack([chroma, gray])
 

@@ -71,9 +71,15 @@ class WorkUnit:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def to_json(self) -> str:
-        fields = (self.shard, self.kind, self.path, list(self.members), list(self.captions), list(self.stats))
         return json.dumps(
-            dict(zip(("shard", "kind", "path", "members", "captions", "stats"), fields, strict=True))
+            {
+                "shard": self.shard,
+                "kind": self.kind,
+                "path": self.path,
+                "members": list(self.members),
+                "captions": list(self.captions),
+                "stats": list(self.stats),
+            }
         )
 
     @staticmethod
@@ -142,11 +148,6 @@ class _Listing:
         return [f for f in self.files if f.lower().endswith(suffixes)]
 
 
-def _walk(root: Path, suffixes: tuple[str, ...], listing: _Listing | None = None) -> list[str]:
-    """The files under ``root`` whose names end with ``suffixes`` (any case), sorted."""
-    return (listing or _Listing.of(root)).matching(suffixes)
-
-
 def _parquet_image_column(path: Path, wanted: str | None) -> str | None:
     names = pq.read_schema(path).names
     if wanted:
@@ -166,12 +167,12 @@ def detect_format(path: str, listing: _Listing | None = None) -> Literal["folder
             return "parquet"
         raise SourceError(f"input file {path!r} is neither a .tar nor a .parquet; give a folder for images")
     listing = listing or _Listing.of(p)
-    if _walk(p, (".tar",), listing):
+    if listing.matching((".tar",)):
         return "webdataset"
-    parquets = _walk(p, (".parquet",), listing)
+    parquets = listing.matching((".parquet",))
     if parquets and _parquet_image_column(p / parquets[0], None):
         return "parquet"
-    if _walk(p, IMAGE_EXTENSIONS, listing):
+    if listing.matching(IMAGE_EXTENSIONS):
         return "folder"
     raise SourceError(f"input {path!r} holds no images, tars or parquet files with an image column")
 
@@ -205,10 +206,9 @@ def load_captions(path: str) -> dict[str, str]:
 def _plan_folder(
     root: Path, shard_size: int, captions: str | None, listing: _Listing | None
 ) -> list[WorkUnit]:
-    if not root.is_dir():
+    if listing is None:
         raise SourceError(f"--format folder needs a directory, got {str(root)!r}")
-    listing = listing or _Listing.of(root)
-    files = _walk(root, IMAGE_EXTENSIONS, listing)
+    files = listing.matching(IMAGE_EXTENSIONS)
     if not files:
         raise SourceError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {str(root)!r}")
     table = load_captions(captions) if captions else None
@@ -231,7 +231,7 @@ def _sidecar_stat(root: Path, image: str, listing: _Listing) -> tuple[int, int]:
 def _plan_webdataset(
     root: Path, shard_size: int, skipped: Counter[str], listing: _Listing | None
 ) -> list[WorkUnit]:
-    tars = [""] if root.is_file() else _walk(root, (".tar",), listing)
+    tars = [""] if listing is None else listing.matching((".tar",))
     if not tars:
         raise SourceError(f"no .tar files under {str(root)!r}")
     units = []
@@ -250,7 +250,7 @@ def _plan_parquet(
 ) -> tuple[list[WorkUnit], bool]:
     """The units of every parquet file (img2dataset's failed rows skipped), and whether every file
     carries the synthetic set's ground-truth columns."""
-    files = [""] if root.is_file() else _walk(root, (".parquet",), listing)
+    files = [""] if listing is None else listing.matching((".parquet",))
     files = [f for f in files if (root if f == "" else root / f).name != "errors.parquet"]
     if not files:
         raise SourceError(f"no .parquet files under {str(root)!r}")
@@ -284,7 +284,8 @@ def plan(
 ) -> Plan:
     """Enumerate the inputs of ``path`` deterministically and cut them into work units."""
     root = Path(path)
-    listing = _Listing.of(root) if root.is_dir() else None  # one walk, for the format and the plan
+    # one walk, for the format and the plan; None: a file (or nothing, which is refused below)
+    listing = _Listing.of(root) if root.is_dir() else None
     kind = detect_format(path, listing) if fmt == "auto" else fmt
     if not root.exists():
         raise SourceError(f"input {path!r} does not exist")

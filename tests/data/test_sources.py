@@ -45,4 +45,4 @@ def test_format_detection_shares_the_walk(tmp_path):
     assert sources.detect_format(str(tmp_path), listing) == "folder"
     (tmp_path / "sub" / "a.tar").write_bytes(b"")
     assert sources.detect_format(str(tmp_path)) == "webdataset"
-    assert sources._walk(Path(tmp_path), (".tar",)) == ["sub/a.tar"]
+    assert sources._Listing.of(Path(tmp_path)).matching((".tar",)) == ["sub/a.tar"]
