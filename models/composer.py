@@ -72,6 +72,7 @@ class ComposerModel(ModelMixin, ConfigMixin):
         text_vocab_size: int = 4096,
         text_layers: int = 2,
         text_heads: int = 4,
+        text_kernel: int = 1,  # trainable caption encoder: words mixed with neighbours first (TextEncoder)
         semantics_encoder: Literal["trainable", "clip"] = "trainable",
         semantics_dim: int = 8,
         semantics_tokens: int = 2,
@@ -180,7 +181,9 @@ class ComposerModel(ModelMixin, ConfigMixin):
         )
         self.local = LocalConditioner(local_channels, local_hidden, local_downsample)
         self.text_encoder = (
-            TextEncoder(text_vocab_size, caption_length, caption_token_dim, text_layers, text_heads)
+            TextEncoder(
+                text_vocab_size, caption_length, caption_token_dim, text_layers, text_heads, text_kernel
+            )
             if caption_encoder == "trainable"
             else None
         )

@@ -26,6 +26,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         caption_sentence_dim=64,
         caption_token_dim=64,
         text_layers=2,
+        text_kernel=3,
         semantics_dim=8,
     ),
     # Learns the synthetic set on one GPU in minutes.
@@ -41,6 +42,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         caption_sentence_dim=256,
         caption_token_dim=256,
         text_layers=4,
+        text_kernel=3,
         semantics_dim=16,
     ),
     "medium": dict(
@@ -55,6 +57,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         caption_sentence_dim=512,
         caption_token_dim=512,
         text_layers=6,
+        text_kernel=3,
         semantics_dim=32,
         semantics_tokens=4,
         palette_tokens=4,
@@ -73,6 +76,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         caption_token_dim=768,
         caption_length=77,
         text_layers=12,
+        text_kernel=3,
         semantics_dim=64,
         semantics_tokens=4,
         palette_tokens=4,
@@ -92,6 +96,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         caption_sentence_dim=64,
         caption_token_dim=64,
         text_layers=2,
+        text_kernel=3,
         semantics_dim=8,
     ),
     "upsampler-small": dict(
@@ -106,6 +111,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         caption_sentence_dim=256,
         caption_token_dim=256,
         text_layers=4,
+        text_kernel=3,
         semantics_dim=16,
     ),
     # 64→256 / 256→1024 on a GPU cluster, with the base preset's frozen-embedding conditions.
@@ -122,6 +128,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         caption_token_dim=768,
         caption_length=77,
         text_layers=12,
+        text_kernel=3,
         semantics_dim=64,
         semantics_tokens=4,
         palette_tokens=4,

@@ -44,6 +44,7 @@ class SemanticsPrior(ModelMixin, ConfigMixin):
         text_vocab_size: int = 4096,
         text_layers: int = 2,
         text_heads: int = 4,
+        text_kernel: int = 1,
         width: int = 128,
         layers: int = 4,
         heads: int = 4,
@@ -60,7 +61,9 @@ class SemanticsPrior(ModelMixin, ConfigMixin):
         if width % heads:
             raise ValueError(f"heads {heads} must divide width {width}")
         self.text_encoder = (
-            TextEncoder(text_vocab_size, caption_length, caption_token_dim, text_layers, text_heads)
+            TextEncoder(
+                text_vocab_size, caption_length, caption_token_dim, text_layers, text_heads, text_kernel
+            )
             if caption_encoder == "trainable"
             else None
         )

@@ -80,6 +80,7 @@ def prior_arguments(cfg: TrainConfig, spec: Any) -> tuple[dict[str, Any], dict[s
         "text_vocab_size": base["text_vocab_size"],
         "text_layers": base["text_layers"],
         "text_heads": base["text_heads"],
+        "text_kernel": base.get("text_kernel", 1),  # bases saved before the option have none
         "image_encoder_bottleneck": base["semantics_dim"] if base["semantics_encoder"] == "trainable" else 0,
         **PRIOR_SIZE,
         **dict(cfg.model.overrides),
