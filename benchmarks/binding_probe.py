@@ -33,7 +33,7 @@ from pipelines.evaluate.config import BenchmarkConfig
 from pipelines.evaluate.scene_parser import parse_scene, score, summarize
 
 BENCH_SEED = BenchmarkConfig().seed  # the evaluation's benchmark captions
-MAX_INSTANCES = 16  # pipelines/conditions/instances.py InstancesConfig.max_instances default
+MAX_INSTANCES = 32  # InstancesConfig.max_instances default (a scene has at most 3 objects)
 
 
 def scenes(n: int, size: int) -> list:
