@@ -279,12 +279,7 @@ def init_weights_file(cfg: TrainConfig, model_kwargs: dict[str, Any]) -> str | N
     if not (unet / "config.json").is_file() or not weights.is_file():
         raise ConfigError(f"{key} {start}: {unet} lacks config.json or {WEIGHTS}")
     # a model saved before a ComposerModel argument existed was built with that argument's default
-    defaults = {
-        k: p.default
-        for k, p in inspect.signature(ComposerModel.__init__).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
-    saved = json.loads(json.dumps(defaults)) | json.loads((unet / "config.json").read_text())
+    saved = json.loads(json.dumps(_defaults(ComposerModel))) | json.loads((unet / "config.json").read_text())
     wanted = json.loads(json.dumps(model_kwargs))  # tuples -> lists, as config.json has them
     differ = [
         f"{k} {saved.get(k)!r} there, {v!r} here"
@@ -377,6 +372,38 @@ def _trainer(args: TrainerArgs, spec: DataSpec) -> Any:
     )
 
 
+def _defaults(cls: type) -> dict[str, Any]:
+    return {
+        k: p.default
+        for k, p in inspect.signature(cls.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+
+
+def as_checkpointed(run_dir: Path, model_kwargs: dict[str, Any], cls: type) -> dict[str, Any]:
+    """``model_kwargs`` as the run's checkpoints were built, when it has any: an argument their
+    saved config lacks was added to ``cls`` (and maybe to a preset) after the run started, and the
+    run resumes with that argument's default, the model it saved. A run in progress then resumes
+    after an upgrade instead of failing on the weights a new default would add."""
+    saved = sorted(run_dir.glob("checkpoint_*/model/config.json"))
+    if not saved:
+        return model_kwargs
+    config = json.loads(saved[-1].read_text())
+    defaults = _defaults(cls)
+    older = {
+        k: defaults[k]
+        for k in model_kwargs
+        if k not in config and k in defaults and model_kwargs[k] != defaults[k]
+    }
+    if older:
+        log.info(
+            "resuming a run whose checkpoints predate %s: built with %s as they were",
+            ", ".join(sorted(older)),
+            ", ".join(f"{k}={v!r}" for k, v in sorted(older.items())),
+        )
+    return {**model_kwargs, **older}
+
+
 def run_train(cfg: TrainConfig) -> TrainResult:
     """Train (or resume) the run in ``cfg.output``; returns the steps, export and model version."""
     import ray
@@ -393,18 +420,21 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     layout = None  # the config the batches are laid out for, when it is not the trained model's
     if cfg.base is not None:
         model_kwargs, base = base_start(cfg, spec)
+        model_kwargs = as_checkpointed(run_dir, model_kwargs, ComposerModel)
         init_weights = init_weights_file(cfg, model_kwargs)
     elif cfg.stage == "prior":
+        from models.prior import SemanticsPrior
         from pipelines.train.prior import prior_arguments
 
         model_kwargs, layout, init_weights = prior_arguments(cfg, spec)  # init_weights: the image encoder's
+        model_kwargs = as_checkpointed(run_dir, model_kwargs, SemanticsPrior)
         conditions = tuple(c for c in conditions if c in ("caption", "semantics"))
         if conditions != ("caption", "semantics"):
             raise DataError(
                 "stage prior learns from (caption, semantics) pairs: the data (loader.conditions) needs both"
             )
     else:
-        model_kwargs = model_arguments(cfg, spec)
+        model_kwargs = as_checkpointed(run_dir, model_arguments(cfg, spec), ComposerModel)
         init_weights = init_weights_file(cfg, model_kwargs)
     if cfg.noise_range is not None:
         from pipelines.diffusion.schedulers import default_scheduler
