@@ -122,8 +122,11 @@ EARLIER_HASHES = {
     "train-laptop": "bd8f7a2c1bd9f93d",
     "train-laptop-vmin": "0587d41fb313a7df",
     "train-overrides": "eba9e2f7db0b4056",
-    "train-reference": "0587d41fb313a7df",  # = train-laptop-vmin: the reference's first stage
-    "train-reference-caption": "9a5d8ed8260b4cd4",
+    # The two reference configs changed (2026-12-04): they pin model.overrides text_kernel 1, the
+    # shipped model's caption encoder, now that the presets set 3 (before: 0587d41fb313a7df,
+    # the same as train-laptop-vmin, and 9a5d8ed8260b4cd4).
+    "train-reference": "0c70837119c18dae",
+    "train-reference-caption": "88ec0948a03ac033",
 }
 
 
