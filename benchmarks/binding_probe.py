@@ -25,14 +25,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipelines.conditions.instances import renumber
-from pipelines.data.scene import render_sample
-from pipelines.diffusion.loading import load_pipeline
-from pipelines.diffusion.requests import SampleRequest
-from pipelines.evaluate.config import BenchmarkConfig
-from pipelines.evaluate.scene_parser import parse_scene, score, summarize
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-BENCH_SEED = BenchmarkConfig().seed  # the evaluation's benchmark captions
+from benchmarks.caption_probe import BENCH_SEED, sample  # noqa: E402
+from pipelines.conditions.instances import renumber  # noqa: E402
+from pipelines.data.scene import render_sample  # noqa: E402
+from pipelines.diffusion.loading import load_pipeline  # noqa: E402
+from pipelines.diffusion.requests import SampleRequest  # noqa: E402
+from pipelines.evaluate.scene_parser import parse_scene, score, summarize  # noqa: E402
+
 MAX_INSTANCES = 32  # InstancesConfig.max_instances default (a scene has at most 3 objects)
 
 
@@ -54,17 +55,13 @@ def main(model: str, n: int, guidance: float, steps: int, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     pictures = [np.concatenate([r.image for r in rows[:16]], 1)]
     for name, with_caption in (("instances", False), ("instances+caption", True)):
-        images = []
-        for b in range(0, n, 8):
-            requests = []
-            for i, r in enumerate(rows[b : b + 8], start=b):
-                conditions = {"instances": renumber(r.instances, MAX_INSTANCES)}
-                if with_caption:
-                    conditions["text"] = r.caption
-                requests.append(SampleRequest(conditions, guidance=guidance, seed=i))
-            images += [
-                np.asarray(o.images[0]) for o in pipe.sample_batch(requests, num_inference_steps=steps)
-            ]
+        requests = []
+        for i, r in enumerate(rows):
+            conditions = {"instances": renumber(r.instances, MAX_INSTANCES)}
+            if with_caption:
+                conditions["text"] = r.caption
+            requests.append(SampleRequest(conditions, guidance=guidance, seed=i))
+        images = sample(pipe, requests, steps)
         s = summarize(score(parse_scene(im), r.caption) for im, r in zip(images, rows, strict=True))
         keys = ("pairs", "colour", "shape", "count", "n_images", "n_objects")
         print(

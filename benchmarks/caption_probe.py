@@ -26,6 +26,16 @@ from pipelines.evaluate.scene_parser import parse_scene, score, summarize
 BENCH_SEED = BenchmarkConfig().seed  # the evaluation's benchmark captions
 
 
+def sample(pipe, requests: list[SampleRequest], steps: int) -> list[np.ndarray]:
+    """One (R, R, 3) uint8 image per request, sampled 8 requests at a time."""
+    images = []
+    for b in range(0, len(requests), 8):
+        images += [
+            np.asarray(o.images[0]) for o in pipe.sample_batch(requests[b : b + 8], num_inference_steps=steps)
+        ]
+    return images
+
+
 def main(model: str, n: int, scales: list[float], steps: int, out: Path) -> None:
     torch.set_num_threads(2)
     pipe = load_pipeline(model, "cpu")
@@ -33,15 +43,8 @@ def main(model: str, n: int, scales: list[float], steps: int, out: Path) -> None
     rows = [render_sample(BENCH_SEED, "train", i, pipe.image_size) for i in range(n)]
     out.mkdir(parents=True, exist_ok=True)
     for g in scales:
-        images = []
-        for b in range(0, n, 8):
-            requests = [
-                SampleRequest({"text": r.caption}, guidance=g, seed=i)
-                for i, r in enumerate(rows[b : b + 8], start=b)
-            ]
-            images += [
-                np.asarray(o.images[0]) for o in pipe.sample_batch(requests, num_inference_steps=steps)
-            ]
+        requests = [SampleRequest({"text": r.caption}, guidance=g, seed=i) for i, r in enumerate(rows)]
+        images = sample(pipe, requests, steps)
         scores, shapes = [], collections.Counter()
         for image, r in zip(images, rows, strict=True):
             parsed = parse_scene(image)

@@ -385,10 +385,12 @@ def as_checkpointed(run_dir: Path, model_kwargs: dict[str, Any], cls: type) -> d
     saved config lacks was added to ``cls`` (and maybe to a preset) after the run started, and the
     run resumes with that argument's default, the model it saved. A run in progress then resumes
     after an upgrade instead of failing on the weights a new default would add."""
-    saved = sorted(run_dir.glob("checkpoint_*/model/config.json"))
+    from pipelines.train.state import saved_model_config
+
+    saved = [c for d in sorted(run_dir.glob("checkpoint_*")) if (c := saved_model_config(d)) is not None]
     if not saved:
         return model_kwargs
-    config = json.loads(saved[-1].read_text())
+    config = saved[-1]
     defaults = _defaults(cls)
     older = {
         k: defaults[k]

@@ -113,6 +113,12 @@ def verify(directory: Path) -> list[str]:
     return problems
 
 
+def saved_model_config(directory: Path) -> dict[str, Any] | None:
+    """The model config a checkpoint folder was saved with (``save``), None when it has none."""
+    path = directory / "model" / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def read_progress(directory: Path) -> Progress:
     path = directory / STATE_JSON
     if not path.is_file():
