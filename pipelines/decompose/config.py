@@ -51,6 +51,10 @@ class DecomposeConfig(ExtractionSettings):
     # (the outputs are the same)
     write_in_tasks: bool = resource(True)
     write_in_tasks_max_mb: int = resource(1024, ge=1)
+    # With write_in_tasks and no model extractor: the driver computes and writes the first shard
+    # itself while Ray starts (ray.init, Ray Data's executor, the workers' boot), so the first
+    # rows are processed seconds sooner; the other shards go to Ray (the outputs are the same)
+    driver_first_shard: bool = resource(True)
     progress: bool = resource(True)  # progress bar on stderr (the log lines follow --quiet/--verbose)
     data_stats: bool = resource(False)  # print Ray Data's per-operator timing at the end (tuning)
 

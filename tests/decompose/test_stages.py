@@ -170,15 +170,27 @@ def test_inline_and_one_actor_per_extractor_write_the_same_bytes(tmp_path, ray_l
     # it, and instances comes first in the job's order. Row 3 is not an image.
     _broken_synth(tmp_path / "synth", 14)
     kw = {"instances.method": "ground_truth", "conditions": "palette,sketch,instances,depth,intensity"}
-    # 14 inputs in 3 shards, for 2 process slots: the tasks write the shards
+    # 14 inputs in 3 shards: the driver computes the first while Ray starts, then the other two
+    # for 2 process slots: the tasks write them
     caplog.set_level("INFO", logger="pipelines.decompose.execute")
     inline = run_decompose(_cfg(tmp_path / "synth", tmp_path / "inline", **kw))
+    assert "the driver computes shard" in caplog.text
+    assert "stages: process and write each shard" in caplog.text
+    caplog.clear()
+    tasks = run_decompose(_cfg(tmp_path / "synth", tmp_path / "tasks", driver_first_shard=False, **kw))
+    assert "the driver computes shard" not in caplog.text
     assert "stages: process and write each shard" in caplog.text
     driver = run_decompose(_cfg(tmp_path / "synth", tmp_path / "driver", write_in_tasks=False, **kw))
     apart = run_decompose(_cfg(tmp_path / "synth", tmp_path / "apart", inline_extractors=False, **kw))
-    assert inline.errors == apart.errors == driver.errors == 2
+    assert inline.errors == tasks.errors == apart.errors == driver.errors == 2
     assert inline.errors_by_stage == {"decode": 1, "instances": 1}
-    assert _outputs(tmp_path / "inline") == _outputs(tmp_path / "driver") == _outputs(tmp_path / "apart")
+    assert inline.shards_computed == tasks.shards_computed == 3
+    assert (
+        _outputs(tmp_path / "inline")
+        == _outputs(tmp_path / "tasks")
+        == _outputs(tmp_path / "driver")
+        == _outputs(tmp_path / "apart")
+    )
 
 
 def test_tasks_write_whole_shards_only_without_models_with_shards_enough_that_fit(tmp_path, caplog):
