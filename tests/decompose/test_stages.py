@@ -234,8 +234,9 @@ def _stop_after(what: str, shard: str):
 def test_a_task_stopped_between_its_writes_leaves_a_shard_the_rerun_computes_again(
     tmp_path, ray_local, monkeypatch, caplog
 ):
-    """The write seam reaches the tasks: a shard whose data files a task wrote, but whose state the
-    driver never did, is computed again, and the output matches an uninterrupted run's."""
+    """The write seam reaches the tasks (and the driver's own first shard): a shard whose data
+    files a task wrote, but whose state the driver never did, is computed again, and the output
+    matches an uninterrupted run's."""
     from pipelines.decompose import commit
 
     caplog.set_level("INFO", logger="pipelines.decompose.execute")
@@ -244,15 +245,16 @@ def test_a_task_stopped_between_its_writes_leaves_a_shard_the_rerun_computes_aga
     ref = run_decompose(_cfg(tmp_path / "in", tmp_path / "ref", **kw))
     assert ref.shards_computed >= 2
     assert "stages: process and write each shard" in caplog.text
-    for what in ("shard", "errors"):
-        out = tmp_path / what
-        monkeypatch.setattr(commit, "write_hook", _stop_after(what, "folder-00001"))
-        with pytest.raises(Exception, match=f"stopped after writing {what} of folder-00001"):
+    assert "the driver computes shard folder-00000" in caplog.text
+    for what, shard in (("shard", "folder-00001"), ("errors", "folder-00001"), ("shard", "folder-00000")):
+        out = tmp_path / f"{what}-{shard}"
+        monkeypatch.setattr(commit, "write_hook", _stop_after(what, shard))
+        with pytest.raises(Exception, match=f"stopped after writing {what} of {shard}"):
             run_decompose(_cfg(tmp_path / "in", out, **kw))
         monkeypatch.setattr(commit, "write_hook", None)
-        assert (out / "shards" / "folder-00001.parquet").exists()
-        assert not (out / ".recompose" / "state" / "folder-00001.json").exists()
+        assert (out / "shards" / f"{shard}.parquet").exists()
+        assert not (out / ".recompose" / "state" / f"{shard}.json").exists()
         again = run_decompose(_cfg(tmp_path / "in", out, **kw))
-        assert "folder-00001" in {p.name.split(".")[0] for p in (out / ".recompose" / "state").glob("*.json")}
+        assert shard in {p.name.split(".")[0] for p in (out / ".recompose" / "state").glob("*.json")}
         assert again.shards_computed >= 1
         assert _outputs(out) == _outputs(tmp_path / "ref")
