@@ -121,7 +121,7 @@ def execute(job: JobPlan, work: list[Pending], committed: Callable[[Pending, Wri
     inline, actors = split_stages(job, work)
     progress = _Progress(work, job.cfg.progress)
     # Started before Ray is: the driver's shard runs while ray.init and Ray Data start up
-    ahead = _DriverShard.start(job, work, inline, actors)
+    ahead = _DriverShard.start(job, work, inline, actors, committed, progress)
     try:
         if not ray.is_initialized():
             ray.init(log_to_driver=False, configure_logging=False)
@@ -132,7 +132,7 @@ def execute(job: JobPlan, work: list[Pending], committed: Callable[[Pending, Wri
                 "read_num_cpus is no longer used: reading runs in the process tasks (decode.num_cpus)"
             )
         rest = work[1:] if ahead else work
-        poll = ahead.poller(committed, progress) if ahead else lambda: None
+        poll = ahead.poll if ahead else lambda: None
         if _writes_in_tasks(job, rest, actors, ray.cluster_resources().get("CPU", 1.0)):
             ds = _shard_dataset(job, rest, inline)
             _stream_written(ds, rest, committed, progress, poll)
@@ -145,10 +145,9 @@ def execute(job: JobPlan, work: list[Pending], committed: Callable[[Pending, Wri
 
             _stream(ds, rest, commit, progress, poll)
     finally:
-        if ahead:  # never leave the driver's shard half-written, nor done and not committed
-            ahead.wait()
-            if not ahead.future.exception():
-                ahead.finish(committed, progress)
+        # never leave the driver's shard half-written (exception() waits), nor done and not committed
+        if ahead and ahead.future.exception() is None:
+            ahead.finish()
     progress.close()
     if job.cfg.data_stats:
         log.info(ds.stats())
@@ -163,12 +162,25 @@ class _DriverShard:
     one shard; the others go to Ray as before. The commit (the state file) stays on the main
     thread, between the rows Ray streams in."""
 
-    def __init__(self, pending: Pending, future: Any):
-        self.pending, self.future, self.done = pending, future, False
+    def __init__(
+        self,
+        pending: Pending,
+        future: Any,
+        committed: Callable[[Pending, Written], None],
+        progress: _Progress,
+    ):
+        self.pending, self.future, self.committed, self.progress = pending, future, committed, progress
+        self.done = False
 
     @classmethod
     def start(
-        cls, job: JobPlan, work: list[Pending], inline: list[str], actors: list[str]
+        cls,
+        job: JobPlan,
+        work: list[Pending],
+        inline: list[str],
+        actors: list[str],
+        committed: Callable[[Pending, Written], None],
+        progress: _Progress,
     ) -> _DriverShard | None:
         cfg = job.cfg
         if not (cfg.driver_first_shard and cfg.write_in_tasks) or actors or extra_stages or len(work) < 2:
@@ -180,37 +192,28 @@ class _DriverShard:
         from pipelines.decompose.stages import process_shards, shard_items
 
         first = work[0]
-        items = shard_items([first], {} if first.fresh else {first.unit.shard: job.unit_state(first.unit)})
+        items = shard_items([first], _old_states(job, [first]))
         batch = {k: np.array([item[k] for item in items], object) for k in items[0]}
         pool = ThreadPoolExecutor(1, thread_name_prefix="driver-shard")
         future = pool.submit(process_shards, batch, **_shard_kwargs(job, inline))
         pool.shutdown(wait=False)  # the thread ends with its one task
         log.info(f"the driver computes shard {first.unit.shard} while Ray starts")
-        return cls(first, future)
+        return cls(first, future, committed, progress)
 
-    def poller(
-        self, committed: Callable[[Pending, Written], None], progress: _Progress
-    ) -> Callable[[], None]:
-        def poll() -> None:
-            if not self.done and self.future.done():
-                self.finish(committed, progress)
+    def poll(self) -> None:
+        """Commit the shard if it is done (called between the batches Ray streams in)."""
+        if self.future.done():
+            self.finish()
 
-        return poll
-
-    def finish(self, committed: Callable[[Pending, Written], None], progress: _Progress) -> None:
+    def finish(self) -> None:
         """Wait for the shard (re-raising its error) and commit it, once."""
         if self.done:
             return
         out = self.future.result()
         self.done = True
-        progress.first_row(float(out["first_row_at"][0]))
-        committed(self.pending, json.loads(out["written"][0]))
-        progress.update(len(self.pending.unit.members), committed=True)
-
-    def wait(self) -> None:
-        from concurrent.futures import wait
-
-        wait([self.future])
+        self.progress.first_row(float(out["first_row_at"][0]))
+        self.committed(self.pending, json.loads(out["written"][0]))
+        self.progress.update(len(self.pending.unit.members), committed=True)
 
 
 def _writes_in_tasks(job: JobPlan, work: list[Pending], actors: list[str], cpus: float) -> bool:
@@ -269,6 +272,11 @@ def _columns(job: JobPlan, names: list[str]) -> list[str]:
     return [s.name for name in job.extractors if name in names for s in job.specs[name]]
 
 
+def _old_states(job: JobPlan, work: list[Pending]) -> dict[str, dict[str, Any] | None]:
+    """The stored state of each shard of ``work`` that updates an earlier one (``shard_items``)."""
+    return {p.unit.shard: job.unit_state(p.unit) for p in work if not p.fresh}
+
+
 def _shard_kwargs(job: JobPlan, inline: list[str]) -> dict[str, Any]:
     """The arguments of ``stages.process_shards`` but its items."""
     from pipelines.decompose import commit
@@ -291,8 +299,7 @@ def _shard_dataset(job: JobPlan, work: list[Pending], inline: list[str]) -> Any:
 
     cfg = job.cfg
     log.info(f"stages: process and write each shard (read, decode, {', '.join(inline)}) → state (driver)")
-    old = {p.unit.shard: job.unit_state(p.unit) for p in work if not p.fresh}
-    items = shard_items(work, old)
+    items = shard_items(work, _old_states(job, work))
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
         process_shards,

@@ -387,10 +387,10 @@ def as_checkpointed(run_dir: Path, model_kwargs: dict[str, Any], cls: type) -> d
     after an upgrade instead of failing on the weights a new default would add."""
     from pipelines.train.state import saved_model_config
 
-    saved = [c for d in sorted(run_dir.glob("checkpoint_*")) if (c := saved_model_config(d)) is not None]
-    if not saved:
+    dirs = sorted(run_dir.glob("checkpoint_*"), reverse=True)  # the latest saved config decides
+    config = next((c for d in dirs if (c := saved_model_config(d)) is not None), None)
+    if config is None:
         return model_kwargs
-    config = saved[-1]
     defaults = _defaults(cls)
     older = {
         k: defaults[k]
