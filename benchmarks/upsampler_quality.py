@@ -1,7 +1,7 @@
 """Upsampler quality: a trained upsampler against bicubic upsampling, and the cascade's layout.
 
     python benchmarks/upsampler_quality.py --upsampler DIR [--base MODEL] [--count 64] [--steps 20]
-        [--levels 0,100] [--base-steps 25] [--seed 1] [--figure PNG]
+        [--levels 0,100] [--base-steps 25] [--seed 1] [--spacing saved|leading|trailing] [--figure PNG]
 
 1. Super-resolution. ``--count`` held-out synthetic images (``render_sample(seed, "heldout", i)``:
    scenes the training set (seed 0) never had) at the upsampler's side R, downsampled by its
@@ -93,12 +93,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1, help="the held-out scenes' seed")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--figure", help="write the picture here")
+    p.add_argument(
+        "--spacing",
+        choices=("saved", "leading", "trailing"),
+        default="saved",
+        help="sample the upsampler with this timestep spacing instead of the one its export saved: "
+        "the same as training it with model.timestep_spacing set so (the spacing changes no training step)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[upsampler_quality] %(message)s", stream=sys.stderr)
     torch.manual_seed(0)
 
     up = load_pipeline(args.upsampler, "cpu")
     up.set_progress_bar_config(disable=True)
+    if args.spacing != "saved":
+        from diffusers import DDIMScheduler
+
+        up.scheduler = DDIMScheduler.from_config(up.scheduler.config, timestep_spacing=args.spacing)
     f, side = up.unet.config.upsample_factor, up.image_size
     scenes = [render_sample(args.seed, "heldout", i, side) for i in range(args.count)]
     truth = np.stack([s.image for s in scenes])
@@ -111,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         "sides": [side // f, side],
         "count": args.count,
         "steps": args.steps,
+        "timestep_spacing": up.scheduler.config.timestep_spacing,
         "bicubic": scores(truth, bicubic),
         "upsampler_runs": {},
     }

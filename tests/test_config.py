@@ -195,3 +195,27 @@ def test_an_added_field_is_hashed_only_off_its_default():
     assert config_hash(v) != config_hash(base) == config_hash(again)
     assert "prediction" not in to_dict(base, outputs_only=True)["model"]
     assert to_dict(base)["model"]["prediction"] == "epsilon"  # still in the full config (MLflow params)
+
+
+def test_the_timestep_spacing_is_saved_with_the_noise_schedule():
+    """``model.timestep_spacing``: recompose's schedule takes it (leading unless set); a pretrained
+    base keeps its own unless set; set, it is part of the config hash (it changes the export)."""
+    from types import SimpleNamespace
+
+    from pipelines.train.config import TrainConfig
+    from pipelines.train.loop import train_scheduler
+
+    def spacing(overrides: list[str], base: dict | None = None) -> str:
+        cfg = load_config(TrainConfig, "configs/train-laptop.yaml", overrides=overrides)
+        args = SimpleNamespace(cfg=cfg, base=None if base is None else SimpleNamespace(scheduler=base))
+        return train_scheduler(args).config.timestep_spacing
+
+    trailing = ["model.timestep_spacing=trailing"]
+    assert spacing([]) == "leading" and spacing(trailing) == "trailing"
+    base = {"num_train_timesteps": 1000, "timestep_spacing": "trailing", "prediction_type": "epsilon"}
+    assert spacing([], base) == "trailing"
+    assert spacing(["model.timestep_spacing=leading"], base) == "leading"
+    laptop = load_config(TrainConfig, "configs/train-laptop.yaml")
+    assert config_hash(
+        load_config(TrainConfig, "configs/train-laptop.yaml", overrides=trailing)
+    ) != config_hash(laptop)

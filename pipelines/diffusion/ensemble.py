@@ -146,7 +146,13 @@ def _schedule(directory: Path) -> dict[str, Any]:
     path = directory / "scheduler" / "scheduler_config.json"
     if not path.is_file():
         raise EnsembleError(f"{directory}: not a saved pipeline (no scheduler/scheduler_config.json)")
-    return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+    # the timesteps a sampler visits are not the noise schedule: an ensemble samples with those of
+    # its highest-noise expert, the directory it is written from
+    return {
+        k: v
+        for k, v in json.loads(path.read_text()).items()
+        if not k.startswith("_") and k != "timestep_spacing"
+    }
 
 
 def _unet_config(directory: Path) -> dict[str, Any]:
@@ -163,15 +169,16 @@ def _components(directory: Path) -> dict[str, Any]:
 
 
 def check_experts(dirs: Sequence[Path], names: Sequence[str]) -> None:
-    """The experts must be one model: the same UNet architecture, noise schedule and components."""
+    """The experts must be one model: the same UNet architecture, noise schedule and components.
+    ``names``: each expert as the messages name it (with where it is)."""
     first = dirs[0]
     for d, n in zip(dirs[1:], names[1:], strict=True):
         if _schedule(d) != _schedule(first):
-            raise EnsembleError(f"{n} ({d}) has another noise schedule than {names[0]}; experts share one")
+            raise EnsembleError(f"{n} has another noise schedule than {names[0]}; experts share one")
         if _unet_config(d) != _unet_config(first):
-            raise EnsembleError(f"{n} ({d}) is another model than {names[0]} (unet/config.json differs)")
+            raise EnsembleError(f"{n} is another model than {names[0]} (unet/config.json differs)")
         if _components(d) != _components(first):
-            raise EnsembleError(f"{n} ({d}) has other pipeline components than {names[0]} (model_index.json)")
+            raise EnsembleError(f"{n} has other pipeline components than {names[0]} (model_index.json)")
 
 
 def assemble(

@@ -178,8 +178,16 @@ class ComposerPipeline(DiffusionPipeline):
         sentence = pooled.float().cpu().numpy().astype(np.float16)[index]
         return {"caption.base_tokens": tokens, "caption.base_sentence": sentence}
 
-    def _scheduler(self, name: SchedulerName, threshold: Threshold) -> SchedulerMixin:
-        return sampler(self.scheduler.config, name, threshold, latent=self.vae is not None)
+    def _scheduler(
+        self, name: SchedulerName, threshold: Threshold, inverting: bool = False
+    ) -> SchedulerMixin:
+        config = self.scheduler.config
+        if inverting and config.get("timestep_spacing", "leading") != "leading":
+            # DDIM inversion up to t = T - 1 (trailing spacing) cannot be undone: √ᾱ is ~0.0016
+            # there on the cosine schedule, so the first sampling step's x_0 estimate magnifies
+            # every error ~600x. An edit that inverts runs DDIM's leading timesteps both ways.
+            config = {**config, "timestep_spacing": "leading"}
+        return sampler(config, name, threshold, latent=self.vae is not None)
 
     # -- conditions ---------------------------------------------------------------------------
     def _rows(self, conditions: Mapping[str, Any], n: int) -> dict[str, Any]:
@@ -366,7 +374,7 @@ class ComposerPipeline(DiffusionPipeline):
         if inverting and scheduler != "ddim":
             raise ValueError("bidirectional guidance inverts with DDIM; use scheduler='ddim'")
         with eval_mode(self.denoiser):  # sampling is in eval mode whatever the caller's model mode
-            sched = self._scheduler(scheduler, threshold)
+            sched = self._scheduler(scheduler, threshold, inverting)
             x = self._noise(batch)
             encoded = self._encode_rows(
                 [p.conditions for p in prepared], batch.sizes, first.guidance, batch.generators

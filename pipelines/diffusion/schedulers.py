@@ -12,14 +12,21 @@ from typing import Any, Literal
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, SchedulerMixin
 
 SchedulerName = Literal["ddim", "dpm++"]
+Spacing = Literal["leading", "trailing"]
 Threshold = Literal["none", "clip", "dynamic"]
 SCHEDULERS = ("ddim", "dpm++")
 THRESHOLDS = ("none", "clip", "dynamic")
 
 
-def default_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
+def default_scheduler(prediction_type: str = "epsilon", spacing: Spacing = "leading") -> DDIMScheduler:
     """The noise schedule models are trained with and the default sampler (DDIM, η = 0);
-    ``prediction_type``: what the model predicts, "epsilon" or "v_prediction" (models/objective.py)."""
+    ``prediction_type``: what the model predicts, "epsilon" or "v_prediction" (models/objective.py).
+
+    ``spacing``: which timesteps n sampling steps visit. "leading" (DDIM's): 1 + k·T/n, so the
+    first step is at T − T/n + 1 (951 of 1000 at 20 steps) and a single step is at t = 1, from
+    pure noise. "trailing": T − 1 − k·T/n, so the first step always starts from pure noise at
+    t = T − 1 (Lin et al. 2024, "Common diffusion noise schedules and sample steps are flawed",
+    Table 2). DDIM inversion (``sampling.invert``) runs either spacing backwards."""
     return DDIMScheduler(
         num_train_timesteps=1000,
         beta_schedule="squaredcos_cap_v2",  # the cosine schedule of improved DDPM, as GLIDE/unCLIP
@@ -27,7 +34,7 @@ def default_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
         clip_sample=True,
         set_alpha_to_one=True,
         steps_offset=1,
-        timestep_spacing="leading",  # pairs exactly with DDIMInverseScheduler for inversion
+        timestep_spacing=spacing,
     )
 
 

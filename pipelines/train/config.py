@@ -30,6 +30,11 @@ class ModelSection(Config):
     semantics_encoder: Literal["auto", "trainable", "clip"] = "auto"  # auto: clip if the shards have it
     # what the network predicts, saved as the pipeline scheduler's prediction_type (models/objective.py)
     prediction: Literal["epsilon", "v_prediction"] = added("epsilon")
+    # the timesteps sampling visits, saved as the scheduler's timestep_spacing
+    # (pipelines/diffusion/schedulers.py): leading (DDIM's) or trailing (the first step from pure
+    # noise at t = T - 1, also for one step: an upsampler's posterior mean); None: leading, or a
+    # pretrained base's own
+    timestep_spacing: Literal["leading", "trailing"] | None = added(None)
     overrides: dict[str, object] = nested(
         dict
     )  # any other ComposerModel argument, e.g. {layers_per_block: 1}

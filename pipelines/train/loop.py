@@ -80,11 +80,13 @@ def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 def train_scheduler(args: TrainerArgs) -> Any:
     """The noise schedule of training, samples and the export: the base's, or recompose's default."""
+    spacing = args.cfg.model.timestep_spacing
     if args.base is None:
-        return default_scheduler(args.cfg.model.prediction)
+        return default_scheduler(args.cfg.model.prediction, spacing or "leading")
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler.from_config(args.base.scheduler)
+    changes = {} if spacing is None else {"timestep_spacing": spacing}
+    return DDIMScheduler.from_config(args.base.scheduler, **changes)
 
 
 def batch_inputs(

@@ -147,7 +147,27 @@ def test_bad_ensembles_are_refused_before_anything_is_written(models, tmp_path):
     bigger = save_stage(tmp_path / "bigger", "tiny", 2 * R)
     with pytest.raises(EnsembleError, match="another model"):
         assemble([one, str(bigger)], [None, (0, 400)], tmp_path / "a", Path)
+
+    def scheduled(name: str, **changes) -> str:
+        d = tmp_path / name
+        shutil.copytree(models["other"], d)
+        path = d / "scheduler" / "scheduler_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+        return str(d)
+
+    with pytest.raises(EnsembleError, match="another noise schedule"):
+        assemble([one, scheduled("linear", beta_schedule="linear")], [None, (0, 400)], tmp_path / "a", Path)
     assert not (tmp_path / "a").exists()
+    # the timesteps a sampler visits are not the noise schedule: the ensemble samples with those of
+    # the expert of the highest noise (the directory it is written from)
+    trailing = scheduled("trailing", timestep_spacing="trailing")
+    for experts, ranges, want in (
+        ([one, trailing], [(0, 400), (400, 1000)], "trailing"),
+        ([trailing, one], [(0, 400), (400, 1000)], "leading"),
+    ):
+        assemble(experts, ranges, tmp_path / f"ens-{want}", Path)
+        saved = json.loads((tmp_path / f"ens-{want}" / "scheduler" / "scheduler_config.json").read_text())
+        assert saved["timestep_spacing"] == want
     assert main(["ensemble", "--expert", f"{one}=9:x", "--output", str(tmp_path / "b")]) == 2
     assert main(["ensemble", "--expert", one, "--expert", one, "--output", str(tmp_path / "b")]) == 2
     assert not (tmp_path / "b").exists()

@@ -251,6 +251,41 @@ def test_schedulers_and_thresholds(scheduler, threshold):
     )
 
 
+@pytest.mark.parametrize(
+    "scheduler,spacing,want",
+    [
+        ("ddim", "leading", {1: [1], 4: [751, 501, 251, 1]}),
+        ("ddim", "trailing", {1: [999], 4: [999, 749, 499, 249]}),
+        ("dpm++", "trailing", {1: [999], 4: [999, 749, 499, 249]}),
+    ],
+)
+def test_a_saved_timestep_spacing_is_what_sampling_visits(tmp_path, monkeypatch, spacing, want, scheduler):
+    """``model.timestep_spacing`` is saved with the pipeline and every sampler follows it: trailing
+    starts even one step at t = T - 1 (pure noise: the model's posterior mean), DDIM's leading at
+    t = 1."""
+    import pipelines.diffusion.sampling as sampling
+
+    seen: list[int] = []
+    guided = sampling.guided_noise
+
+    def record(model, x, t, *args, **kwargs):
+        seen.append(int(t))
+        return guided(model, x, t, *args, **kwargs)
+
+    monkeypatch.setattr(sampling, "guided_noise", record)
+    torch.manual_seed(0)
+    ComposerPipeline(
+        build_model("tiny", sample_size=R).eval(), default_scheduler(spacing=spacing)
+    ).save_pretrained(tmp_path / "p")
+    pipe = ComposerPipeline.from_pretrained(tmp_path / "p")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.scheduler.config.timestep_spacing == spacing
+    for steps, timesteps in want.items():
+        seen.clear()
+        pipe(conditions(3), guidance=1.0, num_inference_steps=steps, seed=0, scheduler=scheduler)
+        assert seen == timesteps, (steps, seen)
+
+
 def test_bad_inputs_raise_clear_errors():
     pipe, cond = make_pipe(), conditions(8)
     source, _ = scene(8)
