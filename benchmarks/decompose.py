@@ -540,7 +540,16 @@ def main() -> int:
     )
     p.add_argument("--gpu-rate", type=float, default=312.0, help="images/s of one GPU (CLIP ViT-L/14, A100)")
     p.add_argument("--cpus-per-gpu", default="1,2,4,8", help="CPUs per GPU to simulate")
+    p.add_argument(
+        "--job-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another --set for every job (a variant of the job config to compare), repeatable",
+    )
     args = p.parse_args()
+    for item in args.job_set:
+        JOB_SETTINGS.extend(["--set", item])
     logging.basicConfig(level=logging.INFO, format="[bench] %(message)s", stream=sys.stderr)
     configure(-1)  # the job's own lines are not the benchmark's: warnings only
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # read by scikit-learn's OpenMP when (c) imports it
@@ -609,6 +618,7 @@ def main() -> int:
         out["job"] = job_scaling(blobs, r, sizes, args.cpus, CPU_SET, b)
         out["job"]["side_by_side_ips"] = round(both, 1)
         out["job"]["side_by_side_over_cpus_x_kernel"] = round(both / (args.cpus * b), 3)
+        out["job"]["settings"] = JOB_SETTINGS[1::2]
     if args.simulate_gpu:
         ks = [float(k) for k in args.cpus_per_gpu.split(",")]
         out["gpu_simulation"] = simulate_gpu(

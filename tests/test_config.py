@@ -121,6 +121,7 @@ EARLIER_HASHES = {
     "train-gpu-cluster": "08b7984799d5225b",
     "train-laptop": "bd8f7a2c1bd9f93d",
     "train-laptop-vmin": "0587d41fb313a7df",
+    "train-laptop-fast": "6bf4859941aadaab",
     "train-overrides": "eba9e2f7db0b4056",
     # The two reference configs changed (2026-12-04): they pin model.overrides text_kernel 1, the
     # shipped model's caption encoder, now that the presets set 3 (before: 0587d41fb313a7df,
@@ -131,6 +132,7 @@ EARLIER_HASHES = {
 
 
 LAPTOP_BEFORE_VMIN = ["model.prediction=epsilon", "optim.loss_weighting=v"]
+LAPTOP_2026_12_02 = "tests/data/configs/train-laptop-2026-12-02.yaml"  # before lr 2e-3 and 2 heads of 32
 
 
 def _earlier_cases():
@@ -151,15 +153,16 @@ def _earlier_cases():
             ["conditions=palette,sketch", "resolution=32", "palette.sigma=7"],
         ),
         "train-default": (TrainConfig, None, run, []),
-        # configs/train-laptop.yaml of those versions: ε target, v weighting (now v + Min-SNR-γ)
-        "train-laptop": (TrainConfig, "configs/train-laptop.yaml", run, LAPTOP_BEFORE_VMIN),
-        "train-laptop-vmin": (TrainConfig, "configs/train-laptop.yaml", run, []),  # the file as it is now
+        # configs/train-laptop.yaml of those versions: ε target, v weighting (then v + Min-SNR-γ)
+        "train-laptop": (TrainConfig, LAPTOP_2026_12_02, run, LAPTOP_BEFORE_VMIN),
+        "train-laptop-vmin": (TrainConfig, LAPTOP_2026_12_02, run, []),  # then lr 2e-3 and 2 heads of 32
+        "train-laptop-fast": (TrainConfig, "configs/train-laptop.yaml", run, []),  # the file as it is now
         "train-gpu-cluster": (TrainConfig, "configs/train-gpu-cluster.yaml", run, []),
         "train-reference": (TrainConfig, "configs/train-reference.yaml", run, []),
         "train-reference-caption": (TrainConfig, "configs/train-reference-caption.yaml", run, []),
         "train-overrides": (
             TrainConfig,
-            "configs/train-laptop.yaml",
+            LAPTOP_2026_12_02,
             run,
             [*LAPTOP_BEFORE_VMIN, "optim.lr=1e-4", "model.preset=small", "max_steps=10"],
         ),
