@@ -28,3 +28,17 @@ def test_figures(tmp_path, capsys):
     layout = out["layout"]
     assert 0 <= layout["sketch_f1_kept"] <= 1 and 0 <= layout["sketch_f1_unrelated"] <= 1
     assert np.asarray(Image.open(figure)).shape[1] > 4 * 128
+
+
+def test_spacing_samples_an_export_with_other_timesteps(tmp_path, capsys):
+    """``--spacing``: the saved spacing by default, else the one given (what a run with
+    ``model.timestep_spacing`` set would have saved); one trailing step differs from one leading."""
+    up = save_stage(tmp_path / "up", "upsampler-tiny", 32, 2)
+    base = save_stage(tmp_path / "base", "tiny", 16)
+    args = ["--upsampler", str(up), "--base", str(base), "--count", "2", "--steps", "1", "--base-steps", "1"]
+    runs = {}
+    for spacing in ("saved", "trailing"):
+        assert upsampler_quality.main([*args, "--levels", "0", "--spacing", spacing]) == 0
+        out = json.loads(capsys.readouterr().out)
+        runs[out["timestep_spacing"]] = out["upsampler_runs"]["level 0, unconditional"]["psnr_db"]
+    assert set(runs) == {"leading", "trailing"} and runs["leading"] != runs["trailing"]
