@@ -181,13 +181,9 @@ class ComposerPipeline(DiffusionPipeline):
     def _scheduler(
         self, name: SchedulerName, threshold: Threshold, inverting: bool = False
     ) -> SchedulerMixin:
-        config = self.scheduler.config
-        if inverting and config.get("timestep_spacing", "leading") != "leading":
-            # DDIM inversion up to t = T - 1 (trailing spacing) cannot be undone: √ᾱ is ~0.0016
-            # there on the cosine schedule, so the first sampling step's x_0 estimate magnifies
-            # every error ~600x. An edit that inverts runs DDIM's leading timesteps both ways.
-            config = {**config, "timestep_spacing": "leading"}
-        return sampler(config, name, threshold, latent=self.vae is not None)
+        return sampler(
+            self.scheduler.config, name, threshold, latent=self.vae is not None, inverting=inverting
+        )
 
     # -- conditions ---------------------------------------------------------------------------
     def _rows(self, conditions: Mapping[str, Any], n: int) -> dict[str, Any]:

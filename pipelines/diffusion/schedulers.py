@@ -26,7 +26,7 @@ def default_scheduler(prediction_type: str = "epsilon", spacing: Spacing = "lead
     first step is at T − T/n + 1 (951 of 1000 at 20 steps) and a single step is at t = 1, from
     pure noise. "trailing": T − 1 − k·T/n, so the first step always starts from pure noise at
     t = T − 1 (Lin et al. 2024, "Common diffusion noise schedules and sample steps are flawed",
-    Table 2). DDIM inversion (``sampling.invert``) runs either spacing backwards."""
+    Table 2). An edit that inverts (``sampling.invert``) always runs the leading ones (``sampler``)."""
     return DDIMScheduler(
         num_train_timesteps=1000,
         beta_schedule="squaredcos_cap_v2",  # the cosine schedule of improved DDPM, as GLIDE/unCLIP
@@ -38,15 +38,23 @@ def default_scheduler(prediction_type: str = "epsilon", spacing: Spacing = "lead
     )
 
 
-def sampler(config: Any, name: SchedulerName, threshold: Threshold, latent: bool) -> SchedulerMixin:
+def sampler(
+    config: Any, name: SchedulerName, threshold: Threshold, latent: bool, inverting: bool = False
+) -> SchedulerMixin:
     """The scheduler ``name`` over the noise schedule ``config`` (a saved scheduler's config) with
-    x_0 ``threshold``; ``latent``: the model samples a VAE's latents, which are never thresholded."""
+    x_0 ``threshold``; ``latent``: the model samples a VAE's latents, which are never thresholded;
+    ``inverting``: the generation first inverts its source with DDIM (bidirectional guidance)."""
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; known: {', '.join(SCHEDULERS)}")
     if threshold not in THRESHOLDS:
         raise ValueError(f"unknown threshold {threshold!r}; known: {', '.join(THRESHOLDS)}")
     if threshold != "none" and latent:
         raise ValueError("x_0 clipping and dynamic thresholding apply to pixel-space models only")
+    if inverting and config.get("timestep_spacing", "leading") != "leading":
+        # DDIM inversion up to t = T - 1 (trailing spacing) cannot be undone: √ᾱ is ~0.0016 there
+        # on the cosine schedule, so the first sampling step's x_0 estimate magnifies every error
+        # ~600x. An edit that inverts runs DDIM's leading timesteps both ways.
+        config = {**config, "timestep_spacing": "leading"}
     # Imagen's dynamic thresholding (Saharia et al. 2022, §2.3) at its 99.5th percentile,
     # with DeepFloyd IF's cap on the threshold; "clip" is the same with the cap at 1.
     options = {
