@@ -30,7 +30,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pipelines.diffusion.pipeline as pipeline_module  # noqa: E402
-from benchmarks.caption_probe import BENCH_SEED  # noqa: E402
+from benchmarks.caption_probe import BENCH_SEED, template_fit  # noqa: E402
 from pipelines.data.scene import render_sample  # noqa: E402
 from pipelines.diffusion.loading import load_pipeline  # noqa: E402
 from pipelines.diffusion.requests import SampleRequest  # noqa: E402
@@ -81,9 +81,11 @@ def main(model: str, n: int, levels: list[int], guidance: float, steps: int, out
                 images += [
                     np.asarray(o.images[0]) for o in pipe.sample_batch(requests, num_inference_steps=steps)
                 ]
-        s = summarize([score(parse_scene(im), r.caption) for im, r in zip(images, rows, strict=True)])
+        parsed = [parse_scene(im) for im in images]
+        s = summarize([score(p, r.caption) for p, r in zip(parsed, rows, strict=True)])
         line = {"level": level, "guidance": guidance, "n_images": len(images)}
         line |= {k: round(v, 3) for k, v in s.items() if isinstance(v, float)}
+        line["fit"] = template_fit([o.fit for p in parsed for o in p.objects])
         print(json.dumps(line), flush=True)
         lines.append(line)
         pictures.append(np.concatenate(images[:16], 1))

@@ -1,5 +1,6 @@
 """Caption-only probe of a saved pipeline: sample N seen benchmark captions at each guidance scale,
-read the samples back with the scene parser, print one JSON line per scale and save a picture
+read the samples back with the scene parser, print one JSON line per scale (with ``fit``, the
+parsed objects' mean template fit: are they shapes at all) and save a picture
 (top: the generator's render of each caption, below: the sample).
 
     python benchmarks/caption_probe.py PIPELINE_DIR N GUIDANCES [STEPS] [OUT_DIR]
@@ -26,6 +27,12 @@ from pipelines.evaluate.scene_parser import parse_scene, score, summarize
 BENCH_SEED = BenchmarkConfig().seed  # the evaluation's benchmark captions
 
 
+def template_fit(fits: list[float]) -> float | None:
+    """Mean template fit of the parsed objects (``ParsedObject.fit``): how much each object looks
+    like some shape at all, whatever the caption asked (the generator's renders: ~0.96)."""
+    return round(float(np.mean(fits)), 3) if fits else None
+
+
 def sample(pipe, requests: list[SampleRequest], steps: int) -> list[np.ndarray]:
     """One (R, R, 3) uint8 image per request, sampled 8 requests at a time."""
     images = []
@@ -45,13 +52,15 @@ def main(model: str, n: int, scales: list[float], steps: int, out: Path) -> None
     for g in scales:
         requests = [SampleRequest({"text": r.caption}, guidance=g, seed=i) for i, r in enumerate(rows)]
         images = sample(pipe, requests, steps)
-        scores, shapes = [], collections.Counter()
+        scores, shapes, fits = [], collections.Counter(), []
         for image, r in zip(images, rows, strict=True):
             parsed = parse_scene(image)
             scores.append(score(parsed, r.caption))
             shapes.update(o.shape for o in parsed.objects)
+            fits += [o.fit for o in parsed.objects]
         s = summarize(scores)
         line = {"guidance": g, **{k: round(v, 3) for k, v in s.items() if isinstance(v, float)}}
+        line["fit"] = template_fit(fits)
         print(json.dumps(line | {"parsed_shapes": dict(shapes)}), flush=True)
         grid = np.concatenate(
             [np.concatenate([r.image, im], 0) for r, im in zip(rows[:16], images[:16], strict=True)], 1
