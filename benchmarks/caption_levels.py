@@ -30,19 +30,20 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pipelines.diffusion.pipeline as pipeline_module  # noqa: E402
-from benchmarks.caption_probe import BENCH_SEED, template_fit  # noqa: E402
-from pipelines.data.scene import render_sample  # noqa: E402
+from benchmarks.caption_probe import read_back, seen_rows  # noqa: E402
+from pipelines.diffusion.inputs import image_to_tensor  # noqa: E402
 from pipelines.diffusion.loading import load_pipeline  # noqa: E402
 from pipelines.diffusion.requests import SampleRequest  # noqa: E402
 from pipelines.diffusion.sampling import guided_noise  # noqa: E402
-from pipelines.evaluate.scene_parser import parse_scene, score, summarize  # noqa: E402
 
 
 @contextlib.contextmanager
 def from_level(x0: torch.Tensor, level: int):
     """Within the block, the pipeline's sampling loop starts from ``x0`` (B, C, S, S) noised to
     the first of its timesteps at or below ``level`` with the request's own noise, and runs only
-    those timesteps; the pipeline's encoding of conditions and guidance are untouched."""
+    those timesteps; the pipeline's encoding of conditions and guidance are untouched. The loop
+    is ``sampling.denoise``'s over the kept timesteps (no masked source: these requests have none);
+    truncating the loop is a probe's need, so the shared sampler does not carry it."""
 
     def denoise(model, scheduler, x, encoded, guidance, num_inference_steps, known=None, progress=iter):
         scheduler.set_timesteps(num_inference_steps, device=x.device)
@@ -66,14 +67,14 @@ def main(model: str, n: int, levels: list[int], guidance: float, steps: int, out
     torch.set_num_threads(2)
     pipe = load_pipeline(model, "cpu")
     pipe.set_progress_bar_config(disable=True)
-    rows = [render_sample(BENCH_SEED, "train", i, pipe.image_size) for i in range(n)]
+    rows = seen_rows(n, pipe.image_size)
     out.mkdir(parents=True, exist_ok=True)
     lines, pictures = [], [np.concatenate([r.image for r in rows[:16]], 1)]
     for level in levels:
         images = []
         for b in range(0, n, 8):
             chunk = rows[b : b + 8]
-            x0 = torch.from_numpy(np.stack([r.image for r in chunk])).permute(0, 3, 1, 2).float() / 127.5 - 1
+            x0 = image_to_tensor(np.stack([r.image for r in chunk]))
             requests = [
                 SampleRequest({"text": r.caption}, guidance=guidance, seed=b + i) for i, r in enumerate(chunk)
             ]
@@ -81,11 +82,7 @@ def main(model: str, n: int, levels: list[int], guidance: float, steps: int, out
                 images += [
                     np.asarray(o.images[0]) for o in pipe.sample_batch(requests, num_inference_steps=steps)
                 ]
-        parsed = [parse_scene(im) for im in images]
-        s = summarize([score(p, r.caption) for p, r in zip(parsed, rows, strict=True)])
-        line = {"level": level, "guidance": guidance, "n_images": len(images)}
-        line |= {k: round(v, 3) for k, v in s.items() if isinstance(v, float)}
-        line["fit"] = template_fit([o.fit for p in parsed for o in p.objects])
+        line = {"level": level, "guidance": guidance, "n_images": len(images), **read_back(images, rows)[0]}
         print(json.dumps(line), flush=True)
         lines.append(line)
         pictures.append(np.concatenate(images[:16], 1))

@@ -33,6 +33,24 @@ def template_fit(fits: list[float]) -> float | None:
     return round(float(np.mean(fits)), 3) if fits else None
 
 
+def seen_rows(n: int, size: int) -> list:
+    """The first ``n`` seen benchmark scenes (caption and render) at ``size`` pixels."""
+    return [render_sample(BENCH_SEED, "train", i, size) for i in range(n)]
+
+
+def read_back(images: list[np.ndarray], rows: list) -> tuple[dict, collections.Counter]:
+    """The scene parser's reading of each sample against its row's caption: the summary's
+    accuracies (rounded), ``fit`` (``template_fit``), and how often each shape was parsed."""
+    scores, shapes, fits = [], collections.Counter(), []
+    for image, r in zip(images, rows, strict=True):
+        parsed = parse_scene(image)
+        scores.append(score(parsed, r.caption))
+        shapes.update(o.shape for o in parsed.objects)
+        fits += [o.fit for o in parsed.objects]
+    figures = {k: round(v, 3) for k, v in summarize(scores).items() if isinstance(v, float)}
+    return figures | {"fit": template_fit(fits)}, shapes
+
+
 def sample(pipe, requests: list[SampleRequest], steps: int) -> list[np.ndarray]:
     """One (R, R, 3) uint8 image per request, sampled 8 requests at a time."""
     images = []
@@ -47,21 +65,13 @@ def main(model: str, n: int, scales: list[float], steps: int, out: Path) -> None
     torch.set_num_threads(2)
     pipe = load_pipeline(model, "cpu")
     pipe.set_progress_bar_config(disable=True)
-    rows = [render_sample(BENCH_SEED, "train", i, pipe.image_size) for i in range(n)]
+    rows = seen_rows(n, pipe.image_size)
     out.mkdir(parents=True, exist_ok=True)
     for g in scales:
         requests = [SampleRequest({"text": r.caption}, guidance=g, seed=i) for i, r in enumerate(rows)]
         images = sample(pipe, requests, steps)
-        scores, shapes, fits = [], collections.Counter(), []
-        for image, r in zip(images, rows, strict=True):
-            parsed = parse_scene(image)
-            scores.append(score(parsed, r.caption))
-            shapes.update(o.shape for o in parsed.objects)
-            fits += [o.fit for o in parsed.objects]
-        s = summarize(scores)
-        line = {"guidance": g, **{k: round(v, 3) for k, v in s.items() if isinstance(v, float)}}
-        line["fit"] = template_fit(fits)
-        print(json.dumps(line | {"parsed_shapes": dict(shapes)}), flush=True)
+        figures, shapes = read_back(images, rows)
+        print(json.dumps({"guidance": g, **figures, "parsed_shapes": dict(shapes)}), flush=True)
         grid = np.concatenate(
             [np.concatenate([r.image, im], 0) for r, im in zip(rows[:16], images[:16], strict=True)], 1
         )
