@@ -34,7 +34,7 @@ from pipelines.log import configure_worker
 from pipelines.train import parallel
 from pipelines.train import state as train_state
 from pipelines.train.config import TrainConfig
-from pipelines.train.metrics import Window, progress_line
+from pipelines.train.metrics import LossWatch, Window, progress_line
 
 log = logging.getLogger(__name__)
 
@@ -398,8 +398,9 @@ def _prior_micro(t: Training, s: Step, batch: dict, window: Window, last: bool) 
     window.add(per_row.detach().float(), presence, available)
 
 
-def log_window(t: Training, s: Step, window: Window, world: int, tracker: Any) -> None:
-    """The window's metrics over all workers (collective), logged by rank 0 (``tracker``)."""
+def log_window(t: Training, s: Step, window: Window, world: int, tracker: Any, watch: LossWatch) -> None:
+    """The window's metrics over all workers (collective), logged by rank 0 (``tracker``); the
+    loss read by ``watch`` on every worker (a loss that is not a number raises on all of them)."""
     metrics = window.reduce(world, s.global_batch)
     metrics["lr"] = t.lr_scheduler.get_last_lr()[0]
     metrics["epoch"] = t.progress.epoch
@@ -407,6 +408,10 @@ def log_window(t: Training, s: Step, window: Window, world: int, tracker: Any) -
         tracker.log_metrics(metrics, t.progress.step)
         if s.cfg.progress:
             log.info(progress_line(t.progress.step, s.cfg.max_steps, metrics))
+    warning = watch.check(t.progress.step, metrics.get("loss"))
+    if warning is not None and tracker is not None:
+        log.warning(warning)
+        tracker.flag("recompose.loss_blowup", f"step {t.progress.step}: {warning}")
 
 
 def checkpoint(t: Training, rank: int) -> None:
@@ -456,14 +461,14 @@ def train_loop_per_worker(args: TrainerArgs) -> None:
     s = Step.of(args, device, world)
     tracker = _tracker(args, rank, device, t.progress.step)
     stream = batches(ray.train.get_dataset_shard("train"), cfg, t.progress)
-    window, start = Window(device), t.progress.step
+    window, start, watch = Window(device), t.progress.step, LossWatch()
     while t.progress.step < cfg.max_steps:
         if args.on_step is not None:
             args.on_step(rank, t.progress.step)
         train_step(t, s, stream, window)
         step, final = t.progress.step, t.progress.step >= cfg.max_steps
         if step % cfg.mlflow.log_every == 0 or final:
-            log_window(t, s, window, world, tracker)
+            log_window(t, s, window, world, tracker, watch)
             window = Window(device)
         if not final and cfg.mlflow.sample_every > 0 and step % cfg.mlflow.sample_every == 0:
             weights = parallel.full_ema_weights(t.model, t.ema)  # collective under FSDP

@@ -1,12 +1,16 @@
 """Training metrics: the loss per condition subset, throughput and data wait, per metric window.
 
 A window sums on the device from one metric point to the next (no host sync per step) and is
-reduced over all workers in one all-reduce when logged.
+reduced over all workers in one all-reduce when logged. ``LossWatch`` reads each window's loss:
+a loss that is not a number stops the run, one that blows up is flagged.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import math
+import statistics
 
 import torch
 
@@ -81,3 +85,56 @@ def progress_line(step: int, total: int, m: dict[str, float]) -> str:
         f"step {step}/{total}  loss {m.get('loss', float('nan')):.4f}  "
         f"{m['images_per_s']:.1f} img/s  data wait {100 * m['data_wait_fraction']:.1f}%"
     )
+
+
+class LossNotFinite(RuntimeError):
+    """The training loss became nan or inf: every step after it would train on garbage."""
+
+
+@dataclasses.dataclass
+class LossWatch:
+    """Reads the training loss of each metric window (the same figure on every worker, after the
+    window's all-reduce, so every worker decides alike).
+
+    - A loss that is nan or inf raises ``LossNotFinite``: the run stops, its checkpoints so far kept.
+    - A loss above ``factor`` × the median of the last ``history`` windows for ``patience`` windows
+      in a row is a blow-up (a learning rate too high: the loss climbs several-fold and stays
+      there); ``check`` returns the warning once, and again only after the loss has come back.
+    """
+
+    factor: float = 3.0
+    patience: int = 5
+    history: int = 50
+    min_history: int = 10  # windows seen before a blow-up can be called
+
+    def __post_init__(self) -> None:
+        self.losses: collections.deque[float] = collections.deque(maxlen=self.history)
+        self.strikes = 0
+        self.flagged = False
+
+    def check(self, step: int, loss: float | None) -> str | None:
+        """The warning to log for the window ending at ``step``, or None."""
+        if loss is None:
+            return None
+        if not math.isfinite(loss):
+            raise LossNotFinite(
+                f"the training loss is {loss} at step {step}: the run stops here, its checkpoints so far "
+                "are kept. A learning rate too high is the usual cause: lower optim.lr (or raise "
+                "optim.warmup_steps) in a new run, or fine-tune the last good export with init_from"
+            )
+        if len(self.losses) >= self.min_history:
+            median = statistics.median(self.losses)
+            if loss > self.factor * median:
+                self.strikes += 1
+                if self.strikes >= self.patience and not self.flagged:
+                    self.flagged = True
+                    return (
+                        f"the training loss has blown up: {loss:.4g} at step {step}, over {self.factor:g}x "
+                        f"its median {median:.4g} for {self.strikes} metric windows in a row; a learning "
+                        "rate too high diverges like this. Lower optim.lr, or stop the run and fine-tune "
+                        "its last good checkpoint"
+                    )
+                return None  # a blown-up window does not become the baseline
+            self.strikes, self.flagged = 0, False
+        self.losses.append(loss)
+        return None

@@ -179,6 +179,9 @@ class PriorTracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self.base.log_metrics(metrics, step)
 
+    def flag(self, tag: str, message: str) -> None:
+        self.base.flag(tag, message)
+
     def _pipeline(self, weights: dict[str, Any]) -> Any:
         from pipelines.diffusion.prior import PriorPipeline, prior_scheduler
 

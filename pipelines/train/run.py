@@ -490,8 +490,11 @@ def _fit(args: TrainerArgs, spec: DataSpec, info: RunInfo) -> TrainResult:
     t0 = time.time()
     try:
         result = _trainer(args, spec).fit()
-    except Exception:
+    except Exception as e:
         _mark_run(info.tracking_uri, info.run_id, "FAILED")
+        diverged = _loss_not_finite(e)
+        if diverged is not None:
+            raise ConfigError(f"training stopped: {diverged}") from None
         raise
     _mark_run(info.tracking_uri, info.run_id, "FINISHED")
     export = summary_of(Path(args.run_dir))
@@ -511,6 +514,17 @@ def _fit(args: TrainerArgs, spec: DataSpec, info: RunInfo) -> TrainResult:
     registered = f" = models:/{out.registered_model}/{out.model_version}" if out.model_version else ""
     log.info("done: %s steps; pipeline %s%s", out.steps, out.export, registered)
     return out
+
+
+def _loss_not_finite(error: Exception) -> str | None:
+    """The message of the ``LossNotFinite`` that failed the run's workers, if that is why it failed
+    (``ray.train.WorkerGroupError`` holds each failed worker's exception)."""
+    from pipelines.train.metrics import LossNotFinite
+
+    for failure in (getattr(error, "worker_failures", None) or {}).values():
+        if isinstance(failure, LossNotFinite):
+            return str(failure)
+    return None
 
 
 def _mark_run(uri: str, run_id: str, status: str) -> None:

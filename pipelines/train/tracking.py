@@ -149,6 +149,10 @@ class RankZeroTracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         tracking.log_metrics(self.client, self.run_id, metrics, step)
 
+    def flag(self, tag: str, message: str) -> None:
+        """A warning about the run, as a tag on its MLflow run (seen in the dashboard's run page)."""
+        self.client.set_tag(self.run_id, tag, message[:5000])
+
     # -- samples ---------------------------------------------------------------------------------
     def _sample_rows(self) -> dict[str, Any]:
         """The held-aside rows (first rows of the first shard), prepared without random crops."""

@@ -336,6 +336,24 @@ def test_refuses_foreign_output_and_bad_data(tmp_path, data):
     )
 
 
+def test_a_loss_that_is_not_a_number_stops_the_run_with_its_reason(data, tmp_path, capsys):
+    """A learning rate of 1e8 sends the loss to nan within a few steps: the run stops there with
+    exit code 2 and a message saying so (not 30 steps of garbage, not a traceback), its MLflow run
+    FAILED, nothing exported."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_dir = tmp_path / "nan"
+    extra = ("optim.lr=1e8", "optim.warmup_steps=0", "max_failures=0", "mlflow.sample_every=0")
+    assert _train(data, run_dir, uri, 30, *extra, "mlflow.registered_model=null") == 2
+    err = capsys.readouterr().err
+    assert "recompose train: error: training stopped: the training loss is nan at step" in err
+    assert "lower optim.lr" in err
+    run = _client(uri).get_run(_run_id(run_dir))
+    assert run.info.status == "FAILED"
+    steps = [m.step for m in _client(uri).get_metric_history(run.info.run_id, "loss")]
+    assert steps and max(steps) < 30, steps
+    assert not (run_dir / "export").exists()
+
+
 def test_fsdp_trains_checkpoints_and_resumes_after_a_failure(data, tmp_path, monkeypatch):
     """FSDP2 over 2 CPU workers (gloo) with gradient accumulation: a failure at the step-3
     checkpoint resumes from the gathered full states."""
