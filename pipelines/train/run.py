@@ -32,6 +32,7 @@ from pipelines.files import claim_output
 from pipelines.train.config import TrainConfig
 from pipelines.train.data import build_dataset
 from pipelines.train.loop import BaseStart, TrainerArgs
+from pipelines.train.metrics import LossNotFinite
 
 if TYPE_CHECKING:
     from pipelines.train.tracking import RunInfo
@@ -519,8 +520,6 @@ def _fit(args: TrainerArgs, spec: DataSpec, info: RunInfo) -> TrainResult:
 def _loss_not_finite(error: Exception) -> str | None:
     """The message of the ``LossNotFinite`` that failed the run's workers, if that is why it failed
     (``ray.train.WorkerGroupError`` holds each failed worker's exception)."""
-    from pipelines.train.metrics import LossNotFinite
-
     for failure in (getattr(error, "worker_failures", None) or {}).values():
         if isinstance(failure, LossNotFinite):
             return str(failure)

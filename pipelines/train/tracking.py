@@ -151,7 +151,7 @@ class RankZeroTracker:
 
     def flag(self, tag: str, message: str) -> None:
         """A warning about the run, as a tag on its MLflow run (seen in the dashboard's run page)."""
-        self.client.set_tag(self.run_id, tag, message[:5000])
+        self.client.set_tag(self.run_id, tag, message)
 
     # -- samples ---------------------------------------------------------------------------------
     def _sample_rows(self) -> dict[str, Any]:
