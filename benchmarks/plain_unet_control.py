@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -23,7 +24,11 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from PIL import Image
 
-from pipelines.evaluate.scene_parser import parse_scene
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.caption_probe import template_fit  # noqa: E402
+from pipelines.diffusion.inputs import image_to_tensor, tensor_to_image  # noqa: E402
+from pipelines.evaluate.scene_parser import parse_scene  # noqa: E402
 
 SIDE = 32
 
@@ -37,19 +42,21 @@ def load_images(synth: Path) -> torch.Tensor:
             images.append(cv2.resize(rgb, (SIDE, SIDE), interpolation=cv2.INTER_AREA))
     if not images:
         raise SystemExit(f"no part-*.parquet images in {synth}")
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return image_to_tensor(np.stack(images))
 
 
-def sample(net: torch.nn.Module, scheduler: DDPMScheduler, n: int = 16) -> tuple[np.ndarray, float, int]:
+def sample(
+    net: torch.nn.Module, scheduler: DDPMScheduler, n: int = 16
+) -> tuple[np.ndarray, float | None, int]:
     ddim = DDIMScheduler.from_config(scheduler.config)
     ddim.set_timesteps(25)
     x = torch.randn(n, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         for t in ddim.timesteps:
             x = ddim.step(net(x, t).sample, t, x).prev_sample
-    images = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    images = tensor_to_image(x)
     fits = [o.fit for image in images for o in parse_scene(image).objects]
-    return images, float(np.mean(fits)) if fits else 0.0, len(fits)
+    return images, template_fit(fits), len(fits)
 
 
 def main() -> None:
@@ -114,7 +121,7 @@ def main() -> None:
         }
         for name, net in (("ema", ema.module), ("raw", model)):
             images, fit, count = sample(net, scheduler)
-            line |= {f"{name}_fit": round(fit, 3), f"{name}_objects": count}
+            line |= {f"{name}_fit": fit, f"{name}_objects": count}
             Image.fromarray(np.concatenate(images, 1)).resize((16 * 96, 96), Image.NEAREST).save(
                 args.out / f"{name}-{step}.png"
             )
