@@ -23,7 +23,6 @@ than minutes bounds the run.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import json
 import sys
@@ -42,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.caption_probe import template_fit  # noqa: E402
 from pipelines.data.scene import render_sample  # noqa: E402
 from pipelines.diffusion.inputs import image_to_tensor, tensor_to_image  # noqa: E402
+from pipelines.diffusion.loading import ModelError, resolve_device  # noqa: E402
 from pipelines.evaluate.scene_parser import parse_scene  # noqa: E402
 
 SIDE = 32
@@ -81,27 +81,23 @@ def nearest(samples: torch.Tensor, data: torch.Tensor, chunk: int = 4096) -> flo
     return round(float((best / flat.shape[1] ** 0.5).mean()), 4)
 
 
-def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
-    if dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
 def sample(
-    net: torch.nn.Module, scheduler: DDPMScheduler, n: int, device: torch.device, dtype: str
-) -> tuple[torch.Tensor, float | None, int]:
-    """``n`` samples in [-1, 1] (on ``device``), their mean template fit and object count."""
+    net: torch.nn.Module, scheduler: DDPMScheduler, n: int, device: torch.device, bf16: bool
+) -> tuple[torch.Tensor, np.ndarray, float | None, int]:
+    """``n`` samples in [-1, 1] (on ``device``) and as uint8 images, their mean template fit and
+    object count."""
     ddim = DDIMScheduler.from_config(scheduler.config)
     ddim.set_timesteps(25)
     x = torch.randn(n, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(1)).to(device)
     with torch.no_grad():
         for t in ddim.timesteps:
-            with autocast(device, dtype):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 out = net(x, t.to(device)).sample
             x = ddim.step(out.float(), t, x).prev_sample
-    images = tensor_to_image(x.clamp(-1, 1).cpu())
+    x = x.clamp(-1, 1)
+    images = tensor_to_image(x.cpu())
     fits = [o.fit for image in images for o in parse_scene(image).objects]
-    return x.clamp(-1, 1), template_fit(fits), len(fits)
+    return x, images, template_fit(fits), len(fits)
 
 
 def build_model(channels: tuple[int, ...]) -> UNet2DModel:
@@ -139,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--every", type=float, default=5.0, help="minutes between samplings")
     ap.add_argument("--samples", type=int, default=16, help="images per sampling")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda, ...")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--channels", type=_channels, default=(32, 64, 128), help="block_out_channels")
     ap.add_argument("--prediction", choices=("epsilon", "v_prediction"), default="epsilon")
@@ -154,13 +150,11 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("--render needs at least one scene")
     if args.every <= 0 or args.samples < 1 or args.batch < 1:
         ap.error("--every, --samples and --batch must be positive")
-    device = torch.device(
-        "cuda"
-        if args.device == "auto" and torch.cuda.is_available()
-        else "cpu"
-        if args.device == "auto"
-        else args.device
-    )
+    try:
+        device = torch.device(resolve_device(args.device))
+    except ModelError as e:
+        ap.error(str(e))
+    bf16 = args.dtype == "bfloat16"
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     data = load_images(args.synth) if args.synth else render_images(0, args.render)
@@ -190,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         target = noise if args.prediction == "epsilon" else scheduler.get_velocity(x0, noise, t)
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / 100)  # 100 warm-up steps
-        with autocast(device, args.dtype):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out = model(scheduler.add_noise(x0, noise, t), t).sample
         loss = torch.nn.functional.mse_loss(out.float(), target)
         opt.zero_grad()
@@ -212,10 +206,9 @@ def main(argv: list[str] | None = None) -> None:
             "loss": round(loss.item(), 4),
         }
         for name, net in (("ema", ema.module), ("raw", model)):
-            x, fit, count = sample(net, scheduler, args.samples, device, args.dtype)
+            x, images, fit, count = sample(net, scheduler, args.samples, device, bf16)
             line |= {f"{name}_fit": fit, f"{name}_objects": count, f"{name}_nearest": nearest(x, data)}
-            strip = np.concatenate(tensor_to_image(x.cpu()), 1)
-            Image.fromarray(strip).resize((args.samples * 96, 96), Image.NEAREST).save(
+            Image.fromarray(np.concatenate(images, 1)).resize((args.samples * 96, 96), Image.NEAREST).save(
                 args.out / f"{name}-{step}.png"
             )
         line["fresh_nearest"] = fresh_nearest
